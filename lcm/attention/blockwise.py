@@ -1,0 +1,175 @@
+"""The `xla` backend: blockwise attention with an online softmax, visiting only laid-out blocks.
+
+For each query block a `while` loop runs over the key blocks its layout keeps (so Causal costs
+about half of dense, Local(w) costs O(seq * w)); FULL blocks skip the mask work. Softmax
+statistics are float32. Memory is O(seq * block) forward and backward: the custom VJP keeps only
+q, k, v, the output and the per-row logsumexp, and recomputes probabilities block by block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcm.attention.layout import FULL, BlockLayout
+from lcm.attention.masks import Mask
+
+f32 = jnp.float32
+
+
+def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
+                        softcap: float | None = None):
+    """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`."""
+    layout = jax.tree.map(jnp.asarray, layout)  # NumPy layouts are indexed by traced blocks
+    return _flash(q, k, v, mask, layout, scale, softcap)
+
+
+def _q_blocks(x, geom, num_kv_heads):
+    """[B, T, H, D] -> [nq, B, K, G, bq, D], zero-padded to whole blocks."""
+    B, T, H, D = x.shape
+    nq, bq = geom.num_q_blocks, geom.block_q
+    x = jnp.pad(x, ((0, 0), (0, nq * bq - T), (0, 0), (0, 0)))
+    x = x.reshape(B, nq, bq, num_kv_heads, H // num_kv_heads, D)
+    return x.transpose(1, 0, 3, 4, 2, 5)
+
+
+def _from_q_blocks(x, T):
+    """[nq, B, K, G, bq, D] -> [B, T, H, D]."""
+    nq, B, K, G, bq, D = x.shape
+    return x.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K * G, D)[:, :T]
+
+
+def _kv_padded(x, geom):
+    """[B, S, K, D] -> [B, K, nk*bk, D], zero-padded to whole blocks."""
+    pad = geom.num_k_blocks * geom.block_k - x.shape[1]
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+
+def _scores(q_blk, k_blk, scale, softcap):
+    """Logits of one block pair, float32 [B, K, G, bq, bk], and tanh(raw/softcap) for backward."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=f32) * scale
+    if softcap is None:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+
+
+def _masked(s, kind, mask, i, j, geom):
+    """Hides invisible pairs of a PARTIAL block with -inf; FULL blocks pass through untouched."""
+
+    def apply(s):
+        q_idx = i * geom.block_q + jnp.arange(geom.block_q)
+        k_idx = j * geom.block_k + jnp.arange(geom.block_k)
+        vis = (k_idx < geom.kv_len)[None, None, :]
+        if mask is not None:
+            vis = vis & mask.visible(q_idx, k_idx, geom.offset)
+        return jnp.where(vis[:, None, None], s, -jnp.inf)
+
+    return lax.cond(kind == FULL, lambda s: s, apply, s)
+
+
+def _kv_block(x, j, geom):
+    return lax.dynamic_slice_in_dim(x, j * geom.block_k, geom.block_k, axis=2)
+
+
+def _forward(q, k, v, mask, layout, scale, softcap):
+    geom = layout.geom
+    K = k.shape[2]
+    qb = _q_blocks(q, geom, K)
+    kp, vp = _kv_padded(k, geom), _kv_padded(v, geom)
+
+    def row(args):
+        i, q_blk = args
+
+        def visit(t, carry):
+            m, l, acc = carry
+            j = layout.kv_blocks[i, t]
+            s, _ = _scores(q_blk, _kv_block(kp, j, geom), scale, softcap)
+            s = _masked(s, layout.kinds[i, j], mask, i, j, geom)
+            m_new = jnp.maximum(m, s.max(-1))
+            # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+            p = jnp.exp(s - m_safe[..., None])
+            alpha = jnp.exp(m - m_safe)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), _kv_block(vp, j, geom),
+                            preferred_element_type=f32)
+            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+        stats_shape = q_blk.shape[:-1]
+        init = (jnp.full(stats_shape, -jnp.inf, f32), jnp.zeros(stats_shape, f32),
+                jnp.zeros(q_blk.shape, f32))
+        m, l, acc = lax.fori_loop(0, layout.counts[i], visit, init)
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        # +inf for rows that saw nothing: backward's exp(s - lse) is then 0, not NaN.
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        return out.astype(q.dtype), lse
+
+    out_blocks, lse = lax.map(row, (jnp.arange(geom.num_q_blocks), qb))
+    return _from_q_blocks(out_blocks, q.shape[1]), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, mask, layout, scale, softcap):
+    return _forward(q, k, v, mask, layout, scale, softcap)[0]
+
+
+def _flash_fwd(q, k, v, mask, layout, scale, softcap):
+    out, lse = _forward(q, k, v, mask, layout, scale, softcap)
+    return out, (q, k, v, mask, layout, out, lse)
+
+
+def _flash_bwd(scale, softcap, residuals, d_out):
+    q, k, v, mask, layout, out, lse = residuals
+    geom = layout.geom
+    K = k.shape[2]
+    qb, dob = _q_blocks(q, geom, K), _q_blocks(d_out, geom, K)
+    delta = jnp.sum(dob.astype(f32) * _q_blocks(out, geom, K).astype(f32), axis=-1)
+    kp, vp = _kv_padded(k, geom), _kv_padded(v, geom)
+
+    def row(carry, xs):
+        i, q_blk, do_blk, lse_blk, delta_blk = xs
+
+        def visit(t, c):
+            dq, dk_acc, dv_acc = c
+            j = layout.kv_blocks[i, t]
+            k_blk, v_blk = _kv_block(kp, j, geom), _kv_block(vp, j, geom)
+            s, tanh = _scores(q_blk, k_blk, scale, softcap)
+            s = _masked(s, layout.kinds[i, j], mask, i, j, geom)
+            p = jnp.exp(s - lse_blk[..., None])
+            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
+                            preferred_element_type=f32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=f32)
+            ds = p * (dp - delta_blk[..., None])
+            if softcap is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            ds = ds * scale
+            dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_blk.dtype), k_blk,
+                                 preferred_element_type=f32)
+            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_blk.dtype), q_blk,
+                            preferred_element_type=f32)
+            start = j * geom.block_k
+            dk_acc = lax.dynamic_update_slice_in_dim(
+                dk_acc, _kv_block(dk_acc, j, geom) + dk, start, axis=2)
+            dv_acc = lax.dynamic_update_slice_in_dim(
+                dv_acc, _kv_block(dv_acc, j, geom) + dv, start, axis=2)
+            return dq, dk_acc, dv_acc
+
+        dq, dk_acc, dv_acc = lax.fori_loop(0, layout.counts[i], visit,
+                                           (jnp.zeros(q_blk.shape, f32),) + carry)
+        return (dk_acc, dv_acc), dq
+
+    init = (jnp.zeros(kp.shape, f32), jnp.zeros(vp.shape, f32))
+    xs = (jnp.arange(geom.num_q_blocks), qb, dob, lse, delta)
+    (dk, dv), dq = lax.scan(row, init, xs)
+    S = k.shape[1]
+    dq = _from_q_blocks(dq, q.shape[1]).astype(q.dtype)
+    dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
+    dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,36 @@
+"""Dense attention in float32: obviously correct, the ground truth for every other backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcm.attention.masks import Mask
+
+
+def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, softcap=None):
+    """Softmax(q k^T * scale) v with a dense [T, S] score matrix per head.
+
+    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query heads of a group share a KV
+    head; K/V are not repeated). Returns [B, T, H, D] in q's dtype. Rows with no visible key
+    give zeros.
+    """
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = H // K
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(B, T, K, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(f32),
+                   precision=jax.lax.Precision.HIGHEST) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    if mask is not None:
+        vis = mask.visible(jnp.arange(T), jnp.arange(S), S - T)
+        s = jnp.where(vis[:, None, None], s, -jnp.inf)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    denom = p.sum(-1, keepdims=True)
+    w = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(B, T, H, D).astype(q.dtype)

@@ -1,0 +1,85 @@
+"""The functional decoder: `forward(params, tokens, cfg)`, layers under `jax.lax.scan`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcm.attention import Causal, Document, Local
+from lcm.config import ModelConfig
+from lcm.model.layers import _identity, attention_block, rms_norm, swiglu_mlp
+from lcm.positions import rope_frequencies
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in backward
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def segment_positions(segment_ids):
+    """Positions that restart at 0 at each new segment. segment_ids [B, T] -> [B, T] int32.
+
+    A segment is a run of equal ids (packed documents are contiguous).
+    """
+    T = segment_ids.shape[1]
+    idx = jnp.arange(T, dtype=jnp.int32)[None]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - first
+
+
+def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+            shard=None):
+    """Next-token logits. tokens [B, T] int -> logits [B, T, vocab] float32.
+
+    positions [B, T] int: the RoPE position of each token (default 0..T-1, or restarting at 0 at
+    each segment when segment_ids are given). segment_ids [B, T] int: packed sequences; a token
+    attends only within its segment. shard: optional `(x, logical_axes) -> x` that constrains
+    activations to a mesh (see `lcm.sharding.LogicalSharding`); None leaves placement to XLA.
+    """
+    _check_forward_inputs(tokens, cfg, positions, segment_ids)
+    shard = _identity if shard is None else shard
+    B, T = tokens.shape
+    if positions is None:
+        positions = (segment_positions(segment_ids) if segment_ids is not None
+                     else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+    mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
+    if segment_ids is not None:
+        mask = mask & Document(segment_ids)
+    inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, T)
+
+    x = shard(params["embed"].astype(cfg.compute_dtype)[tokens], ("batch", "seq", "embed"))
+
+    def layer(x, p):
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        x = x + attention_block(h, p, positions=positions, inv_freq=inv_freq,
+                                attention_factor=attention_factor, mask=mask,
+                                attention=cfg.attention, shard=shard)
+        h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+        x = x + swiglu_mlp(h, p, shard=shard)
+        return shard(x, ("batch", "seq", "embed")), None
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bte,ve->btv", x, params["embed"].astype(x.dtype))
+    else:
+        logits = jnp.einsum("bte,ev->btv", x, params["lm_head"].astype(x.dtype))
+    return shard(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+
+
+def _check_forward_inputs(tokens, cfg, positions, segment_ids):
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={type(cfg).__name__}; expected a ModelConfig")
+    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
+                         f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
+    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+        if x is None:
+            continue
+        if x.shape != tokens.shape or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name}: shape {x.shape}, dtype {x.dtype}; expected int with the "
+                             f"shape of tokens {tokens.shape}")

@@ -1,0 +1,206 @@
+"""The xla backend against the dense reference: values and gradients over random shapes/masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcm.attention import FULL, SKIP, Causal, Document, Local, attend, mask_layout
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def random_qkv(key, B, T, S, H, K, D, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def build_mask(kind, window, seg_q, seg_kv):
+    doc = Document(seg_q, seg_kv)
+    return {"none": None, "causal": Causal(), "local": Local(window), "document": doc,
+            "causal&document": Causal() & doc, "local|document": Local(window) | doc,
+            "causal&local": Causal() & Local(window)}[kind]
+
+
+def f32(x):
+    return np.asarray(x, np.float32)
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 2))
+    T = draw(st.integers(1, 70))
+    S = draw(st.integers(T, 90))
+    K = draw(st.sampled_from([1, 2]))
+    G = draw(st.sampled_from([1, 2, 3]))
+    D = draw(st.sampled_from([8, 16, 32]))
+    mask = draw(st.sampled_from(["none", "causal", "local", "document", "causal&document",
+                                 "local|document", "causal&local"]))
+    window = draw(st.integers(1, 40))
+    block_q = draw(st.sampled_from([8, 16, 32, 64]))
+    block_k = draw(st.sampled_from([8, 16, 32, 64]))
+    dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+    softcap = draw(st.sampled_from([None, None, 3.0]))
+    num_segments = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    return B, T, S, K * G, K, D, mask, window, block_q, block_k, dtype, softcap, num_segments, seed
+
+
+def segment_ids(rng, B, T, S, num_segments):
+    """Sorted (packed) ids for the keys; queries take the last T of them."""
+    kv = np.sort(rng.integers(0, num_segments, (B, S)), axis=1).astype(np.int32)
+    return jnp.asarray(kv[:, S - T:]), jnp.asarray(kv)
+
+
+@given(cases())
+def test_xla_matches_reference(case):
+    B, T, S, H, K, D, kind, window, bq, bk, dtype, softcap, nseg, seed = case
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(jax.random.key(seed), B, T, S, H, K, D, dtype)
+    mask = build_mask(kind, window, *segment_ids(rng, B, T, S, nseg))
+    cot = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+
+    def loss(impl):
+        def fn(q, k, v):
+            out = attend(q, k, v, mask, impl=impl, softcap=softcap, block_q=bq, block_k=bk)
+            return jnp.sum(out.astype(jnp.float32) * cot), out
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
+
+    (_, want), want_grads = loss("reference")(q, k, v)
+    (_, got), got_grads = loss("xla")(q, k, v)
+    tol = TOL[dtype]
+    assert got.dtype == q.dtype
+    assert not np.isnan(f32(got)).any()
+    np.testing.assert_allclose(f32(got), f32(want), atol=tol, rtol=tol)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        scale = max(1.0, float(np.abs(f32(w)).max()))
+        np.testing.assert_allclose(f32(g), f32(w), atol=tol * scale * 2, rtol=tol,
+                                   err_msg=f"d{name}")
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    B, T, H, D = 1, 24, 2, 8
+    q, k, v = random_qkv(jax.random.key(0), B, T, T, H, H, D, jnp.float32)
+    # Queries 0..7 belong to segment 9, which no key has: they see nothing.
+    seg_q = jnp.asarray(np.r_[np.full(8, 9), np.zeros(16)][None].astype(np.int32))
+    seg_kv = jnp.zeros((B, T), jnp.int32)
+    mask = Causal() & Document(seg_q, seg_kv)
+    for impl in ("reference", "xla"):
+        fn = lambda q, k, v: attend(q, k, v, mask, impl=impl, block_q=8, block_k=8)  # noqa: E731
+        out = fn(q, k, v)
+        grads = jax.grad(lambda *a: fn(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+        assert np.all(f32(out[:, :8]) == 0), impl
+        assert np.abs(f32(out[:, 8:])).sum() > 0, impl
+        for g in grads:
+            assert np.isfinite(f32(g)).all(), impl
+        assert np.all(f32(grads[0][:, :8]) == 0), impl
+
+
+def test_decode_step_single_query():
+    q, k, v = random_qkv(jax.random.key(1), 2, 1, 77, 4, 2, 16, jnp.float32)
+    for mask in (None, Causal(), Local(10)):
+        want = attend(q, k, v, mask, impl="reference")
+        got = attend(q, k, v, mask, impl="xla", block_k=16)
+        np.testing.assert_allclose(f32(got), f32(want), atol=2e-5, rtol=2e-5)
+
+
+def test_local_window_matches_explicit_definition():
+    """Local(w): a query at p sees exactly keys p-w+1..p."""
+    T, w = 20, 4
+    vis = np.asarray(Local(w).visible(jnp.arange(T), jnp.arange(T), 0))[0]
+    i, j = np.indices((T, T))
+    np.testing.assert_array_equal(vis, (j <= i) & (j > i - w))
+
+
+@pytest.mark.parametrize("T,block", [(4096, 512), (1000, 128), (777, 64)])
+def test_causal_layout_visits_about_half(T, block):
+    layout = mask_layout(Causal(), T, T, block, block)
+    n = -(-T // block)
+    assert int(layout.num_visits) == n * (n + 1) // 2
+    assert np.all(np.diag(layout.kinds)[:-1] != FULL)  # diagonal blocks need the mask
+
+
+@pytest.mark.parametrize("T", [2048, 8192, 32768])
+def test_local_layout_is_linear_in_length(T):
+    layout = mask_layout(Local(1024), T, T, 512, 512)
+    assert int(layout.counts.max()) <= 1024 // 512 + 1
+    assert int(layout.num_visits) <= (T // 512) * 3
+
+
+@settings(max_examples=10)  # eager jnp on new shapes compiles every op: keep it short
+@given(st.integers(1, 60), st.integers(0, 40), st.sampled_from([4, 8, 16]),
+       st.sampled_from([4, 8, 16]), st.integers(1, 30), st.integers(0, 1000))
+def test_layout_is_conservative(T, extra, bq, bk, window, seed):
+    """SKIP blocks hold no visible pair; FULL blocks hold only visible pairs (no padding)."""
+    S = T + extra
+    rng = np.random.default_rng(seed)
+    seg_q, seg_kv = segment_ids(rng, 2, T, S, 3)
+    for mask in (Causal(), Local(window), Causal() & Document(seg_q, seg_kv),
+                 Local(window) | Document(seg_q, seg_kv)):
+        kinds = np.asarray(mask_layout(mask, T, S, bq, bk).kinds)
+        nq, nk = kinds.shape
+        vis = np.broadcast_to(np.asarray(mask.visible(jnp.arange(T), jnp.arange(S), S - T)),
+                              (2, T, S))
+
+        def blocks(row_pad):  # padding keys are never visible; padding rows are `row_pad`
+            out = np.full((2, nq * bq, nk * bk), row_pad)
+            out[:, :, S:] = False
+            out[:, :T, :S] = vis
+            return out.reshape(2, nq, bq, nk, bk)
+
+        assert not blocks(False).any(axis=(0, 2, 4))[kinds == SKIP].any(), mask
+        assert blocks(True).all(axis=(0, 2, 4))[kinds == FULL].all(), mask
+
+
+def test_document_layout_skips_blocks_inside_jit():
+    T = 64
+    seg = jnp.asarray(np.repeat(np.arange(4), 16)[None].astype(np.int32))
+
+    @jax.jit
+    def counts(seg):
+        return mask_layout(Causal() & Document(seg), T, T, 16, 16).counts
+
+    np.testing.assert_array_equal(np.asarray(counts(seg)), [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(impl="flash"), "impl='flash'"),
+    (dict(block_q=0), "block_q=0"),
+    (dict(block_k=1.5), "block_k=1.5"),
+    (dict(scale=-1.0), "scale=-1.0"),
+    (dict(softcap=0.0), "softcap=0.0"),
+    (dict(mask="causal"), "mask='causal'"),
+])
+def test_bad_options_raise(kwargs, match):
+    q, k, v = random_qkv(jax.random.key(0), 1, 8, 8, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        attend(q, k, v, **kwargs)
+
+
+def test_bad_shapes_raise():
+    q, k, v = random_qkv(jax.random.key(0), 1, 8, 8, 3, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="not a multiple of the 2 KV heads"):
+        attend(q, k, v)
+    q, k, v = random_qkv(jax.random.key(0), 1, 9, 8, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="q_len=9 > kv_len=8"):
+        attend(q, k, v)
+    with pytest.raises(ValueError, match="expected 4 dims"):
+        attend(q[0], k, v)
+    with pytest.raises(ValueError, match="same shape"):
+        attend(q[:, :8], k, v[:, :4])
+    with pytest.raises(ValueError, match="int32"):
+        attend(q.astype(jnp.int32), k, v)
+    q, k, v = random_qkv(jax.random.key(0), 1, 4, 8, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="pass kv_segment_ids"):
+        attend(q, k, v, Document(jnp.zeros((1, 4), jnp.int32)))
+    with pytest.raises(ValueError, match="integer dtype"):
+        attend(q, k, v, Document(jnp.zeros((1, 4)), jnp.zeros((1, 8))))
+    with pytest.raises(ValueError, match="window"):
+        Local(0)
+    with pytest.raises(ValueError, match="expected a Mask"):
+        Causal() & 3

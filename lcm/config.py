@@ -116,7 +116,8 @@ class ModelConfig:
         if not isinstance(self.rope, RopeConfig):
             raise ValueError(f"ModelConfig.rope={self.rope!r}; expected a RopeConfig")
         if not isinstance(self.attention, AttentionConfig):
-            raise ValueError(f"ModelConfig.attention={self.attention!r}; expected an AttentionConfig")
+            raise ValueError(f"ModelConfig.attention={self.attention!r}; expected an "
+                             f"AttentionConfig")
         _dtype_name(self, "dtype")
         _dtype_name(self, "param_dtype")
         _choice(self, "remat", REMAT_POLICIES)

@@ -85,7 +85,7 @@ def _forward(q, k, v, mask, layout, scale, softcap):
         i, q_blk = args
 
         def visit(t, carry):
-            m, l, acc = carry
+            m, denom, acc = carry
             j = layout.kv_blocks[i, t]
             s, _ = _scores(q_blk, _kv_block(kp, j, geom), scale, softcap)
             s = _masked(s, layout.kinds[i, j], mask, i, j, geom)
@@ -96,16 +96,16 @@ def _forward(q, k, v, mask, layout, scale, softcap):
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), _kv_block(vp, j, geom),
                             preferred_element_type=f32)
-            return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+            return m_new, alpha * denom + p.sum(-1), alpha[..., None] * acc + pv
 
         stats_shape = q_blk.shape[:-1]
         init = (jnp.full(stats_shape, -jnp.inf, f32), jnp.zeros(stats_shape, f32),
                 jnp.zeros(q_blk.shape, f32))
-        m, l, acc = lax.fori_loop(0, layout.counts[i], visit, init)
-        seen = l > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        m, denom, acc = lax.fori_loop(0, layout.counts[i], visit, init)
+        seen = denom > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)
         # +inf for rows that saw nothing: backward's exp(s - lse) is then 0, not NaN.
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
         return out.astype(q.dtype), lse
 
     out_blocks, lse = lax.map(row, (jnp.arange(geom.num_q_blocks), qb))

@@ -152,7 +152,8 @@ class Document(Mask):
             raise ValueError(f"Document q_segment_ids shape {tuple(q.shape)}; expected "
                              f"[batch, q_len] = {(batch, q_len)}")
         if kv.ndim != 2 or kv.shape != (batch, kv_len):
-            hint = " (pass kv_segment_ids when q_len != kv_len)" if self.kv_segment_ids is None else ""
+            hint = (" (pass kv_segment_ids when q_len != kv_len)"
+                    if self.kv_segment_ids is None else "")
             raise ValueError(f"Document kv_segment_ids shape {tuple(kv.shape)}; expected "
                              f"[batch, kv_len] = {(batch, kv_len)}{hint}")
         for name, ids in (("q_segment_ids", q), ("kv_segment_ids", kv)):

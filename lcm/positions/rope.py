@@ -28,7 +28,9 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len=None):
 
 
 def apply_rope(x, positions, inv_freq, attention_factor=1.0, *, layout="half"):
-    """Rotates feature pairs of x by position. x [B, T, H, D]; positions [B, T] int; inv_freq [D//2].
+    """Rotates feature pairs of x by position.
+
+    x [B, T, H, D]; positions [B, T] int; inv_freq [D//2] float32.
 
     layout="half" pairs feature i with i + D/2 (Llama/HF "rotate_half"); "interleaved" pairs
     2i with 2i+1 (GPT-J, Meta's original Llama). Angles are float32 whatever x's dtype.

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcm.attention import FULL, SKIP, Causal, Document, Local, attend, mask_layout
+from lcm.attention import (FULL, SKIP, BlockMask, Causal, Chunked, Document, Local, PrefixLM,
+                           SinkWindow, VerticalSlash, attend, mask_layout)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
@@ -20,11 +21,29 @@ def random_qkv(key, B, T, S, H, K, D, dtype):
     return q, k, v
 
 
-def build_mask(kind, window, seg_q, seg_kv):
+MASKS = ["none", "causal", "local", "document", "causal&document", "local|document",
+         "causal&local", "sinkwindow", "sinkwindow|document", "chunked", "prefixlm",
+         "blockmask", "blockmask_runtime&causal", "verticalslash", "verticalslash|local"]
+
+
+def build_mask(kind, window, seg_q, seg_kv, *, num_heads=2, seed=0):
+    """A mask by name; `window` sets every size parameter. Array masks draw from `seed`."""
+    T, S = seg_q.shape[1], seg_kv.shape[1]
+    rng = np.random.default_rng(seed)
     doc = Document(seg_q, seg_kv)
+    bs = max(1, window // 3)
+    grid = rng.random((num_heads, -(-T // bs), -(-S // bs))) < 0.4
+    vs = VerticalSlash(jnp.asarray(rng.integers(0, S, (num_heads, 3)), jnp.int32),
+                       jnp.asarray(rng.integers(0, S, (1, 4)), jnp.int32))
     return {"none": None, "causal": Causal(), "local": Local(window), "document": doc,
             "causal&document": Causal() & doc, "local|document": Local(window) | doc,
-            "causal&local": Causal() & Local(window)}[kind]
+            "causal&local": Causal() & Local(window),
+            "sinkwindow": SinkWindow(window % 5, window),
+            "sinkwindow|document": SinkWindow(2, window) | doc,
+            "chunked": Chunked(window), "prefixlm": PrefixLM(window),
+            "blockmask": BlockMask(grid[0], bs),
+            "blockmask_runtime&causal": BlockMask(jnp.asarray(grid), bs) & Causal(),
+            "verticalslash": vs, "verticalslash|local": vs | Local(window)}[kind]
 
 
 def f32(x):
@@ -39,8 +58,7 @@ def cases(draw):
     K = draw(st.sampled_from([1, 2]))
     G = draw(st.sampled_from([1, 2, 3]))
     D = draw(st.sampled_from([8, 16, 32]))
-    mask = draw(st.sampled_from(["none", "causal", "local", "document", "causal&document",
-                                 "local|document", "causal&local"]))
+    mask = draw(st.sampled_from(MASKS))
     window = draw(st.integers(1, 40))
     block_q = draw(st.sampled_from([8, 16, 32, 64]))
     block_k = draw(st.sampled_from([8, 16, 32, 64]))
@@ -62,7 +80,7 @@ def test_xla_matches_reference(case):
     B, T, S, H, K, D, kind, window, bq, bk, dtype, softcap, nseg, seed = case
     rng = np.random.default_rng(seed)
     q, k, v = random_qkv(jax.random.key(seed), B, T, S, H, K, D, dtype)
-    mask = build_mask(kind, window, *segment_ids(rng, B, T, S, nseg))
+    mask = build_mask(kind, window, *segment_ids(rng, B, T, S, nseg), num_heads=H, seed=seed)
     cot = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
 
     def loss(impl):
@@ -81,6 +99,27 @@ def test_xla_matches_reference(case):
         scale = max(1.0, float(np.abs(f32(w)).max()))
         np.testing.assert_allclose(f32(g), f32(w), atol=tol * scale * 2, rtol=tol,
                                    err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_every_mask_kind_matches_reference(kind):
+    """Each mask kind once at a fixed odd shape (GQA, q_len < kv_len), values and gradients."""
+    B, T, S, H, K, D = 2, 45, 61, 4, 2, 16
+    rng = np.random.default_rng(1)
+    q, k, v = random_qkv(jax.random.key(1), B, T, S, H, K, D, jnp.float32)
+    mask = build_mask(kind, 12, *segment_ids(rng, B, T, S, 3), num_heads=H, seed=1)
+
+    def fn(impl):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(attend(q, k, v, mask, impl=impl, block_q=16, block_k=8)
+                                    * jnp.cos(jnp.arange(D))[None, None, None]),
+            argnums=(0, 1, 2)))
+
+    want, want_grads = fn("reference")(q, k, v)
+    got, got_grads = fn("xla")(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
 def test_fully_masked_rows_give_zeros_not_nan():
@@ -112,9 +151,31 @@ def test_decode_step_single_query():
 def test_local_window_matches_explicit_definition():
     """Local(w): a query at p sees exactly keys p-w+1..p."""
     T, w = 20, 4
-    vis = np.asarray(Local(w).visible(jnp.arange(T), jnp.arange(T), 0))[0]
+    vis = np.asarray(Local(w).visible(jnp.arange(T), jnp.arange(T), 0))[0, 0]
     i, j = np.indices((T, T))
     np.testing.assert_array_equal(vis, (j <= i) & (j > i - w))
+
+
+def test_mask_definitions_match_brute_force():
+    T, S = 13, 20
+    off = S - T
+    i, j = np.indices((T, S))
+    p = i + off  # query positions in key coordinates
+    checks = [
+        (SinkWindow(3, 4), (j <= p) & ((j < 3) | (j > p - 4))),
+        (Chunked(5), (j <= p) & (j // 5 == p // 5)),
+        (PrefixLM(9), (j <= p) | (j < 9)),
+    ]
+    grid = np.random.default_rng(0).random((2, -(-T // 4), -(-S // 4))) < 0.5
+    checks.append((BlockMask(grid, 4), grid[:, i // 4, j // 4]))
+    cols, diags = np.array([[2, 17], [5, 5]]), np.array([[0], [3]])
+    vs_want = np.stack([(j <= p) & (np.isin(j, cols[h]) | np.isin(p - j, diags[h]))
+                        for h in range(2)])
+    checks.append((VerticalSlash(jnp.asarray(cols), jnp.asarray(diags)), vs_want))
+    for mask, want in checks:
+        got = np.asarray(mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), off))
+        np.testing.assert_array_equal(got[0], np.broadcast_to(want, got.shape[1:]),
+                                      err_msg=type(mask).__name__)
 
 
 @pytest.mark.parametrize("T,block", [(4096, 512), (1000, 128), (777, 64)])
@@ -122,7 +183,7 @@ def test_causal_layout_visits_about_half(T, block):
     layout = mask_layout(Causal(), T, T, block, block)
     n = -(-T // block)
     assert int(layout.num_visits) == n * (n + 1) // 2
-    assert np.all(np.diag(layout.kinds)[:-1] != FULL)  # diagonal blocks need the mask
+    assert np.all(np.diag(layout.kinds[0])[:-1] != FULL)  # diagonal blocks need the mask
 
 
 @pytest.mark.parametrize("T", [2048, 8192, 32768])
@@ -140,21 +201,25 @@ def test_layout_is_conservative(T, extra, bq, bk, window, seed):
     S = T + extra
     rng = np.random.default_rng(seed)
     seg_q, seg_kv = segment_ids(rng, 2, T, S, 3)
-    for mask in (Causal(), Local(window), Causal() & Document(seg_q, seg_kv),
-                 Local(window) | Document(seg_q, seg_kv)):
-        kinds = np.asarray(mask_layout(mask, T, S, bq, bk).kinds)
-        nq, nk = kinds.shape
-        vis = np.broadcast_to(np.asarray(mask.visible(jnp.arange(T), jnp.arange(S), S - T)),
-                              (2, T, S))
+    for kind in MASKS[1:]:
+        mask = build_mask(kind, window, seg_q, seg_kv, num_heads=2, seed=seed)
+        layout = mask_layout(mask, T, S, bq, bk, num_heads=2, num_kv_heads=2)
+        kinds = np.asarray(layout.kinds)
+        lh, nq, nk = kinds.shape
+        vis = np.asarray(mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), S - T))
+        vis = np.broadcast_to(vis, (2, lh, T, S))
 
         def blocks(row_pad):  # padding keys are never visible; padding rows are `row_pad`
-            out = np.full((2, nq * bq, nk * bk), row_pad)
-            out[:, :, S:] = False
-            out[:, :T, :S] = vis
-            return out.reshape(2, nq, bq, nk, bk)
+            out = np.full((2, lh, nq * bq, nk * bk), row_pad)
+            out[..., S:] = False
+            out[:, :, :T, :S] = vis
+            return out.reshape(2, lh, nq, bq, nk, bk)
 
-        assert not blocks(False).any(axis=(0, 2, 4))[kinds == SKIP].any(), mask
-        assert blocks(True).all(axis=(0, 2, 4))[kinds == FULL].all(), mask
+        assert not blocks(False).any(axis=(0, 3, 5))[kinds == SKIP].any(), kind
+        assert blocks(True).all(axis=(0, 3, 5))[kinds == FULL].all(), kind
+        static = mask.static_bound(layout.geom)
+        assert np.all(static[(kinds != SKIP).any(0)]), kind  # the static bound is a superset
+        assert np.all(np.asarray(layout.counts) <= layout.max_visits), kind
 
 
 def test_document_layout_skips_blocks_inside_jit():
@@ -165,7 +230,7 @@ def test_document_layout_skips_blocks_inside_jit():
     def counts(seg):
         return mask_layout(Causal() & Document(seg), T, T, 16, 16).counts
 
-    np.testing.assert_array_equal(np.asarray(counts(seg)), [1, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(counts(seg)), [[1, 1, 1, 1]])
 
 
 @pytest.mark.parametrize("kwargs,match", [

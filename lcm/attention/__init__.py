@@ -1,8 +1,10 @@
 """One attention entry point over interchangeable backends, and masks as values."""
 
 from lcm.attention.attend import IMPLS, attend
+from lcm.attention.data_masks import BlockMask, Document, VerticalSlash
 from lcm.attention.layout import FULL, PARTIAL, SKIP, BlockLayout, mask_layout
-from lcm.attention.masks import Causal, Document, Local, Mask
+from lcm.attention.masks import Causal, Chunked, Local, Mask, PrefixLM, SinkWindow
 
-__all__ = ["IMPLS", "attend", "BlockLayout", "mask_layout", "SKIP", "PARTIAL", "FULL",
-           "Causal", "Document", "Local", "Mask"]
+__all__ = ["IMPLS", "attend", "BlockLayout", "mask_layout", "SKIP", "PARTIAL", "FULL", "Mask",
+           "Causal", "Local", "SinkWindow", "Chunked", "PrefixLM", "Document", "BlockMask",
+           "VerticalSlash"]

@@ -21,10 +21,11 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (GQA/MQA; K/V are never repeated).
     Queries are aligned to the end of the keys (query i sits at key position i + S - T), so
-    decoding passes T < S. `mask` is a Mask value (Causal(), Local(w), Document(ids), and their
-    `&` / `|`) or None for full attention. `scale` defaults to 1/sqrt(D); `softcap` applies
-    softcap * tanh(logits / softcap). Returns [B, T, H, D] in q's dtype; rows that see no key are
-    zeros.
+    decoding passes T < S. `mask` is a Mask value (Causal(), Local(w), SinkWindow(sinks, w),
+    Chunked(size), PrefixLM(n), Document(ids), BlockMask(grid, size), VerticalSlash(cols, diags),
+    and their `&` / `|`) or None for full attention. `scale` defaults to 1/sqrt(D); `softcap`
+    applies softcap * tanh(logits / softcap). Returns [B, T, H, D] in q's dtype; rows that see
+    no key are zeros.
 
     impl: "reference" (dense float32, the ground truth), "xla" (blockwise online softmax over the
     mask's block layout, O(seq * block) memory), or "auto" (the fastest available: "xla" here).
@@ -41,6 +42,8 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     if impl == "reference":
         return reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
     layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S))
+    if mask is not None:
+        mask = mask.prepare(T, S)
     return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap)
 
 
@@ -68,7 +71,7 @@ def _check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):
         if not isinstance(mask, Mask):
             raise ValueError(f"mask={mask!r}; expected None or a Mask (Causal(), Local(w), "
                              f"Document(ids), combined with & and |)")
-        mask.validate(B, T, k.shape[1])
+        mask.validate(B, H, T, k.shape[1])
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale={scale!r}; expected a positive float or None")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):

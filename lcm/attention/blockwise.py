@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcm.attention.layout import FULL, BlockLayout
-from lcm.attention.masks import Mask
+from lcm.attention.masks import Mask, group_heads
 
 f32 = jnp.float32
 
@@ -23,7 +23,9 @@ f32 = jnp.float32
 def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
                         softcap: float | None = None):
     """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`."""
-    layout = jax.tree.map(jnp.asarray, layout)  # NumPy layouts are indexed by traced blocks
+    # One layout for all heads (the loops process every head of a key block at once); NumPy
+    # layouts become arrays since traced block indices index them.
+    layout = jax.tree.map(jnp.asarray, layout.shared())
     return _flash(q, k, v, mask, layout, scale, softcap)
 
 
@@ -63,10 +65,10 @@ def _masked(s, kind, mask, i, j, geom):
     def apply(s):
         q_idx = i * geom.block_q + jnp.arange(geom.block_q)
         k_idx = j * geom.block_k + jnp.arange(geom.block_k)
-        vis = (k_idx < geom.kv_len)[None, None, :]
+        vis = (k_idx < geom.kv_len)[None, None, None, None, :]
         if mask is not None:
-            vis = vis & mask.visible(q_idx, k_idx, geom.offset)
-        return jnp.where(vis[:, None, None], s, -jnp.inf)
+            vis = vis & group_heads(mask.visible(q_idx, k_idx, geom.offset), s.shape[1])
+        return jnp.where(vis, s, -jnp.inf)
 
     return lax.cond(kind == FULL, lambda s: s, apply, s)
 
@@ -86,9 +88,9 @@ def _forward(q, k, v, mask, layout, scale, softcap):
 
         def visit(t, carry):
             m, denom, acc = carry
-            j = layout.kv_blocks[i, t]
+            j = layout.kv_blocks[0, i, t]
             s, _ = _scores(q_blk, _kv_block(kp, j, geom), scale, softcap)
-            s = _masked(s, layout.kinds[i, j], mask, i, j, geom)
+            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom)
             m_new = jnp.maximum(m, s.max(-1))
             # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -101,7 +103,7 @@ def _forward(q, k, v, mask, layout, scale, softcap):
         stats_shape = q_blk.shape[:-1]
         init = (jnp.full(stats_shape, -jnp.inf, f32), jnp.zeros(stats_shape, f32),
                 jnp.zeros(q_blk.shape, f32))
-        m, denom, acc = lax.fori_loop(0, layout.counts[i], visit, init)
+        m, denom, acc = lax.fori_loop(0, layout.counts[0, i], visit, init)
         seen = denom > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)
         # +inf for rows that saw nothing: backward's exp(s - lse) is then 0, not NaN.
@@ -135,10 +137,10 @@ def _flash_bwd(scale, softcap, residuals, d_out):
 
         def visit(t, c):
             dq, dk_acc, dv_acc = c
-            j = layout.kv_blocks[i, t]
+            j = layout.kv_blocks[0, i, t]
             k_blk, v_blk = _kv_block(kp, j, geom), _kv_block(vp, j, geom)
             s, tanh = _scores(q_blk, k_blk, scale, softcap)
-            s = _masked(s, layout.kinds[i, j], mask, i, j, geom)
+            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom)
             p = jnp.exp(s - lse_blk[..., None])
             dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
                             preferred_element_type=f32)
@@ -158,7 +160,7 @@ def _flash_bwd(scale, softcap, residuals, d_out):
                 dv_acc, _kv_block(dv_acc, j, geom) + dv, start, axis=2)
             return dq, dk_acc, dv_acc
 
-        dq, dk_acc, dv_acc = lax.fori_loop(0, layout.counts[i], visit,
+        dq, dk_acc, dv_acc = lax.fori_loop(0, layout.counts[0, i], visit,
                                            (jnp.zeros(q_blk.shape, f32),) + carry)
         return (dk_acc, dv_acc), dq
 

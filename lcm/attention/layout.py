@@ -2,13 +2,15 @@
 
 Every backend shares this layout. Kinds: SKIP (no pair visible: never computed), PARTIAL (apply
 the element mask), FULL (every pair visible: no mask work). Static masks give NumPy layouts at
-trace time; data-dependent masks give jnp layouts computed inside `jit`, which drive the same
-loops through index arrays.
+trace time (cached); data-dependent masks give jnp layouts computed inside `jit`, which drive the
+same loops and kernels through index arrays, with a static bound on the key blocks per row taken
+from the mask's static part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +24,23 @@ SKIP, PARTIAL, FULL = 0, 1, 2
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-    """A block layout over `geom`.
+    """A block layout over `geom` for `Lh` layout heads (1: shared; K: one per KV head).
 
-    kinds [nq, nk] int32 in {SKIP, PARTIAL, FULL}; kv_blocks [nq, nk] int32: for each query
-    block, the key blocks to visit first (ascending), then the skipped ones; counts [nq] int32:
-    how many key blocks each query block visits.
+    kinds [Lh, nq, nk] int32 in {SKIP, PARTIAL, FULL}; kv_blocks [Lh, nq, max_visits] int32: for
+    each query block, the key blocks to visit (ascending), then filler; counts [Lh, nq] int32: how
+    many entries of kv_blocks are real. max_visits is static: no row of any layout of this mask
+    at these shapes visits more.
     """
 
     kinds: jax.Array
     kv_blocks: jax.Array
     counts: jax.Array
     geom: BlockGeometry = dataclasses.field(metadata=dict(static=True))
+    max_visits: int = dataclasses.field(metadata=dict(static=True))
 
     @property
     def num_visits(self):
-        """Total number of (query block, key block) pairs computed."""
+        """Block pairs computed (summed over layout heads)."""
         return self.counts.sum()
 
     @property
@@ -44,30 +48,76 @@ class BlockLayout:
         """Fraction of all block pairs that are computed."""
         return self.num_visits / self.kinds.size
 
+    def shared(self) -> BlockLayout:
+        """The union over layout heads (Lh = 1): visited if any head visits, FULL if all are."""
+        if self.kinds.shape[0] == 1:
+            return self
+        return _from_any_all((self.kinds != SKIP).any(0), (self.kinds == FULL).all(0),
+                             self.geom, self.max_visits, jnp)
 
-def mask_layout(mask: Mask | None, q_len: int, kv_len: int, block_q: int,
-                block_k: int) -> BlockLayout:
+
+def mask_layout(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_k: int, *,
+                num_heads: int = 1, num_kv_heads: int | None = None) -> BlockLayout:
     """The block layout of `mask` (None: every pair visible) for these lengths and blocks.
 
-    Blocks that contain padding keys (kv_len not a multiple of block_k) are never FULL. A
-    data-dependent mask's layout is reduced over the batch: a block is visited if any example
-    needs it, and FULL only if it is FULL for all of them.
+    With `num_kv_heads`, a per-head mask gives one layout per KV head (the union over the query
+    heads of its group); otherwise one layout for all heads. Per-example layouts are reduced over
+    the batch (a block is visited if any example needs it, FULL only if FULL for all). Blocks
+    holding padding keys (kv_len not a multiple of block_k) are never FULL.
     """
     geom = BlockGeometry(q_len, kv_len, block_q, block_k)
+    if mask is None or mask.is_static:
+        layout_fn = _cached_static_layout if _hashable(mask) else _static_layout
+        return layout_fn(mask, geom, num_heads, num_kv_heads)
+    any_, all_ = mask.block_visibility(geom)
+    any_, all_ = _reduce_heads(any_, all_, num_heads, num_kv_heads, jnp)
+    max_visits = int(mask.static_bound(geom).sum(-1).max())
+    return _from_any_all(any_, all_, geom, max(max_visits, 1), jnp)
+
+
+def _hashable(x) -> bool:
+    try:
+        hash(x)
+    except TypeError:  # e.g. a BlockMask over a NumPy grid
+        return False
+    return True
+
+
+def _static_layout(mask, geom, num_heads, num_kv_heads):
     nq, nk = geom.num_q_blocks, geom.num_k_blocks
     if mask is None:
-        any_, all_ = np.ones((1, nq, nk), bool), np.ones((1, nq, nk), bool)
+        any_, all_ = np.ones((1, 1, nq, nk), bool), np.ones((1, 1, nq, nk), bool)
     else:
-        any_, all_ = mask.block_visibility(geom)
-    lib = np if isinstance(any_, np.ndarray) and isinstance(all_, np.ndarray) else jnp
-    # Reduce a per-example layout [B or 1, nq, nk] over the batch.
-    any_ = lib.broadcast_to(any_.any(0), (nq, nk))
-    all_ = lib.broadcast_to(all_.all(0), (nq, nk))
-    if kv_len % block_k:
+        any_, all_ = (np.asarray(a) for a in mask.block_visibility(geom))
+    any_, all_ = _reduce_heads(any_, all_, num_heads, num_kv_heads, np)
+    max_visits = int(any_.sum(-1).max())
+    return _from_any_all(any_, all_, geom, max(max_visits, 1), np)
+
+
+_cached_static_layout = functools.lru_cache(maxsize=256)(_static_layout)
+
+
+def _reduce_heads(any_, all_, num_heads, num_kv_heads, lib):
+    """[B|1, H|1, nq, nk] -> [Lh, nq, nk]: over the batch, then over heads or query groups."""
+    any_, all_ = any_.any(0), all_.all(0)
+    if num_kv_heads is None or any_.shape[0] == 1 and all_.shape[0] == 1:
+        return any_.any(0, keepdims=True), all_.all(0, keepdims=True)
+    nq, nk = any_.shape[-2:]
+    group = num_heads // num_kv_heads
+    any_ = lib.broadcast_to(any_, (num_heads, nq, nk)).reshape(num_kv_heads, group, nq, nk)
+    all_ = lib.broadcast_to(all_, (num_heads, nq, nk)).reshape(num_kv_heads, group, nq, nk)
+    return any_.any(1), all_.all(1)
+
+
+def _from_any_all(any_, all_, geom, max_visits, lib):
+    """kinds, kv_blocks, counts from per-block any/all [Lh, nq, nk]."""
+    if geom.kv_len % geom.block_k:
         # The last key block holds padding, which the element mask must hide.
-        all_ = lib.concatenate([all_[:, :-1], lib.zeros((nq, 1), bool)], axis=1)
+        last = (lib.arange(geom.num_k_blocks) == geom.num_k_blocks - 1)[None, None]
+        all_ = all_ & ~last
     kinds = lib.where(any_, lib.where(all_, FULL, PARTIAL), SKIP).astype(lib.int32)
-    # Stable sort on "is skipped" puts the visited blocks first, in ascending order.
-    kv_blocks = lib.argsort(kinds == SKIP, axis=1, stable=True).astype(lib.int32)
-    counts = (kinds != SKIP).sum(axis=1).astype(lib.int32)
-    return BlockLayout(kinds=kinds, kv_blocks=kv_blocks, counts=counts, geom=geom)
+    # A stable sort on "is skipped" puts the visited blocks first, in ascending order.
+    order = lib.argsort(kinds == SKIP, axis=-1, stable=True).astype(lib.int32)
+    counts = (kinds != SKIP).sum(-1).astype(lib.int32)
+    return BlockLayout(kinds=kinds, kv_blocks=order[..., :max_visits], counts=counts, geom=geom,
+                       max_visits=max_visits)

@@ -1,16 +1,19 @@
 """Attention masks as values.
 
-A mask answers two questions:
-  * `visible(q_idx, k_idx, offset)`: which (query, key) pairs may attend, elementwise;
+A mask answers:
+  * `visible(q_idx, k_idx, offset)`: which (query, key) pairs may attend, elementwise, as a bool
+    array [B or 1, H or 1, len(q_idx), len(k_idx)];
   * `block_visibility(geom)`: for each (query block, key block), whether *any* pair in it may be
-    visible and whether *all* pairs are (so a backend can skip the block or skip the mask work).
+    visible and whether *all* pairs are, [B or 1, H or 1, nq, nk], so a backend can skip the
+    block or skip the mask work. The answers may be conservative, never wrong.
 
 Query row `i` sits at key coordinate `i + offset`, with `offset = kv_len - q_len`: queries are
-aligned to the end of the keys, as in decoding. Static masks (Causal, Local) answer with NumPy at
-trace time; data-dependent ones (Document) answer with jnp inside `jit`. `&` and `|` combine
-masks; the block answers of a combination are conservative (never claim a visible block empty).
+aligned to the end of the keys, as in decoding. Static masks answer with NumPy at trace time;
+masks holding arrays (Document, data-dependent BlockMask, VerticalSlash) answer with jnp inside
+`jit`. `&` and `|` combine any masks. Masks are pytrees, so they cross `jit` boundaries.
 
-Masks are pytrees, so they can cross `jit` boundaries.
+Index masks (Causal, Local, SinkWindow, Chunked, PrefixLM) are pure functions of positions, so
+kernels evaluate them in-kernel; see `kernel_mask_fn` in lcm.attention.kernel_masks.
 """
 
 from __future__ import annotations
@@ -62,14 +65,25 @@ class Mask:
     is_static = True
 
     def visible(self, q_idx, k_idx, offset):
-        """Bool array [B or 1, len(q_idx), len(k_idx)]."""
+        """Bool array [B or 1, H or 1, len(q_idx), len(k_idx)]."""
         raise NotImplementedError
 
     def block_visibility(self, geom: BlockGeometry):
-        """`(any, all)` bool arrays [B or 1, nq, nk]."""
+        """`(any, all)` bool arrays [B or 1, H or 1, nq, nk]."""
         raise NotImplementedError
 
-    def validate(self, batch: int, q_len: int, kv_len: int) -> None:
+    def static_bound(self, geom: BlockGeometry) -> np.ndarray:
+        """A NumPy [nq, nk] superset of the blocks any example or head can need (trace time)."""
+        if self.is_static:
+            return np.asarray(self.block_visibility(geom)[0]).any(axis=(0, 1))
+        return np.ones((geom.num_q_blocks, geom.num_k_blocks), bool)
+
+    def prepare(self, q_len: int, kv_len: int) -> Mask:
+        """Precomputes per-position tables once per call (before the block loops)."""
+        del q_len, kv_len
+        return self
+
+    def validate(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
         """Raises ValueError if the mask cannot apply to these shapes."""
 
     def __and__(self, other):
@@ -77,6 +91,14 @@ class Mask:
 
     def __or__(self, other):
         return Or(_parts(self, Or) + _parts(_check_mask(other), Or))
+
+
+def group_heads(vis, num_kv_heads):
+    """A visibility [B|1, H|1, T, S] as [B|1, K|1, G|1, T, S], matching grouped-query scores."""
+    b, h, t, s = vis.shape
+    if h == 1:
+        return vis[:, :, None]
+    return vis.reshape(b, num_kv_heads, h // num_kv_heads, t, s)
 
 
 def _check_mask(m):
@@ -89,22 +111,54 @@ def _parts(m, kind):
     return m.masks if isinstance(m, kind) else (m,)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Causal(Mask):
-    """Each query sees keys at or before its own position."""
+def _positive_int(owner, name, value, minimum=1):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}({name}={value!r}); expected an int >= {minimum}")
+
+
+class IndexMask(Mask):
+    """A mask that is a pure function of query and key positions: `fn(qpos, k)` -> bool.
+
+    `qpos` is the query's key coordinate (row + offset). `fn` broadcasts, so the same code runs
+    on [T, 1] x [1, S] index grids in XLA and inside kernels; block answers are exact.
+    """
+
+    def fn(self, qpos, k):
+        raise NotImplementedError
 
     def visible(self, q_idx, k_idx, offset):
-        return (k_idx[None, :] <= q_idx[:, None] + offset)[None]
+        return self.fn(q_idx[:, None] + offset, k_idx[None, :])[None, None]
+
+    def block_bounds(self, qlo, qhi, klo, khi):
+        """(any, all) over the rectangle of key coordinates [qlo, qhi] x [klo, khi]."""
+        raise NotImplementedError
 
     def block_visibility(self, geom):
         (qlo, qhi), (klo, khi) = geom.q_ranges(), geom.k_ranges()
-        return (klo <= qhi + geom.offset)[None], (khi <= qlo + geom.offset)[None]
+        any_, all_ = self.block_bounds(qlo + geom.offset, qhi + geom.offset, klo, khi)
+        shape = (geom.num_q_blocks, geom.num_k_blocks)
+        return np.broadcast_to(any_, shape)[None, None], np.broadcast_to(all_, shape)[None, None]
+
+
+def _causal_bounds(qlo, qhi, klo, khi):
+    return klo <= qhi, khi <= qlo
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Local(Mask):
+class Causal(IndexMask):
+    """Each query sees keys at or before its own position."""
+
+    def fn(self, qpos, k):
+        return k <= qpos
+
+    def block_bounds(self, qlo, qhi, klo, khi):
+        return _causal_bounds(qlo, qhi, klo, khi)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Local(IndexMask):
     """Causal sliding window: a query at p sees keys p - window + 1 .. p (itself included).
 
     This is Mistral's / Hugging Face's `sliding_window` convention.
@@ -113,76 +167,77 @@ class Local(Mask):
     window: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
-            raise ValueError(f"Local(window={self.window!r}); expected a positive int")
+        _positive_int("Local", "window", self.window)
 
-    def visible(self, q_idx, k_idx, offset):
-        d = q_idx[:, None] + offset - k_idx[None, :]
-        return ((d >= 0) & (d < self.window))[None]
+    def fn(self, qpos, k):
+        return (k <= qpos) & (k > qpos - self.window)
 
-    def block_visibility(self, geom):
-        (qlo, qhi), (klo, khi) = geom.q_ranges(), geom.k_ranges()
-        off, w = geom.offset, self.window
-        any_ = (klo <= qhi + off) & (khi >= qlo + off - w + 1)
-        all_ = (khi <= qlo + off) & (klo >= qhi + off - w + 1)
-        return any_[None], all_[None]
+    def block_bounds(self, qlo, qhi, klo, khi):
+        w = self.window
+        return (klo <= qhi) & (khi > qlo - w), (khi <= qlo) & (klo > qhi - w)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Document(Mask):
-    """Packed sequences: a query sees only keys of the same segment id.
+class SinkWindow(IndexMask):
+    """StreamingLLM: every query sees the first `sinks` keys and its last `window` keys (causal)."""
 
-    q_segment_ids [B, q_len] int; kv_segment_ids [B, kv_len] (defaults to q_segment_ids, which
-    then needs q_len == kv_len). Combine with Causal() for packed causal LM training.
-    """
+    sinks: int = dataclasses.field(metadata=dict(static=True))
+    window: int = dataclasses.field(metadata=dict(static=True))
 
-    q_segment_ids: jax.Array
-    kv_segment_ids: jax.Array | None = None
+    def __post_init__(self):
+        _positive_int("SinkWindow", "sinks", self.sinks, minimum=0)
+        _positive_int("SinkWindow", "window", self.window)
 
-    is_static = False
+    def fn(self, qpos, k):
+        return (k <= qpos) & ((k < self.sinks) | (k > qpos - self.window))
 
-    @property
-    def _kv(self):
-        return self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
-
-    def validate(self, batch, q_len, kv_len):
-        q, kv = self.q_segment_ids, self._kv
-        if q.ndim != 2 or q.shape != (batch, q_len):
-            raise ValueError(f"Document q_segment_ids shape {tuple(q.shape)}; expected "
-                             f"[batch, q_len] = {(batch, q_len)}")
-        if kv.ndim != 2 or kv.shape != (batch, kv_len):
-            hint = (" (pass kv_segment_ids when q_len != kv_len)"
-                    if self.kv_segment_ids is None else "")
-            raise ValueError(f"Document kv_segment_ids shape {tuple(kv.shape)}; expected "
-                             f"[batch, kv_len] = {(batch, kv_len)}{hint}")
-        for name, ids in (("q_segment_ids", q), ("kv_segment_ids", kv)):
-            if not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"Document {name} dtype {ids.dtype}; expected an integer dtype")
-
-    def visible(self, q_idx, k_idx, offset):
-        del offset
-        q, kv = self.q_segment_ids, self._kv
-        qs = jnp.take(q, jnp.clip(q_idx, 0, q.shape[1] - 1), axis=1)
-        ks = jnp.take(kv, jnp.clip(k_idx, 0, kv.shape[1] - 1), axis=1)
-        return qs[:, :, None] == ks[:, None, :]
-
-    def block_visibility(self, geom):
-        qmin, qmax = _block_min_max(self.q_segment_ids, geom.block_q)
-        kmin, kmax = _block_min_max(self._kv, geom.block_k)
-        # Any: the id ranges of the two blocks overlap (conservative). All: one shared id.
-        any_ = (qmax[:, :, None] >= kmin[:, None, :]) & (kmax[:, None, :] >= qmin[:, :, None])
-        all_ = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
-                & (qmin[:, :, None] == kmin[:, None, :]))
+    def block_bounds(self, qlo, qhi, klo, khi):
+        s, w = self.sinks, self.window
+        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        any_ = causal_any & ((klo < s) | (khi > qlo - w))
+        all_ = causal_all & ((khi < s) | (klo > qhi - w))
         return any_, all_
 
 
-def _block_min_max(ids, block):
-    """Per-block min and max of ids [B, L] -> two [B, ceil(L/block)] arrays (edge-padded)."""
-    length = ids.shape[1]
-    pad = -length % block
-    ids = jnp.pad(ids, ((0, 0), (0, pad)), mode="edge").reshape(ids.shape[0], -1, block)
-    return ids.min(-1), ids.max(-1)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Chunked(IndexMask):
+    """Chunked causal attention (Llama 4's local layers): causal within chunks of `size` keys."""
+
+    size: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        _positive_int("Chunked", "size", self.size)
+
+    def fn(self, qpos, k):
+        return (k <= qpos) & (k // self.size == qpos // self.size)
+
+    def block_bounds(self, qlo, qhi, klo, khi):
+        c = self.size
+        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        # Chunk ranges [qlo//c, qhi//c] and [klo//c, khi//c] must overlap for any pair.
+        any_ = causal_any & (klo // c <= qhi // c) & (khi // c >= qlo // c)
+        all_ = causal_all & (qlo // c == qhi // c) & (klo // c == khi // c) & (qlo // c == klo // c)
+        return any_, all_
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefixLM(IndexMask):
+    """Prefix LM: the first `prefix_len` keys are visible to every query; causal after them."""
+
+    prefix_len: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        _positive_int("PrefixLM", "prefix_len", self.prefix_len, minimum=0)
+
+    def fn(self, qpos, k):
+        return (k <= qpos) | (k < self.prefix_len)
+
+    def block_bounds(self, qlo, qhi, klo, khi):
+        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        return causal_any | (klo < self.prefix_len), causal_all | (khi < self.prefix_len)
 
 
 def _combine(values, op):
@@ -192,55 +247,53 @@ def _combine(values, op):
     return out
 
 
-def _lib(*arrays):
+def _lib(arrays):
     return np if all(isinstance(a, (np.ndarray, np.bool_, bool)) for a in arrays) else jnp
 
 
+class _Combination(Mask):
+    masks: tuple
+    _op = None  # "and" | "or"
+
+    @property
+    def is_static(self):
+        return all(m.is_static for m in self.masks)
+
+    def validate(self, batch, num_heads, q_len, kv_len):
+        for m in self.masks:
+            m.validate(batch, num_heads, q_len, kv_len)
+
+    def prepare(self, q_len, kv_len):
+        return type(self)(tuple(m.prepare(q_len, kv_len) for m in self.masks))
+
+    def _reduce(self, values):
+        lib = _lib(values)
+        return _combine(values, lib.logical_and if self._op == "and" else lib.logical_or)
+
+    def visible(self, q_idx, k_idx, offset):
+        return self._reduce([m.visible(q_idx, k_idx, offset) for m in self.masks])
+
+    def block_visibility(self, geom):
+        parts = [m.block_visibility(geom) for m in self.masks]
+        return self._reduce([p[0] for p in parts]), self._reduce([p[1] for p in parts])
+
+    def static_bound(self, geom):
+        return self._reduce([m.static_bound(geom) for m in self.masks])
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class And(_Combination):
     """Visible where every part is visible."""
 
     masks: tuple
-
-    @property
-    def is_static(self):
-        return all(m.is_static for m in self.masks)
-
-    def validate(self, batch, q_len, kv_len):
-        for m in self.masks:
-            m.validate(batch, q_len, kv_len)
-
-    def visible(self, q_idx, k_idx, offset):
-        return _combine([m.visible(q_idx, k_idx, offset) for m in self.masks], jnp.logical_and)
-
-    def block_visibility(self, geom):
-        parts = [m.block_visibility(geom) for m in self.masks]
-        lib = _lib(*[a for p in parts for a in p])
-        return (_combine([p[0] for p in parts], lib.logical_and),
-                _combine([p[1] for p in parts], lib.logical_and))
+    _op = "and"
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
+class Or(_Combination):
     """Visible where any part is visible."""
 
     masks: tuple
-
-    @property
-    def is_static(self):
-        return all(m.is_static for m in self.masks)
-
-    def validate(self, batch, q_len, kv_len):
-        for m in self.masks:
-            m.validate(batch, q_len, kv_len)
-
-    def visible(self, q_idx, k_idx, offset):
-        return _combine([m.visible(q_idx, k_idx, offset) for m in self.masks], jnp.logical_or)
-
-    def block_visibility(self, geom):
-        parts = [m.block_visibility(geom) for m in self.masks]
-        lib = _lib(*[a for p in parts for a in p])
-        return (_combine([p[0] for p in parts], lib.logical_or),
-                _combine([p[1] for p in parts], lib.logical_or))
+    _op = "or"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcm.attention.masks import Mask
+from lcm.attention.masks import Mask, group_heads
 
 
 def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, softcap=None):
@@ -25,8 +25,8 @@ def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, soft
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
     if mask is not None:
-        vis = mask.visible(jnp.arange(T), jnp.arange(S), S - T)
-        s = jnp.where(vis[:, None, None], s, -jnp.inf)
+        vis = mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), S - T)
+        s = jnp.where(group_heads(vis, K), s, -jnp.inf)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-ATTENTION_IMPLS = ("auto", "reference", "xla")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_TYPES = ("default",)
 

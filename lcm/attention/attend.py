@@ -9,9 +9,10 @@ import jax.numpy as jnp
 from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.layout import mask_layout
 from lcm.attention.masks import Mask
+from lcm.attention.pallas import default_platform, pallas_attention
 from lcm.attention.reference import reference_attention
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -28,9 +29,11 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     no key are zeros.
 
     impl: "reference" (dense float32, the ground truth), "xla" (blockwise online softmax over the
-    mask's block layout, O(seq * block) memory), or "auto" (the fastest available: "xla" here).
-    block_q / block_k are the block sizes of the blockwise backends; they are clipped to the
-    lengths, and lengths need not be multiples of them.
+    mask's block layout, O(seq * block) memory), "pallas" (the block-sparse Pallas kernels: TPU
+    Mosaic on a TPU, Triton on a GPU, the TPU kernel interpreted on a CPU, which is slow), or
+    "auto" ("pallas" on a TPU or GPU, "xla" on a CPU). block_q / block_k are the block sizes of
+    the blockwise backends, clipped to the (rounded-up) lengths; lengths need not be multiples
+    of them.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {list(IMPLS)}")
@@ -39,12 +42,23 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
+    if impl == "auto":
+        impl = "pallas" if default_platform() != "interpret" else "xla"
     if impl == "reference":
         return reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if impl == "pallas":
+        # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
+        block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 128))
+        return pallas_attention(q, k, v, mask.prepare(T, S) if mask is not None else None,
+                                scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
     layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S))
     if mask is not None:
         mask = mask.prepare(T, S)
     return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
 
 
 def _check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):

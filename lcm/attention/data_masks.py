@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm.attention.masks import Mask
+from lcm.attention.masks import Causal, Mask
 
 
 def _check_int_array(owner, name, x, shape_desc, ndims):
@@ -157,6 +157,10 @@ class VerticalSlash(Mask):
             if x.shape[0] not in (1, num_heads):
                 raise ValueError(f"VerticalSlash {name} has {x.shape[0]} heads; expected 1 or "
                                  f"{num_heads}")
+
+    def static_bound(self, geom):
+        """Causal: no block above the diagonal is ever needed."""
+        return Causal().static_bound(geom)
 
     def prepare(self, q_len, kv_len):
         """Dense per-head tables over key positions and diagonal offsets (0..kv_len-1)."""

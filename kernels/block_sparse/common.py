@@ -1,0 +1,83 @@
+"""Pure-jnp math of block-sparse flash attention, shared by the Pallas kernels (no Pallas, no lcm).
+
+Everything here works on plain arrays, so the same functions run inside a TPU (Mosaic) or GPU
+(Triton) kernel body and in the wrappers around them. Softmax statistics are float32. Shapes are
+written for one block: s [..., bq, bk] logits; per-row statistics m, l [..., bq, n] with n == 1 or
+lane-replicated (n == 128 on TPU, every lane holding the same value); only [..., :1] is read.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def num_blocks(length: int, block: int) -> int:
+    """How many blocks of `block` cover `length` (the last one may hold padding)."""
+    return -(-length // block)
+
+
+def pad_axis(x, axis: int, size: int):
+    """x zero-padded at the end of `axis` to `size` (a no-op when it is that long already)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def visit_kinds(kinds, blocks):
+    """kinds[..., blocks]: the kind of each visited block. kinds [Lh, n, m]; blocks [Lh, n, v]."""
+    return jnp.take_along_axis(jnp.asarray(kinds, jnp.int32), jnp.asarray(blocks, jnp.int32),
+                               axis=-1)
+
+
+def cap_logits(s, softcap: float | None):
+    """(softcap * tanh(s / softcap), tanh(s / softcap)), or (s, None) without soft-capping."""
+    if softcap is None:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+
+
+def online_softmax_step(m_prev, l_prev, s):
+    """One block of the online softmax. s [..., bq, bk] float32 with -inf where hidden.
+
+    Returns (m_next, alpha, p, l_next): the new running max (shaped like m_prev), the factor
+    alpha (like m_prev) that rescales earlier sums, p = exp(s - m_next) [..., bq, bk], and the
+    new running sum (like l_prev). A row that has seen nothing keeps m = -inf and l = 0.
+    """
+    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    p = jnp.exp(s - m_safe[..., :1])
+    alpha = jnp.exp(m_prev - m_safe)
+    l_next = alpha * l_prev + p.sum(axis=-1, keepdims=True)
+    return m_next, alpha, p, l_next
+
+
+def finish_softmax(acc, m, l):
+    """(out, lse [..., bq, 1]) from the accumulator acc [..., bq, D] and the row statistics.
+
+    Rows that saw no key give out = 0 and lse = +inf, so backward's exp(s - lse) is 0, not NaN.
+    """
+    m, l = m[..., :1], l[..., :1]
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    out = jnp.where(seen, acc / l_safe, 0.0)
+    lse = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)
+    return out, lse
+
+
+def logit_grad(p, dp, delta, tanh, *, scale: float, softcap: float | None):
+    """d loss / d (q k^T) for one block: p * (dp - delta), through the soft cap, times scale.
+
+    p, dp [..., bq, bk] float32 (p = exp(s - lse), dp = dO v^T); delta [..., bq, 1] is
+    rowsum(dO * O); tanh is cap_logits' second result (None without soft-capping).
+    """
+    ds = p * (dp - delta)
+    if softcap is not None:
+        ds = ds * (1.0 - tanh * tanh)
+    return ds * scale

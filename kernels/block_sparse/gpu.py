@@ -1,0 +1,454 @@
+"""Block-sparse flash attention for GPUs: Pallas kernels for the Triton backend (interpret on CPU).
+
+Forward: one program per (query block i, batch b, query head h) loads its q block once and walks
+the key blocks its layout lists, kv_blocks[i, :counts[i]] (a `fori_loop` with a dynamic trip
+count, so a layout computed inside `jit` drives the same compiled kernel), with an online softmax
+in float32. Only PARTIAL blocks evaluate `mask_fn`; keys past kv_len are always hidden. Rows that
+see no key get out = 0 and lse = +inf, so backward's exp(s - lse) is 0 there, never NaN.
+
+Backward recomputes probabilities from the lse residual: a dQ kernel over the same row layout,
+and a dK/dV kernel over the transposed layout (per key block, the query blocks that visit it);
+each dK/dV program for KV head k also loops over the G query heads that share it, so grouped
+heads accumulate in registers with no atomics and K/V are never repeated.
+
+The Triton backend has no scalar prefetch: layouts are ordinary inputs and the kernels read
+scalars from them (kinds[i, j], kv_blocks[i, t], counts[i]); tensors are power-of-two blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_layout
+
+f32 = jnp.float32
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params:
+    """Static configuration of one call (hashable: it is a custom_vjp nondiff argument)."""
+
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+    group: int            # query heads per KV head
+    per_head_layout: bool  # Lh == K (else one layout shared by all heads)
+    scale: float
+    softcap: float | None
+    mask_fn: Callable | None
+    segments: bool
+    num_warps: int | None
+    num_stages: int | None
+    interpret: Any
+
+
+def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
+                               q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
+                               block_q=64, block_k=64, num_warps=None, num_stages=None,
+                               interpret=False):
+    """softmax(q k^T * scale) v over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
+
+    kinds int32 [Lh, nq, nk], kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] (see
+    layout.py), Lh in {1, K}, nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced.
+    Backward walks the transpose of exactly the blocks the forward visited. mask_fn follows
+    reference.py's protocol; segment ids [B, T] / [B, S] only reach mask_fn. Returns [B, T, H, D] in
+    q's dtype; rows with no visible key are zeros.
+    """
+    p = _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids,
+               scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
+    segs = None
+    if p.segments:
+        segs = (jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32))
+    layout = (jnp.asarray(kinds, jnp.int32), jnp.asarray(kv_blocks, jnp.int32),
+              jnp.asarray(counts, jnp.int32))
+    return _attention(p, q, k, v, segs, layout)
+
+
+def _is_pow2_block(b):
+    return isinstance(b, int) and not isinstance(b, bool) and b >= 16 and b & (b - 1) == 0
+
+
+def _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, softcap,
+           block_q, block_k, num_warps, num_stages, interpret) -> _Params:
+    """Validates everything static before tracing; returns the call's static parameters."""
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if not _is_pow2_block(b):
+            raise ValueError(f"{name}={b!r}; expected a power of two >= 16 (16, 32, 64, 128, "
+                             "...): Triton's dot needs power-of-two tiles of at least 16")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D] / [B, S, K, D]; got q.shape={q.shape}, "
+                         f"k.shape={k.shape}, v.shape={v.shape}")
+    B, T, H, D = q.shape
+    _, S, K, _ = k.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must both be "
+                         f"[{B}, S, K, {D}] to match q.shape={q.shape}")
+    if K == 0 or H % K:
+        raise ValueError(f"q heads H={H} must be a multiple of k/v heads K={K}")
+    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in _DTYPES:
+        raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal and "
+                         f"one of {[str(d) for d in _DTYPES]}")
+    nq, nk = -(-T // block_q), -(-S // block_k)
+    kinds_shape = tuple(jnp.shape(kinds))
+    if len(kinds_shape) != 3 or kinds_shape[0] not in (1, K) or kinds_shape[1:] != (nq, nk):
+        raise ValueError(f"kinds.shape={kinds_shape}; expected (Lh, {nq}, {nk}) with Lh in "
+                         f"(1, {K}) for T={T}, S={S}, block_q={block_q}, block_k={block_k}")
+    Lh = kinds_shape[0]
+    kb_shape = tuple(jnp.shape(kv_blocks))
+    if len(kb_shape) != 3 or kb_shape[:2] != (Lh, nq) or kb_shape[2] < 1:
+        raise ValueError(f"kv_blocks.shape={kb_shape}; expected ({Lh}, {nq}, max_visits >= 1)")
+    if tuple(jnp.shape(counts)) != (Lh, nq):
+        raise ValueError(f"counts.shape={tuple(jnp.shape(counts))}; expected ({Lh}, {nq})")
+    for name, x in (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{name} dtype {jnp.result_type(x)}; expected an integer dtype")
+    if mask_fn is not None and not callable(mask_fn):
+        raise ValueError(f"mask_fn={mask_fn!r}; expected a callable or None")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together or not at all")
+    if q_seg is not None and (tuple(jnp.shape(q_seg)) != (B, T)
+                              or tuple(jnp.shape(kv_seg)) != (B, S)):
+        raise ValueError(f"q_segment_ids.shape={tuple(jnp.shape(q_seg))} and "
+                         f"kv_segment_ids.shape={tuple(jnp.shape(kv_seg))}; expected "
+                         f"({B}, {T}) and ({B}, {S})")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap!r}; expected a positive number or None")
+    for name, x in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if x is not None and (not isinstance(x, int) or x < 1):
+            raise ValueError(f"{name}={x!r}; expected a positive int or None")
+    return _Params(q_len=T, kv_len=S, block_q=block_q, block_k=block_k, group=H // K,
+                   per_head_layout=Lh > 1, scale=float(scale),
+                   softcap=None if softcap is None else float(softcap), mask_fn=mask_fn,
+                   # Segment ids only ever reach mask_fn (reference.dense_mask ignores them
+                   # without one), so without a mask_fn they are not even loaded.
+                   segments=q_seg is not None and mask_fn is not None,
+                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- in-kernel math
+
+
+def _dot(a, b, contract):
+    """a @ b contracting dims `contract`, float32 accumulation; f32 inputs stay IEEE f32."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=f32,
+                           precision=precision)
+
+
+def _logits(q, k, p: _Params):
+    """q [bq, D] . k [bk, D] -> float32 [bq, bk] scaled (and soft-capped), plus tanh for bwd."""
+    s = _dot(q, k, ((1,), (1,))) * p.scale
+    if p.softcap is None:
+        return s, None
+    t = jnp.tanh(s / p.softcap)
+    return p.softcap * t, t
+
+
+def _masked(s, kind, i, j, q_seg, k_seg, p: _Params):
+    """Hides invisible pairs with -inf: mask_fn on non-FULL blocks, keys >= kv_len always."""
+    bq, bk = p.block_q, p.block_k
+    k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    if p.mask_fn is not None:
+        def apply(s):
+            q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+            vis = jnp.broadcast_to(p.mask_fn(q_idx, k_idx, q_seg, k_seg), (bq, bk))
+            return jnp.where(vis, s, -jnp.inf)
+
+        # FULL blocks skip the mask work; a listed SKIP block is masked like PARTIAL.
+        s = lax.cond(kind == FULL, lambda s: s, apply, s)
+    if p.kv_len % bk:  # only the last key block has padding, but the compare is cheap
+        s = jnp.where(jnp.broadcast_to(k_idx < p.kv_len, (bq, bk)), s, -jnp.inf)
+    return s
+
+
+def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: _Params):
+    if p.segments:
+        q_seg_ref, kv_seg_ref, out_ref, lse_ref = refs
+    else:
+        (out_ref, lse_ref), q_seg_ref, kv_seg_ref = refs, None, None
+    bq, bk = p.block_q, p.block_k
+    i = pl.program_id(0)
+    q = q_ref[...]                                             # [bq, D]
+    q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
+
+    def visit(t, carry):
+        m, l, acc = carry
+        j = kv_blocks_ref[i, t]
+        keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
+        s, _ = _logits(q, k_ref[keys, :], p)
+        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        pr = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(m - m_safe)
+        v = v_ref[keys, :]
+        acc = alpha[:, None] * acc + _dot(pr.astype(v.dtype), v, ((1,), (0,)))
+        return m_new, alpha * l + jnp.sum(pr, axis=1), acc
+
+    init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32),
+            jnp.zeros(q.shape, f32))
+    m, l, acc = lax.fori_loop(0, counts_ref[i], visit, init)
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    out_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)
+
+
+def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, *refs, p: _Params):
+    if p.segments:
+        q_seg_ref, kv_seg_ref, dq_ref = refs
+    else:
+        (dq_ref,), q_seg_ref, kv_seg_ref = refs, None, None
+    bk = p.block_k
+    i = pl.program_id(0)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
+
+    def visit(t, dq):
+        j = kv_blocks_ref[i, t]
+        keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        s, tanh = _logits(q, k, p)
+        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
+        ds = _dlogits(s, tanh, lse, delta, _dot(do, v, ((1,), (1,))), p)
+        return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
+
+    dq = lax.fori_loop(0, counts_ref[i], visit, jnp.zeros(q.shape, f32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dlogits(s, tanh, lse, delta, dp, p: _Params):
+    """dL/d(q k^T) of one block from p = exp(s - lse); lse = +inf rows give exactly 0."""
+    ds = jnp.exp(s - lse) * (dp - delta)
+    if p.softcap is not None:
+        ds = ds * (1.0 - tanh * tanh)
+    return ds * p.scale
+
+
+def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                 delta_ref, *refs, p: _Params):
+    if p.segments:
+        q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
+    else:
+        (dk_ref, dv_ref), q_seg_ref, kv_seg_ref = refs, None, None
+    bq = p.block_q
+    j = pl.program_id(0)
+    k, v = k_ref[...], v_ref[...]                              # [bk, D]
+    k_seg = None if kv_seg_ref is None else kv_seg_ref[...][None, :]
+    count = counts_t_ref[j]
+
+    def head(g, carry):
+        def visit(t, carry):
+            dk, dv = carry
+            i = q_blocks_ref[j, t]
+            rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]      # [bq, D]
+            q_seg = None if q_seg_ref is None else q_seg_ref[rows][:, None]
+            s, tanh = _logits(q, k, p)
+            s = _masked(s, kinds_t_ref[j, i], i, j, q_seg, k_seg, p)
+            lse, delta = lse_ref[g, rows][:, None], delta_ref[g, rows][:, None]
+            pr = jnp.exp(s - lse)
+            dv = dv + _dot(pr.astype(do.dtype), do, ((0,), (0,)))
+            ds = _dlogits(s, tanh, lse, delta, _dot(do, v, ((1,), (1,))), p)
+            return dk + _dot(ds.astype(q.dtype), q, ((0,), (0,))), dv
+
+        return lax.fori_loop(0, count, visit, carry)
+
+    zeros = jnp.zeros(k.shape, f32)
+    dk, dv = lax.fori_loop(0, p.group, head, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_calls
+
+
+def _pad_axis(x, axis, size):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def _head_dim(D):
+    return max(16, pl.next_power_of_2(D))  # tl.dot tiles: power of two, at least 16
+
+
+def _compiler_params(p: _Params, head_dim):
+    num_warps = p.num_warps
+    if num_warps is None:
+        num_warps = 4 if head_dim <= 64 and p.block_q * p.block_k <= 64 * 64 else 8
+    num_stages = 2 if p.num_stages is None else p.num_stages
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _layout_specs(p: _Params, rows, cols, visits):
+    """Specs for kinds, visits, counts of one layout head: h // group when per KV head, else 0."""
+    def lh(h):
+        return lax.div(h, p.group) if p.per_head_layout else 0
+
+    return [pl.BlockSpec((None, rows, cols), lambda x, b, h: (lh(h), 0, 0)),
+            pl.BlockSpec((None, rows, visits), lambda x, b, h: (lh(h), 0, 0)),
+            pl.BlockSpec((None, rows), lambda x, b, h: (lh(h), 0))]
+
+
+def _row_specs(p: _Params, Sp, Dp):
+    """Specs for a (query block i, batch b, head h) grid: q-like, whole K/V, per-row, segments."""
+    bq, G = p.block_q, p.group
+    q_spec = pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0))
+    kv_spec = pl.BlockSpec((None, Sp, None, Dp), lambda i, b, h: (b, 0, lax.div(h, G), 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))] if p.segments else []
+    return q_spec, kv_spec, row_spec, seg_specs
+
+
+def _clipped(layout):
+    """Out-of-range entries would read outside K/V on a GPU; clip them instead of faulting."""
+    kinds, kv_blocks, counts = layout
+    return (kinds, jnp.clip(kv_blocks, 0, kinds.shape[-1] - 1),
+            jnp.clip(counts, 0, kv_blocks.shape[-1]))
+
+
+def _padded_inputs(p: _Params, q, k, v, segs):
+    """Zero-pads T, S to whole blocks and D to a power of two; pads segment ids with -1."""
+    Tp = -(-p.q_len // p.block_q) * p.block_q
+    Sp = -(-p.kv_len // p.block_k) * p.block_k
+    Dp = _head_dim(q.shape[-1])
+    q = _pad_axis(_pad_axis(q, 1, Tp), 3, Dp)
+    k = _pad_axis(_pad_axis(k, 1, Sp), 3, Dp)
+    v = _pad_axis(_pad_axis(v, 1, Sp), 3, Dp)
+    seg_args = []
+    if p.segments:
+        q_seg, kv_seg = segs
+        seg_args = [jnp.pad(q_seg, ((0, 0), (0, Tp - p.q_len)), constant_values=-1),
+                    jnp.pad(kv_seg, ((0, 0), (0, Sp - p.kv_len)), constant_values=-1)]
+    return q, k, v, seg_args
+
+
+def _forward(p: _Params, q, k, v, segs, layout):
+    """(out [B, T, H, D], lse float32 [B, H, Tp])."""
+    kinds, kv_blocks, counts = _clipped(layout)
+    B, T, H, D = q.shape
+    qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
+    Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
+    nq, nk = kinds.shape[1:]
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(p, Sp, Dp)
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, p=p),
+        grid=(nq, B, H),
+        in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
+                  *seg_specs],
+        out_specs=[q_spec, row_spec],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, H, Tp), f32)],
+        compiler_params=_compiler_params(p, Dp),
+        interpret=p.interpret,
+        name="block_sparse_fwd",
+    )(kinds, kv_blocks, counts, qp, kp, vp, *seg_args)
+    return out[:, :T, :, :D], lse
+
+
+def _visited_kinds(kinds, kv_blocks, counts):
+    """The kinds of the blocks the forward really visited (SKIP elsewhere), so backward matches.
+
+    A visited block listed as SKIP was masked like PARTIAL, so it becomes PARTIAL.
+    """
+    Lh, nq, visits = kv_blocks.shape
+    real = jnp.arange(visits, dtype=jnp.int32)[None, None, :] < counts[:, :, None]
+    heads = jnp.broadcast_to(jnp.arange(Lh)[:, None, None], kv_blocks.shape)
+    rows = jnp.broadcast_to(jnp.arange(nq)[None, :, None], kv_blocks.shape)
+    visited = jnp.zeros(kinds.shape, bool).at[heads, rows, kv_blocks].max(real)
+    return jnp.where(visited, jnp.maximum(kinds, PARTIAL), SKIP)
+
+
+def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
+    kinds, kv_blocks, counts = _clipped(layout)
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
+    Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
+    dop = _pad_axis(_pad_axis(d_out, 1, Tp), 3, Dp)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=3)     # [B, T, H]
+    delta = _pad_axis(delta.transpose(0, 2, 1), 2, Tp)                # [B, H, Tp]
+    bk, G = p.block_k, p.group
+    nq, nk = kinds.shape[1:]
+    params = _compiler_params(p, Dp)
+
+    # dQ: the forward's grid and row layout.
+    q_spec, kv_spec, row_spec, seg_specs = _row_specs(p, Sp, Dp)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, p=p),
+        grid=(nq, B, H),
+        in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
+                  q_spec, row_spec, row_spec, *seg_specs],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        compiler_params=params,
+        interpret=p.interpret,
+        name="block_sparse_dq",
+    )(kinds, kv_blocks, counts, qp, kp, vp, dop, lse, delta, *seg_args)
+
+    # dK/dV: per key block j and KV head, the query blocks (of all G heads) that visit it.
+    kinds_t, q_blocks, counts_t = transpose_layout(_visited_kinds(kinds, kv_blocks, counts))
+    heads_spec = pl.BlockSpec((None, Tp, None, G, Dp), lambda j, b, h: (b, 0, h, 0, 0))
+    kblock_spec = pl.BlockSpec((None, bk, None, Dp), lambda j, b, h: (b, j, h, 0))
+    stats_spec = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
+    seg_specs = [pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0)),
+                 pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] if p.segments else []
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, p=p),
+        grid=(nk, B, K),
+        # transposed layouts are per KV head already, so the head map is the identity
+        in_specs=[*_layout_specs(dataclasses.replace(p, group=1), nk, nq, q_blocks.shape[-1]),
+                  heads_spec, kblock_spec, kblock_spec, heads_spec, stats_spec, stats_spec,
+                  *seg_specs],
+        out_specs=[kblock_spec, kblock_spec],
+        out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
+                   jax.ShapeDtypeStruct(vp.shape, v.dtype)],
+        compiler_params=params,
+        interpret=p.interpret,
+        name="block_sparse_dkdv",
+    )(kinds_t, q_blocks, counts_t, qp.reshape(B, Tp, K, G, Dp), kp, vp,
+      dop.reshape(B, Tp, K, G, Dp), lse.reshape(B, K, G, Tp), delta.reshape(B, K, G, Tp),
+      *seg_args)
+    return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(p, q, k, v, segs, layout):
+    return _forward(p, q, k, v, segs, layout)[0]
+
+
+def _flash_fwd(p, q, k, v, segs, layout):
+    out, lse = _forward(p, q, k, v, segs, layout)
+    return out, (q, k, v, segs, layout, out, lse)
+
+
+def _flash_bwd(p, residuals, d_out):
+    q, k, v, segs, layout, out, lse = residuals
+    dq, dk, dv = _backward(p, q, k, v, segs, layout, out, lse, d_out)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+# jit with the static parameters so eager calls reuse one compilation per configuration.
+_attention = jax.jit(_flash, static_argnums=0)

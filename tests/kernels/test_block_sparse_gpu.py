@@ -1,0 +1,228 @@
+"""The GPU (Pallas Triton) block-sparse kernel, interpreted on CPU, against the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.block_sparse.gpu import block_sparse_attention_gpu
+from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
+from kernels.block_sparse.reference import attention_reference, dense_mask
+
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 4e-2}
+
+
+def random_qkv(key, B, T, S, H, K, D, dtype):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def make_mask_fn(name, T, S, window=17):
+    """mask_fn by name; queries sit at the end of the keys (offset S - T), as in decoding."""
+    off = S - T
+    if name == "none":
+        return None
+    if name == "causal":
+        return lambda qi, ki, qs, ks: qi + off >= ki
+    if name == "local":
+        return lambda qi, ki, qs, ks: (qi + off >= ki) & (qi + off - ki < window)
+    if name == "causal&document":
+        return lambda qi, ki, qs, ks: (qi + off >= ki) & (qs == ks)
+    raise ValueError(name)
+
+
+def document_ids(key, B, T, S):
+    kv = jnp.sort(jax.random.randint(key, (B, S), 0, 4), axis=1).astype(jnp.int32)
+    return kv[:, S - T:], kv
+
+
+def kinds_from_mask(vis, block_q, block_k):
+    """int32 [1, nq, nk] from a dense [B or 1, T, S] mask, merged over the batch."""
+    _, T, S = vis.shape
+    nq, nk = -(-T // block_q), -(-S // block_k)
+    pad = ((0, nq * block_q - T), (0, nk * block_k - S))
+    # Padded keys are hidden by the kernel, so they do not stop a block from being FULL.
+    any_ = jnp.pad(vis.any(0), pad, constant_values=False)
+    all_ = jnp.pad(vis.all(0), pad, constant_values=True)
+    any_ = any_.reshape(nq, block_q, nk, block_k).any((1, 3))
+    all_ = all_.reshape(nq, block_q, nk, block_k).all((1, 3))
+    return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), SKIP).astype(jnp.int32)[None]
+
+
+def per_kv_head(kinds, K):
+    """Lh = K layout: odd heads treat FULL blocks as PARTIAL (same truth, other code path)."""
+    heads = [jnp.where(kinds[0] == FULL, PARTIAL, kinds[0]) if h % 2 else kinds[0]
+             for h in range(K)]
+    return jnp.stack(heads)
+
+
+def assert_close(got, want, tol, what):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all(), f"{what}: non-finite values"
+    atol = tol * max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, atol=atol, rtol=tol, err_msg=what)
+
+
+def check_against_reference(q, k, v, kinds, *, mask_fn, segs, scale, softcap, block_q, block_k,
+                            seed=0):
+    q_seg, kv_seg = segs if segs is not None else (None, None)
+    kv_blocks, counts = layout_from_kinds(kinds)
+
+    @jax.jit
+    def kernel(q, k, v):
+        return block_sparse_attention_gpu(
+            q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
+            q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
+            block_q=block_q, block_k=block_k, interpret=True)
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, mask_fn=mask_fn, q_segment_ids=q_seg,
+                                   kv_segment_ids=kv_seg, scale=scale, softcap=softcap)
+
+    tol = TOL[q.dtype.type]
+    got, vjp_got = jax.vjp(kernel, q, k, v)
+    want, vjp_want = jax.vjp(reference, q, k, v)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert_close(got, want, tol, "out")
+    ct = jax.random.normal(jax.random.key(seed), got.shape, jnp.float32).astype(q.dtype)
+    for name, g, w in zip(("dq", "dk", "dv"), vjp_got(ct), vjp_want(ct)):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, 2 * tol, name)
+    return got
+
+
+@st.composite
+def cases(draw):
+    B = draw(st.integers(1, 2))
+    T = 2 * draw(st.integers(0, 60)) + 1
+    S = draw(st.integers(T, 160))
+    return {
+        "B": B, "T": T, "S": S, "K": draw(st.sampled_from([1, 2])),
+        "G": draw(st.sampled_from([1, 2, 3])), "D": draw(st.sampled_from([16, 32, 64])),
+        "block_q": draw(st.sampled_from([16, 32, 64])),
+        "block_k": draw(st.sampled_from([16, 32, 64])),
+        "mask": draw(st.sampled_from(["causal", "local", "causal&document", "none"])),
+        "dtype": draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+        "softcap": draw(st.sampled_from([None, 3.0])),
+        "per_head": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16))}
+
+
+@settings(max_examples=8)
+@given(cases())
+def test_matches_reference(case):
+    B, T, S, K, G, D = (case[n] for n in ("B", "T", "S", "K", "G", "D"))
+    bq, bk = case["block_q"], case["block_k"]
+    key_qkv, key_seg = jax.random.split(jax.random.key(case["seed"]))
+    q, k, v = random_qkv(key_qkv, B, T, S, K * G, K, D, case["dtype"])
+    mask_fn = make_mask_fn(case["mask"], T, S)
+    segs = document_ids(key_seg, B, T, S) if case["mask"] == "causal&document" else None
+    kinds = kinds_from_mask(dense_mask(mask_fn, T, S, *(segs or (None, None))), bq, bk)
+    if case["per_head"]:
+        kinds = per_kv_head(kinds, K)
+    check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=segs, scale=D ** -0.5 * 1.3,
+                            softcap=case["softcap"], block_q=bq, block_k=bk, seed=case["seed"])
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads():
+    B, T, S, K, G, D, bq, bk = 2, 37, 45, 1, 2, 24, 16, 16  # D=24 pads to 32 inside
+    q, k, v = random_qkv(jax.random.key(1), B, T, S, K * G, K, D, jnp.float32)
+    q_seg, kv_seg = document_ids(jax.random.key(2), B, T, S)
+    q_seg = q_seg.at[:, :5].set(99)  # a document with no keys: rows 0..4 see nothing
+    mask_fn = make_mask_fn("causal&document", T, S)
+    kinds = kinds_from_mask(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
+    out = check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=(q_seg, kv_seg),
+                                  scale=0.3, softcap=None, block_q=bq, block_k=bk)
+    np.testing.assert_array_equal(np.asarray(out[:, :5]), 0.0)
+
+
+def test_empty_layout_rows_and_short_sequences():
+    # T=1 < block; a layout row with no visits at all (counts 0) gives zeros, grads zero.
+    q, k, v = random_qkv(jax.random.key(3), 1, 1, 3, 2, 1, 16, jnp.float32)
+    kinds = jnp.zeros((1, 1, 1), jnp.int32)
+    kv_blocks, counts = layout_from_kinds(kinds)
+
+    def f(q, k, v):
+        return block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=kv_blocks,
+                                          counts=counts, scale=0.25, block_q=16, block_k=16,
+                                          interpret=True)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    for g in vjp(jnp.ones_like(out)):
+        np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_runtime_per_head_layouts_do_not_recompile():
+    """Layouts drawn inside jit (SKIP/FULL per KV head, mask_fn=None) drive one compiled kernel."""
+    B, T, S, K, G, D, bq, bk = 1, 40, 56, 2, 2, 16, 16, 16
+    nq, nk = -(-T // bq), -(-S // bk)
+    q, k, v = random_qkv(jax.random.key(4), B, T, S, K * G, K, D, jnp.float32)
+    traces = []
+
+    @jax.jit
+    def run(q, k, v, key):
+        traces.append(1)
+        kinds = jnp.where(jax.random.bernoulli(key, 0.6, (K, nq, nk)), FULL, SKIP)
+        kv_blocks, counts = layout_from_kinds(kinds.astype(jnp.int32))
+
+        def f(q, k, v):
+            return block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=kv_blocks,
+                                              counts=counts, scale=0.25, block_q=bq,
+                                              block_k=bk, interpret=True)
+
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(out), kinds
+
+    def reference(q, k, v, kinds):
+        """Each KV head's group of query heads under its own block mask."""
+        outs = []
+        for h in range(K):
+            blocks = jnp.asarray(kinds[h]) == FULL
+            fn = lambda qi, ki, qs, ks, blocks=blocks: blocks[qi // bq, ki // bk]
+            outs.append(attention_reference(q[:, :, h * G:(h + 1) * G], k[:, :, h:h + 1],
+                                            v[:, :, h:h + 1], mask_fn=fn, scale=0.25))
+        return jnp.concatenate(outs, axis=2)
+
+    seen = []
+    for seed in (0, 1):
+        out, grads, kinds = run(q, k, v, jax.random.key(seed))
+        want, vjp = jax.vjp(lambda q, k, v, kinds=kinds: reference(q, k, v, kinds), q, k, v)
+        assert_close(out, want, TOL[jnp.float32], "out")
+        for name, g, w in zip(("dq", "dk", "dv"), grads, vjp(want)):
+            assert_close(g, w, 2 * TOL[jnp.float32], name)
+        seen.append(np.asarray(kinds))
+    assert not np.array_equal(seen[0], seen[1]), "the two draws should differ"
+    assert not np.array_equal(seen[0][0], seen[0][1]), "KV heads should have their own layouts"
+    assert len(traces) == 1, f"traced {len(traces)} times; layouts must be runtime values"
+
+
+@pytest.mark.parametrize("block_q,block_k,bad", [(8, 16, "block_q=8"), (48, 16, "block_q=48"),
+                                                 (16, 24, "block_k=24"), (16, 0, "block_k=0")])
+def test_bad_block_sizes_raise(block_q, block_k, bad):
+    q, k, v = random_qkv(jax.random.key(0), 1, 32, 32, 1, 1, 16, jnp.float32)
+    kinds = jnp.ones((1, 2, 2), jnp.int32)
+    with pytest.raises(ValueError, match=bad):
+        block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=jnp.zeros((1, 2, 2), jnp.int32),
+                                   counts=jnp.zeros((1, 2), jnp.int32), scale=1.0,
+                                   block_q=block_q, block_k=block_k, interpret=True)
+
+
+def test_bad_layout_shapes_raise():
+    q, k, v = random_qkv(jax.random.key(0), 1, 40, 40, 4, 2, 16, jnp.float32)
+    good = {"kinds": jnp.ones((2, 3, 3), jnp.int32),
+            "kv_blocks": jnp.zeros((2, 3, 3), jnp.int32), "counts": jnp.zeros((2, 3), jnp.int32)}
+    bad = [("kinds", jnp.ones((3, 3, 3), jnp.int32)), ("kinds", jnp.ones((1, 2, 3), jnp.int32)),
+           ("kv_blocks", jnp.zeros((2, 3, 0), jnp.int32)), ("counts", jnp.zeros((2, 4), jnp.int32))]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=rf"{name}\.shape"):
+            block_sparse_attention_gpu(q, k, v, **{**good, name: value}, scale=1.0,
+                                       block_q=16, block_k=16, interpret=True)
+    with pytest.raises(ValueError, match="multiple"):
+        block_sparse_attention_gpu(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2),
+                                   **good, scale=1.0, block_q=16, block_k=16, interpret=True)

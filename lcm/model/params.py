@@ -105,3 +105,25 @@ def init_params(cfg: ModelConfig, key) -> tuple[dict, dict]:
     params = jax.tree.unflatten(
         treedef, [s.initialize(k, cfg.weight_dtype) for s, k in zip(leaves, keys)])
     return params, param_axes(cfg)
+
+
+def flatten_params(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
+    """{"layers": {"wq": x}} -> {("layers", "wq"): x}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_params(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflatten_params(flat: dict) -> dict:
+    """The inverse of `flatten_params`."""
+    out = {}
+    for keys, value in flat.items():
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return out

@@ -15,7 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
-ROPE_TYPES = ("default",)
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 
 
 def _positive(obj, *names):
@@ -45,20 +45,260 @@ def _dtype_name(obj, name):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
-    """Rotary position embedding. `theta` is the base of the frequencies.
+    """Rotary position embedding and its scaling family, with Hugging Face's keys and defaults.
 
-    The scaling family (linear, dynamic, yarn, longrope, llama3, ...) extends this config with
-    Hugging Face's `rope_parameters` keys; only `rope_type="default"` exists so far.
+    Fields are transformers' `rope_parameters` keys (`theta` is `rope_theta`); `from_hf` reads a
+    config.json dict, `to_hf` writes the `rope_parameters` block back. Each rope_type reads only
+    some fields (`RopeConfig.READS`); setting one it does not read raises, so a forgotten
+    `rope_type` cannot silently give the default. `lcm.positions.rope_frequencies` turns a
+    RopeConfig into `(inv_freq, attention_factor)`:
+
+    - default: inv_freq[i] = theta ** (-2i / dim).
+    - linear (position interpolation): default / factor.
+    - dynamic (NTK): theta grows with the sequence length past `max_position_embeddings`.
+    - yarn: interpolation (÷ factor) ramped in over the dims between `beta_fast` and `beta_slow`
+      rotations in `original_max_position_embeddings`; attention factor 0.1 ln(factor) + 1, or
+      DeepSeek's mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set, or
+      `attention_factor`.
+    - longrope: per-pair `short_factor` up to `original_max_position_embeddings`, `long_factor`
+      past it; attention factor sqrt(1 + ln factor / ln original) unless `attention_factor`.
+    - llama3 (Llama 3.1): long wavelengths ÷ factor, short ones kept, a smooth band between, set
+      by `low_freq_factor` / `high_freq_factor` and `original_max_position_embeddings`.
+    - proportional: the first partial_rotary_factor of the pairs rotate with exponents over the
+      whole head, the others have frequency 0; all ÷ factor (1 when None).
+
+    `max_position_embeddings` is the model's top-level value, which transformers reads for dynamic
+    (always) and for yarn/longrope when `factor` is None (factor = max_position_embeddings /
+    original_max_position_embeddings); keep it equal to ModelConfig.max_position_embeddings.
+    `partial_rotary_factor` < 1 rotates only the leading int(head_dim * partial_rotary_factor)
+    features (proportional aside).
     """
 
     theta: float = 10000.0
     rope_type: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    partial_rotary_factor: float = 1.0
+
+    # rope_type -> the fields it reads besides theta, rope_type and partial_rotary_factor
+    # (not a dataclass field: no annotation).
+    READS = {
+        "default": (),
+        "linear": ("factor",),
+        "dynamic": ("factor", "max_position_embeddings"),
+        "yarn": ("factor", "original_max_position_embeddings", "max_position_embeddings",
+                 "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                 "truncate"),
+        "longrope": ("factor", "original_max_position_embeddings", "max_position_embeddings",
+                     "attention_factor", "short_factor", "long_factor"),
+        "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                   "high_freq_factor"),
+        "proportional": ("factor",),
+    }
 
     def __post_init__(self):
-        if not isinstance(self.theta, (int, float)) or self.theta <= 1.0:
-            raise ValueError(f"RopeConfig.theta={self.theta!r}; expected a number > 1")
-        object.__setattr__(self, "theta", float(self.theta))
         _choice(self, "rope_type", ROPE_TYPES)
+        kind = self.rope_type
+        reads = {"theta", "rope_type", "partial_rotary_factor", *self.READS[kind]}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            unset = value is None if f.default is None else value == f.default
+            if f.name not in reads and not unset:
+                users = [t for t, names in self.READS.items() if f.name in names]
+                raise ValueError(f"RopeConfig.{f.name}={value!r} is not read by rope_type={kind!r};"
+                                 f" it is read by rope_type in {users}")
+        self._number("theta", above=1.0)
+        self._number("factor", at_least=1.0 if kind != "proportional" else None, above=0.0,
+                     optional=True)
+        for name in ("original_max_position_embeddings", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (not hasattr(value, "__index__") or isinstance(value, bool)
+                    or type(value).__name__ == "bool_" or value <= 0):
+                raise ValueError(f"RopeConfig.{name}={value!r}; expected a positive int or None")
+            object.__setattr__(self, name, value.__index__())
+        self._number("attention_factor", above=0.0, optional=True)
+        self._number("beta_fast", above=0.0)
+        self._number("beta_slow", above=0.0)
+        if self.beta_fast < self.beta_slow:
+            raise ValueError(f"RopeConfig.beta_fast={self.beta_fast} < beta_slow={self.beta_slow}"
+                             f"; expected beta_fast >= beta_slow (defaults 32 and 1)")
+        self._number("mscale", optional=True)
+        self._number("mscale_all_dim", optional=True)
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"RopeConfig.truncate={self.truncate!r}; expected a bool")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")
+                    or len(value) == 0 or not all(self._finite(v) and v > 0 for v in value)):
+                raise ValueError(f"RopeConfig.{name}={value!r}; expected a non-empty sequence of "
+                                 f"positive numbers (one per rotated pair)")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if (self.short_factor is not None and self.long_factor is not None
+                and len(self.short_factor) != len(self.long_factor)):
+            raise ValueError(f"RopeConfig.short_factor has {len(self.short_factor)} entries but "
+                             f"long_factor has {len(self.long_factor)}; expected one per pair")
+        self._number("low_freq_factor", above=0.0, optional=True)
+        self._number("high_freq_factor", above=0.0, optional=True)
+        if (self.low_freq_factor is not None and self.high_freq_factor is not None
+                and self.high_freq_factor <= self.low_freq_factor):
+            raise ValueError(f"RopeConfig.high_freq_factor={self.high_freq_factor} <= "
+                             f"low_freq_factor={self.low_freq_factor}; expected high > low")
+        self._number("partial_rotary_factor", above=0.0)
+        if self.partial_rotary_factor > 1.0:
+            raise ValueError(f"RopeConfig.partial_rotary_factor={self.partial_rotary_factor}; "
+                             f"expected a number in (0, 1]")
+        self._check_required()
+
+    def _number(self, name, *, above=None, at_least=None, optional=False):
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if not self._finite(value) or (above is not None and value <= above) or (
+                at_least is not None and value < at_least):
+            bound = (f" >= {at_least}" if at_least is not None else
+                     f" > {above}" if above is not None else "")
+            raise ValueError(f"RopeConfig.{name}={value!r}; expected a number{bound}"
+                             f"{' or None' if optional else ''}")
+        object.__setattr__(self, name, float(value))
+
+    def _check_required(self):
+        kind = self.rope_type
+        required = {
+            "linear": ("factor",), "dynamic": ("factor", "max_position_embeddings"),
+            "yarn": ("original_max_position_embeddings",),
+            "longrope": ("original_max_position_embeddings", "short_factor", "long_factor"),
+            "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                       "high_freq_factor"),
+        }.get(kind, ())
+        if missing := [name for name in required if getattr(self, name) is None]:
+            raise ValueError(f"RopeConfig: rope_type={kind!r} requires {missing}; they are None")
+        if kind in ("yarn", "longrope") and self.factor is None and (
+                self.max_position_embeddings is None):
+            raise ValueError(f"RopeConfig.factor=None; rope_type={kind!r} requires factor, or "
+                             f"max_position_embeddings to derive it as max_position_embeddings / "
+                             f"original_max_position_embeddings")
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+
+    @classmethod
+    def from_hf(cls, config: dict) -> RopeConfig:
+        """The RopeConfig of a transformers config.json dict, read where transformers reads it.
+
+        Accepts the transformers-5 `rope_parameters` block and the 4.x `rope_theta` +
+        `rope_scaling` form (with the legacy `type` key); `rope_scaling` wins when both are set,
+        and a `rope_theta` inside the block wins over the top-level one, as in transformers.
+        Top-level keys read too: `max_position_embeddings` (dynamic; yarn/longrope without a
+        factor; the default `original_max_position_embeddings`), `partial_rotary_factor`, and
+        `original_max_position_embeddings`, which overrides the block's (Phi-3 style), as
+        transformers does when it builds the rotary embedding. Keys a type does not read are
+        ignored (transformers warns); unknown types and missing keys raise ValueError.
+        """
+        if not isinstance(config, dict):
+            raise ValueError(f"config={type(config).__name__}; expected a config.json dict")
+        block, scaling = config.get("rope_parameters"), config.get("rope_scaling")
+        for name, value in (("rope_parameters", block), ("rope_scaling", scaling)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name}={value!r}; expected a JSON object or null")
+        raw, where = dict(scaling or block or {}), "rope_scaling" if scaling else "rope_parameters"
+        if nested := [k for k, v in raw.items() if isinstance(v, dict)]:
+            raise ValueError(f"{where} is nested per layer type ({nested}); lcm has one RoPE "
+                             f"for all layers")
+        if "mrope_section" in raw:
+            raise ValueError(f"{where} has mrope_section={raw['mrope_section']!r}; multimodal "
+                             f"RoPE is not supported")
+        kind = raw["rope_type"] if "rope_type" in raw else raw.get("type", "default")
+        if kind not in ROPE_TYPES:
+            hint = " ('su' is Phi-3's old name for 'longrope')" if kind == "su" else ""
+            raise ValueError(f"rope_type={kind!r} is not supported{hint}; expected one of "
+                             f"{list(ROPE_TYPES)}")
+        kwargs = {"rope_type": kind,
+                  "theta": raw["rope_theta"] if "rope_theta" in raw
+                  else config.get("rope_theta", cls.theta)}
+        prf = raw["partial_rotary_factor"] if "partial_rotary_factor" in raw else config.get(
+            "partial_rotary_factor")
+        if prf is not None:
+            kwargs["partial_rotary_factor"] = prf
+        reads, max_pos = cls.READS[kind], config.get("max_position_embeddings")
+
+        def need(key):
+            if key not in raw:
+                raise ValueError(f"{where} lacks {key!r}, which rope_type={kind!r} requires")
+            return raw[key]
+
+        if kind in ("linear", "dynamic", "llama3", "yarn"):
+            kwargs["factor"] = need("factor")  # yarn: present but null means "derive it"
+        elif kind in ("longrope", "proportional"):
+            kwargs["factor"] = raw.get("factor")
+        if "original_max_position_embeddings" in reads:
+            orig = config.get("original_max_position_embeddings") or raw.get(
+                "original_max_position_embeddings") or max_pos
+            if orig is None:
+                raise ValueError(f"{where} lacks 'original_max_position_embeddings' (and "
+                                 f"max_position_embeddings to default it to), which "
+                                 f"rope_type={kind!r} requires")
+            kwargs["original_max_position_embeddings"] = orig
+        if kind == "dynamic" or (kind in ("yarn", "longrope") and kwargs["factor"] is None):
+            if max_pos is None:
+                raise ValueError(f"config lacks 'max_position_embeddings', which rope_type="
+                                 f"{kind!r} reads" + ("" if kind == "dynamic" else
+                                                     " when factor is null"))
+            kwargs["max_position_embeddings"] = max_pos
+        if kind == "yarn":
+            kwargs.update(attention_factor=raw.get("attention_factor"),
+                          mscale=raw.get("mscale"), mscale_all_dim=raw.get("mscale_all_dim"),
+                          # transformers: `.get("beta_fast") or 32`, `if truncate:`.
+                          beta_fast=raw.get("beta_fast") or cls.beta_fast,
+                          beta_slow=raw.get("beta_slow") or cls.beta_slow,
+                          truncate=bool(raw.get("truncate", True)))
+        elif kind == "longrope":
+            kwargs.update(attention_factor=raw.get("attention_factor"),
+                          short_factor=need("short_factor"), long_factor=need("long_factor"))
+        elif kind == "llama3":
+            kwargs.update(low_freq_factor=need("low_freq_factor"),
+                          high_freq_factor=need("high_freq_factor"))
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The transformers-5 `rope_parameters` block (sorted keys, as save_pretrained writes).
+
+        Fields at their defaults are left out, except those transformers requires (`factor`,
+        `original_max_position_embeddings`); `max_position_embeddings` is a top-level key of
+        config.json, not part of the block.
+        """
+        out = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in (*self.READS[self.rope_type], "partial_rotary_factor"):
+            value = getattr(self, name)
+            if name == "max_position_embeddings":
+                continue
+            if name == "factor" and value is None and self.rope_type == "yarn":
+                out["factor"] = None  # transformers requires the key; null derives the factor
+            elif value != defaults[name]:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return dict(sorted(out.items()))
+
+    @staticmethod
+    def _finite(value) -> bool:
+        """A finite real number (Python or NumPy scalar), not a bool."""
+        if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__") or getattr(
+                value, "ndim", 0) != 0 or type(value).__name__ == "bool_":
+            return False
+        return float(value) - float(value) == 0  # false for nan and inf
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,6 +355,11 @@ class ModelConfig:
             _positive(self, "sliding_window")
         if not isinstance(self.rope, RopeConfig):
             raise ValueError(f"ModelConfig.rope={self.rope!r}; expected a RopeConfig")
+        if self.rope.max_position_embeddings not in (None, self.max_position_embeddings):
+            raise ValueError(f"ModelConfig.rope.max_position_embeddings="
+                             f"{self.rope.max_position_embeddings} differs from "
+                             f"max_position_embeddings={self.max_position_embeddings}; the rope "
+                             f"reads the model's value (as transformers does): make them equal")
         if not isinstance(self.attention, AttentionConfig):
             raise ValueError(f"ModelConfig.attention={self.attention!r}; expected an "
                              f"AttentionConfig")

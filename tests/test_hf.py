@@ -322,9 +322,9 @@ def test_missing_files(copy_of, tmp_path):
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; expected one of \['llama', "
                               r"'mistral', 'qwen2'\]"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-     "RoPE scaling rope_type='yarn' is not supported yet"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "RoPE scaling rope_type='linear'"),
+    (dict(rope_parameters={"rope_type": "xpos", "rope_theta": 1e4}),
+     "rope_type='xpos' is not supported"),
+    (dict(rope_scaling={"type": "linear"}), "rope_scaling lacks 'factor'"),
     (dict(attention_bias=True), "attention_bias=true is not supported yet"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(num_attention_heads=3), "num_heads=3 must be a multiple of num_kv_heads=2"),

@@ -32,16 +32,6 @@ def config_from_hf(hf: dict, source: Path, dtype_name: str) -> ModelConfig:
             raise ValueError(f"{source}: {key}=true is not supported yet; lcm has no o_proj/MLP "
                              f"bias")
 
-    # transformers <5 writes `rope_theta` and `rope_scaling`; 5.x folds both into `rope_parameters`.
-    rope_parameters, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
-    if not isinstance(rope_parameters, dict) or not isinstance(scaling, dict):
-        raise ValueError(f"{source}: rope_parameters and rope_scaling must be JSON objects")
-    scaling = scaling or rope_parameters
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{source}: RoPE scaling rope_type={rope_type!r} is not supported yet; "
-                         f"only 'default' (no scaling) is")
-
     sliding_window = None
     if model_type == "mistral":  # null means no window; a missing key means transformers' 4096
         sliding_window = hf.get("sliding_window", _ARCHS["mistral"][1]["sliding_window"])
@@ -60,6 +50,8 @@ def config_from_hf(hf: dict, source: Path, dtype_name: str) -> ModelConfig:
     heads = hf["num_attention_heads"]
     if not isinstance(heads, int) or heads <= 0:  # head_dim's default divides by it
         raise ValueError(f"{source}: num_attention_heads={heads!r}; expected a positive int")
+    max_position_embeddings = get("max_position_embeddings", 0)
+    rope = _rope_from_hf(hf, source, model_type, max_position_embeddings)
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -69,11 +61,29 @@ def config_from_hf(hf: dict, source: Path, dtype_name: str) -> ModelConfig:
             intermediate_size=hf["intermediate_size"], norm_eps=get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
             sliding_window=sliding_window,
-            max_position_embeddings=get("max_position_embeddings", 0),
-            rope=RopeConfig(theta=rope_parameters.get("rope_theta", get("rope_theta", 10000.0))),
+            max_position_embeddings=max_position_embeddings, rope=rope,
             dtype=dtype_name, param_dtype=dtype_name, architecture=model_type)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{source}: {e}") from e
+
+
+def _rope_from_hf(hf: dict, source: Path, model_type: str,
+                  max_position_embeddings) -> RopeConfig:
+    """The RopeConfig of config.json, either form (see RopeConfig.from_hf).
+
+    max_position_embeddings comes with the architecture's default filled in, as transformers reads
+    it. A partial_rotary_factor other than 1 is refused: transformers' Llama/Qwen2/Mistral ignore
+    it for the default rope and fail on it for the scaled ones (cos and q differ in size).
+    """
+    try:
+        rope = RopeConfig.from_hf({**hf, "max_position_embeddings": max_position_embeddings})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: RoPE config: {e}") from e
+    if rope.partial_rotary_factor != 1.0 and rope.rope_type != "proportional":
+        raise ValueError(f"{source}: partial_rotary_factor={rope.partial_rotary_factor} is not "
+                         f"supported for {model_type} with rope_type={rope.rope_type!r}: "
+                         f"transformers' {model_type} rotates the whole head")
+    return rope
 
 
 def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
@@ -97,7 +107,7 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings, "model_type": arch,
         "num_attention_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
         "num_key_value_heads": cfg.num_kv_heads, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.rope_type},
+        "rope_parameters": cfg.rope.to_hf(),
         "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "vocab_size": cfg.vocab_size,
     }
     if arch == "llama":

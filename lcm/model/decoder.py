@@ -47,7 +47,8 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
     if segment_ids is not None:
         mask = mask & Document(segment_ids)
-    inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, T)
+    # Length-dependent RoPE (dynamic, longrope) sees the largest position + 1, as transformers.
+    inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(positions) + 1)
 
     x = shard(params["embed"].astype(cfg.compute_dtype)[tokens], ("batch", "seq", "embed"))
 

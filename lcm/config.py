@@ -16,6 +16,7 @@ ARCHITECTURES = ("llama", "qwen2", "mistral")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+POSITION_TYPES = ("rope", "nope", "alibi", "self_extend", "rerope", "leaky_rerope")
 
 
 def _positive(obj, *names):
@@ -315,6 +316,64 @@ class AttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PositionConfig:
+    """How attention sees positions; `lcm.positions.extension` implements each type.
+
+    - rope: the model's RoPE (`ModelConfig.rope`), unchanged.
+    - nope: no position signal at all (causal mask only).
+    - alibi (Press et al.): logits - slope_h * (query position - key position), no RoPE.
+    - self_extend (Jin et al. 2024, LongLM): distances < `window` use normal RoPE; farther
+      pairs use grouped positions, key floor(pos / group_size), query floor(pos / group_size)
+      + window - window / group_size (LongLM's code).
+    - rerope (Su 2023): distances < `window` normal, farther ones clipped to `window`.
+    - leaky_rerope: farther distances d become window + (d - window) / leak.
+
+    `log_scale_length` (rerope, leaky_rerope) multiplies each query by
+    max(1, log(position + 1) / log(log_scale_length)), as the reference code; None disables it.
+    Switch a loaded model with `dataclasses.replace(cfg, positions=PositionConfig(...))`.
+    """
+
+    type: str = "rope"
+    window: int | None = None
+    group_size: int | None = None
+    leak: float | None = None
+    log_scale_length: int | None = None
+
+    # type -> the fields it requires (and the only ones it reads).
+    READS = {
+        "rope": (), "nope": (), "alibi": (),
+        "self_extend": ("window", "group_size"),
+        "rerope": ("window", "log_scale_length"),
+        "leaky_rerope": ("window", "leak", "log_scale_length"),
+    }
+    _OPTIONAL = ("log_scale_length",)
+
+    def __post_init__(self):
+        _choice(self, "type", POSITION_TYPES)
+        reads = self.READS[self.type]
+        for name in ("window", "group_size", "leak", "log_scale_length"):
+            value = getattr(self, name)
+            if name not in reads and value is not None:
+                users = [t for t, names in self.READS.items() if name in names]
+                raise ValueError(f"PositionConfig.{name}={value!r} is not read by type="
+                                 f"{self.type!r}; it is read by type in {users}")
+            if name in reads and value is None and name not in self._OPTIONAL:
+                raise ValueError(f"PositionConfig.{name}=None; type={self.type!r} requires it")
+        for name in ("window", "group_size", "log_scale_length"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        if self.log_scale_length is not None and self.log_scale_length < 2:
+            raise ValueError(f"PositionConfig.log_scale_length={self.log_scale_length}; expected "
+                             f"an int >= 2 (the training length)")
+        if self.leak is not None:
+            if (isinstance(self.leak, bool) or not isinstance(self.leak, (int, float))
+                    or not self.leak > 1.0 or self.leak == float("inf")):
+                raise ValueError(f"PositionConfig.leak={self.leak!r}; expected a finite number "
+                                 f"> 1 (the slope beyond the window is 1 / leak)")
+            object.__setattr__(self, "leak", float(self.leak))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only transformer (Llama / Qwen2 / Mistral family).
 
@@ -336,6 +395,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    positions: PositionConfig = dataclasses.field(default_factory=PositionConfig)
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
@@ -363,6 +423,9 @@ class ModelConfig:
         if not isinstance(self.attention, AttentionConfig):
             raise ValueError(f"ModelConfig.attention={self.attention!r}; expected an "
                              f"AttentionConfig")
+        if not isinstance(self.positions, PositionConfig):
+            raise ValueError(f"ModelConfig.positions={self.positions!r}; expected a "
+                             f"PositionConfig")
         _dtype_name(self, "dtype")
         _dtype_name(self, "param_dtype")
         _choice(self, "remat", REMAT_POLICIES)

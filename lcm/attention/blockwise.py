@@ -42,6 +42,30 @@ def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scal
     return out.transpose(1, 2, 0, 3, 4).reshape(B, T, H, D)
 
 
+def attention_with_lse(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
+                       softcap: float | None = None):
+    """Forward only, for callers that merge several passes (e.g. Self-Extend, ReRoPE).
+
+    Returns (out [B, T, H, D], lse [B, T, H, 1] float32; +inf for rows that see no key). Uses the
+    layout's union over heads. Differentiate the merged result with `attention_backward`.
+    """
+    layout = jax.tree.map(jnp.asarray, layout.shared())
+    out, lse = _forward(q, k, v, mask, layout, None, scale, softcap, k.shape[2])
+    return out, _from_q_blocks(lse[..., None], q.shape[1])
+
+
+def attention_backward(q, k, v, mask: Mask | None, layout: BlockLayout, out, lse, d_out, *,
+                       scale: float, softcap: float | None = None):
+    """(dq, dk, dv) of a pass whose softmax normaliser is `lse` [B, T, H, 1] and whose (possibly
+    merged) output is `out`: with the merged lse and output, each pass's backward gives its
+    share of the gradient of the merged softmax."""
+    layout = jax.tree.map(jnp.asarray, layout.shared())
+    K = k.shape[2]
+    lse_b = _q_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), layout.geom, K)[..., 0]
+    lse_b = jnp.where(_q_blocks(jnp.isposinf(lse), layout.geom, K)[..., 0], jnp.inf, lse_b)
+    return _flash_bwd(scale, softcap, K, (q, k, v, mask, layout, None, out, lse_b), d_out)[:3]
+
+
 def _q_blocks(x, geom, num_kv_heads):
     """[B, T, H, D] -> [nq, B, K, G, bq, D], zero-padded to whole blocks."""
     B, T, H, D = x.shape

@@ -56,7 +56,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         x = x + attention_block(h, p, positions=positions, inv_freq=inv_freq,
                                 attention_factor=attention_factor, mask=mask,
-                                attention=cfg.attention, shard=shard)
+                                attention=cfg.attention, shard=shard, position=cfg.positions)
         h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
         x = x + swiglu_mlp(h, p, shard=shard)
         return shard(x, ("batch", "seq", "embed")), None

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lcm.attention import attend
-from lcm.positions import apply_rope
+from lcm.positions import apply_rope, position_attention
 
 
 def _identity(x, axes):
@@ -31,10 +31,12 @@ def swiglu_mlp(x, p, *, shard=_identity):
 
 
 def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attention,
-                    shard=_identity):
+                    shard=_identity, position=None):
     """Grouped-query self-attention with RoPE. x [B, T, E]; positions [B, T]; returns [B, T, E].
 
-    `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask.
+    `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask;
+    `position` a PositionConfig (None or type "rope": RoPE as trained; others see
+    `lcm.positions.position_attention`).
     """
     dt = x.dtype
 
@@ -45,9 +47,15 @@ def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attent
     q = shard(project("wq", "bq"), ("batch", "seq", "heads", "head_dim"))
     k = shard(project("wk", "bk"), ("batch", "seq", "kv_heads", "head_dim"))
     v = shard(project("wv", "bv"), ("batch", "seq", "kv_heads", "head_dim"))
-    q = apply_rope(q, positions, inv_freq, attention_factor)
-    k = apply_rope(k, positions, inv_freq, attention_factor)
-    out = attend(q, k, v, mask, impl=attention.impl, block_q=attention.block_q,
-                 block_k=attention.block_k)
+    if position is None or position.type == "rope":
+        q = apply_rope(q, positions, inv_freq, attention_factor)
+        k = apply_rope(k, positions, inv_freq, attention_factor)
+        out = attend(q, k, v, mask, impl=attention.impl, block_q=attention.block_q,
+                     block_k=attention.block_k)
+    else:
+        out = position_attention(q, k, v, positions=positions, inv_freq=inv_freq,
+                                 attention_factor=attention_factor, mask=mask,
+                                 position=position, impl=attention.impl,
+                                 block_q=attention.block_q, block_k=attention.block_k)
     out = shard(out, ("batch", "seq", "heads", "head_dim"))
     return jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dt))

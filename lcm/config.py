@@ -32,15 +32,23 @@ def _choice(obj, name, allowed):
         raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected one of {list(allowed)}")
 
 
-def _dtype_name(obj, name):
-    """Normalises a dtype field (a string or a numpy/jax dtype) to its canonical name."""
-    value = getattr(obj, name)
+def dtype_name(value, argument: str = "dtype") -> str:
+    """The canonical name of a float dtype given as a string or a numpy/jax dtype.
+
+    Raises ValueError naming `argument` unless it is one of DTYPES.
+    """
     try:
         canonical = jnp.dtype(value).name
     except TypeError:
         canonical = None
     if canonical not in DTYPES:
-        raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected one of {list(DTYPES)}")
+        raise ValueError(f"{argument}={value!r}; expected one of {list(DTYPES)}")
+    return canonical
+
+
+def _dtype_name(obj, name):
+    """Normalises a dtype field in place (frozen dataclass) to its canonical name."""
+    canonical = dtype_name(getattr(obj, name), f"{type(obj).__name__}.{name}")
     object.__setattr__(obj, name, canonical)
 
 

@@ -25,7 +25,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from lcm.config import DTYPES, ModelConfig, RopeConfig
+from lcm.config import ModelConfig, RopeConfig
+from lcm.config import dtype_name as config_dtype_name
 from lcm.io.tokenizer import GGUFTokenizer
 from lcm.model.params import flatten_params, param_specs, unflatten_params
 
@@ -269,12 +270,7 @@ def load_gguf(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict, GGUFTokeni
     quantization types are all checked before any tensor is dequantized, and nothing is returned
     until every tensor is in place.
     """
-    try:
-        dtype_name = jnp.dtype(dtype).name
-    except TypeError:
-        dtype_name = None
-    if dtype_name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    dtype_name = config_dtype_name(dtype)
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)

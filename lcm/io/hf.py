@@ -22,7 +22,8 @@ import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
-from lcm.config import DTYPES, ModelConfig
+from lcm.config import ModelConfig
+from lcm.config import dtype_name as config_dtype_name
 from lcm.io.hf_config import config_from_hf, config_to_hf
 from lcm.model.params import flatten_params, param_specs, unflatten_params
 
@@ -183,12 +184,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     cfg.param_dtype are set to it). Headers, names and shapes are all checked before any data is
     read, and nothing is returned until every tensor is in place.
     """
-    try:
-        dtype_name = jnp.dtype(dtype).name
-    except TypeError:
-        dtype_name = None
-    if dtype_name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
+    dtype_name = config_dtype_name(dtype)
     path = Path(path)
     if not (path / _CONFIG).is_file():
         raise ValueError(f"{path}: no {_CONFIG}; expected a transformers checkpoint directory")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import platform
 import statistics
 import sys
 import time
@@ -51,7 +52,7 @@ _BACKWARD = flags.DEFINE_bool("backward", False, "Time value_and_grad w.r.t. q, 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per cell, after one warm-up run.")
 _MEM_LIMIT = flags.DEFINE_float("mem_limit_gib", 16.0, "Skip cells whose compiled memory "
                                 "exceeds this many GiB (reported as OOM).")
-_MAX_SECONDS = flags.DEFINE_float("max_seconds", 600.0, "Skip a cell whose time, extrapolated "
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 200.0, "Skip a cell whose time, extrapolated "
                                   "quadratically from the previous length, exceeds this.")
 _BLOCK_Q = flags.DEFINE_integer("block_q", 512, "lcm xla query block.")
 _BLOCK_K = flags.DEFINE_integer("block_k", 512, "lcm xla key block.")
@@ -146,6 +147,7 @@ def check_agreement(masks, impls, block_q, block_k, backward, tol=2e-5):
         window = parse_window(mask)
         # Shrink the window so it bites at this length; the conventions do not depend on w.
         window = None if window is None else min(window, CHECK_LENGTH // 4)
+        # Blocks of at most 256 so that the check spans several, the last one partial.
         fns = attention_fns(window, min(block_q, 256), min(block_k, 256))
         wrap = with_grads if backward else (lambda f: f)
         want = jax.jit(wrap(fns["reference"]))(*args)
@@ -184,6 +186,14 @@ def table(mask, lengths, impls, cells, title) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main(argv):
     del argv
     lengths = [int(x) for x in _LENGTHS.value]
@@ -195,7 +205,8 @@ def main(argv):
             raise ValueError(f"impl={name!r}; expected one of {list(IMPLS)}")
     block_q, block_k, backward = _BLOCK_Q.value, _BLOCK_K.value, _BACKWARD.value
 
-    header = (f"machine: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
+    header = (f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), {jax.default_backend()}, "
+              f"jax {jax.__version__}, "
               f"tokamax {tokamax.__version__}, {datetime.date.today().isoformat()}")
     print(header, flush=True)
     check_agreement(masks, impls, block_q, block_k, backward)
@@ -218,13 +229,15 @@ def main(argv):
                     last[name] = (length, cell.median_s)
                 cells[(mask, length, name)] = cell
                 logging.info("%s %d %s: median %s s, min %s s, %s MiB %s", mask, length, name,
-                             cell.median_s, cell.min_s, cell.mib, cell.note)
+                             *(x and f"{x:.4g}" for x in (cell.median_s, cell.min_s, cell.mib)),
+                             cell.note)
             del args
         title = (f"{mask}, {direction}; batch 1, {NUM_HEADS} heads, head_dim {HEAD_DIM}, "
                  f"float32; lcm blocks {block_q}x{block_k}")
         print("\n" + table(mask, lengths, impls, cells, title), flush=True)
     print(f"\nCells: median of {_REPEATS.value} runs, compiled memory (arguments + outputs + "
-          f"temporaries), time relative to lcm xla. OOM: over {_MEM_LIMIT.value:g} GiB.")
+          f"temporaries), time relative to lcm xla. OOM: over {_MEM_LIMIT.value:g} GiB; "
+          f"skipped: time extrapolated from the previous length over {_MAX_SECONDS.value:g} s.")
 
 
 if __name__ == "__main__":

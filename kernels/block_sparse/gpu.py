@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.block_sparse.common import pad_axis
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_layout
 
 f32 = jnp.float32
@@ -279,15 +280,6 @@ def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, d
 # ----------------------------------------------------------------------------- pallas_calls
 
 
-def _pad_axis(x, axis, size):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
-
-
 def _head_dim(D):
     return max(16, pl.next_power_of_2(D))  # tl.dot tiles: power of two, at least 16
 
@@ -333,9 +325,9 @@ def _padded_inputs(p: _Params, q, k, v, segs):
     Tp = -(-p.q_len // p.block_q) * p.block_q
     Sp = -(-p.kv_len // p.block_k) * p.block_k
     Dp = _head_dim(q.shape[-1])
-    q = _pad_axis(_pad_axis(q, 1, Tp), 3, Dp)
-    k = _pad_axis(_pad_axis(k, 1, Sp), 3, Dp)
-    v = _pad_axis(_pad_axis(v, 1, Sp), 3, Dp)
+    q = pad_axis(pad_axis(q, 1, Tp), 3, Dp)
+    k = pad_axis(pad_axis(k, 1, Sp), 3, Dp)
+    v = pad_axis(pad_axis(v, 1, Sp), 3, Dp)
     seg_args = []
     if p.segments:
         q_seg, kv_seg = segs
@@ -386,9 +378,9 @@ def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
     S, K = k.shape[1], k.shape[2]
     qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
     Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
-    dop = _pad_axis(_pad_axis(d_out, 1, Tp), 3, Dp)
+    dop = pad_axis(pad_axis(d_out, 1, Tp), 3, Dp)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=3)     # [B, T, H]
-    delta = _pad_axis(delta.transpose(0, 2, 1), 2, Tp)                # [B, H, Tp]
+    delta = pad_axis(delta.transpose(0, 2, 1), 2, Tp)                # [B, H, Tp]
     bk, G = p.block_k, p.group
     nq, nk = kinds.shape[1:]
     params = _compiler_params(p, Dp)

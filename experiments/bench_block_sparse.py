@@ -188,7 +188,7 @@ def sparsity_table(length, rows, small):
     lines = [f"#### Block-sparse attention, length {length}: batch 1, {NUM_HEADS} heads, "
              f"head_dim {HEAD_DIM}, float32, blocks {BLOCK}x{BLOCK}; load avg {_load()}", "",
              f"| mask | density (grid) | density ÷ Causal | PARTIAL | lcm xla | xla ÷ Causal xla "
-             f"| reference @ {length} | reference @ {_SMALL.value} (xla there) |",
+             f"| reference @ {length} | reference @ {_SMALL.value or '-'} (xla there) |",
              "|---|--:|--:|--:|--:|--:|---|---|"]
     for name, (dens, part, xla, ref) in rows.items():
         ratio = f"{xla.median_s / causal:.3f}" if xla.median_s and causal else "-"
@@ -234,7 +234,7 @@ def layout_table(length):
 
 def main(argv):
     del argv
-    lengths = [int(x) for x in _LENGTHS.value]
+    lengths = [int(x) for x in _LENGTHS.value if x]  # --lengths= runs only the other tables
     if min(lengths, default=1) <= 0 or min(_SMALL.value, _LAYOUT_LENGTH.value) < 0:
         raise ValueError(f"--lengths={lengths}, --small_length={_SMALL.value}, --layout_length="
                          f"{_LAYOUT_LENGTH.value}; expected positive lengths (0: skip)")
@@ -251,7 +251,7 @@ def main(argv):
           f"PARTIAL: the share of them that apply the element mask. Load avg counts this "
           f"process (~2). reference: dense masked `impl=\"reference\"`; OOM: XLA's compiled "
           f"memory estimate exceeds {_MEM_LIMIT.value:g} GiB (not run). The last column runs "
-          f"the same mask recipe at length {_SMALL.value}: reference time (xla time there). "
+          f"the same mask recipe at --small_length: reference time (xla time there). "
           f"Target: at ~10% of Causal's density, xla <= 0.2x Causal xla.", flush=True)
     if _LAYOUT_LENGTH.value:
         print("\n" + layout_table(_LAYOUT_LENGTH.value), flush=True)

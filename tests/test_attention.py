@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import random_qkv
 
 from lcm.attention import (FULL, SKIP, BlockMask, Causal, Chunked, Document, Local, PrefixLM,
                            SinkWindow, VerticalSlash, attend, mask_layout)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
-
-
-def random_qkv(key, B, T, S, H, K, D, dtype):
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
-    return q, k, v
-
 
 MASKS = ["none", "causal", "local", "document", "causal&document", "local|document",
          "causal&local", "sinkwindow", "sinkwindow|document", "chunked", "prefixlm",

@@ -8,18 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.block_sparse.gpu import block_sparse_attention_gpu
+from helpers import block_kinds, random_qkv
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from kernels.block_sparse.reference import attention_reference, dense_mask
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 4e-2}
-
-
-def random_qkv(key, B, T, S, H, K, D, dtype):
-    kq, kk, kv = jax.random.split(key, 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, S, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, S, K, D), jnp.float32).astype(dtype)
-    return q, k, v
 
 
 def make_mask_fn(name, T, S, window=17):
@@ -39,19 +32,6 @@ def make_mask_fn(name, T, S, window=17):
 def document_ids(key, B, T, S):
     kv = jnp.sort(jax.random.randint(key, (B, S), 0, 4), axis=1).astype(jnp.int32)
     return kv[:, S - T:], kv
-
-
-def kinds_from_mask(vis, block_q, block_k):
-    """int32 [1, nq, nk] from a dense [B or 1, T, S] mask, merged over the batch."""
-    _, T, S = vis.shape
-    nq, nk = -(-T // block_q), -(-S // block_k)
-    pad = ((0, nq * block_q - T), (0, nk * block_k - S))
-    # Padded keys are hidden by the kernel, so they do not stop a block from being FULL.
-    any_ = jnp.pad(vis.any(0), pad, constant_values=False)
-    all_ = jnp.pad(vis.all(0), pad, constant_values=True)
-    any_ = any_.reshape(nq, block_q, nk, block_k).any((1, 3))
-    all_ = all_.reshape(nq, block_q, nk, block_k).all((1, 3))
-    return jnp.where(any_, jnp.where(all_, FULL, PARTIAL), SKIP).astype(jnp.int32)[None]
 
 
 def per_kv_head(kinds, K):
@@ -122,7 +102,7 @@ def test_matches_reference(case):
     q, k, v = random_qkv(key_qkv, B, T, S, K * G, K, D, case["dtype"])
     mask_fn = make_mask_fn(case["mask"], T, S)
     segs = document_ids(key_seg, B, T, S) if case["mask"] == "causal&document" else None
-    kinds = kinds_from_mask(dense_mask(mask_fn, T, S, *(segs or (None, None))), bq, bk)
+    kinds = block_kinds(dense_mask(mask_fn, T, S, *(segs or (None, None))), bq, bk)
     if case["per_head"]:
         kinds = per_kv_head(kinds, K)
     check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=segs, scale=D ** -0.5 * 1.3,
@@ -135,7 +115,7 @@ def test_fully_masked_rows_are_zero_with_finite_grads():
     q_seg, kv_seg = document_ids(jax.random.key(2), B, T, S)
     q_seg = q_seg.at[:, :5].set(99)  # a document with no keys: rows 0..4 see nothing
     mask_fn = make_mask_fn("causal&document", T, S)
-    kinds = kinds_from_mask(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
+    kinds = block_kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
     out = check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=(q_seg, kv_seg),
                                   scale=0.3, softcap=None, block_q=bq, block_k=bk)
     np.testing.assert_array_equal(np.asarray(out[:, :5]), 0.0)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
+from helpers import block_kinds
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from kernels.block_sparse.reference import attention_reference, dense_mask
 from kernels.block_sparse.tpu import _make_specs, _Static, block_sparse_attention_tpu
@@ -30,22 +31,6 @@ def _mask(name, B, T, S, window=17, doc_len=23):
         starts[b, (np.arange(0, S, doc_len + 5 * b) + 3 * b) % S] = 1
     kv_seg = jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
     return ((lambda q, k, qs, ks: (k <= q + off) & (qs == ks)), kv_seg[:, off:], kv_seg)
-
-
-def _kinds(vis, T, S, bq, bk):
-    """kinds [1, nq, nk] from a dense [B or 1, T, S] mask: a block is visited if any pair of any
-    example is visible, FULL if every real pair of every example is (padding keys included:
-    the kernel must still hide them)."""
-    vis = np.asarray(vis)
-    nq, nk = -(-T // bq), -(-S // bk)
-    padded = np.zeros((vis.shape[0], nq * bq, nk * bk), bool)
-    padded[:, :T, :S] = vis
-    real = np.zeros((1, nq * bq, nk * bk), bool)
-    real[:, :T, :S] = True
-    blocks = padded.reshape(-1, nq, bq, nk, bk)
-    any_ = blocks.any((0, 2, 4))
-    all_ = (blocks | ~real.reshape(1, nq, bq, nk, bk)).all((0, 2, 4))
-    return np.where(any_, np.where(all_, FULL, PARTIAL), SKIP).astype(np.int32)[None]
 
 
 def _qkv(key, B, T, S, K, G, D, dtype):
@@ -72,7 +57,7 @@ def _assert_close(got, want, tol, name):
 def _check_against_reference(*, B, T, S, K, G, D, bq, bk, mask, dtype, softcap, per_head,
                              interpret=True, seed=0):
     mask_fn, q_seg, kv_seg = _mask(mask, B, T, S)
-    kinds = _kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), T, S, bq, bk)
+    kinds = block_kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
     if per_head:
         # One layout per KV head: head 0 exact, the others visit every block (still correct:
         # the mask hides the extra pairs), so rows differ in counts and order between heads.
@@ -132,7 +117,7 @@ def test_rows_that_see_nothing_are_zero():
     """Whole query blocks with no key (count 0) and single empty rows give 0 and finite grads."""
     B, T, S, K, G, D, bq, bk = 1, 40, 40, 1, 2, 32, 8, 8
     mask_fn = lambda q, k, qs, ks: k <= q - 13  # rows 0..12 see nothing
-    kinds = _kinds(dense_mask(mask_fn, T, S), T, S, bq, bk)
+    kinds = block_kinds(dense_mask(mask_fn, T, S), bq, bk)
     kv_blocks, counts = layout_from_kinds(kinds)
     assert int(counts.min()) == 0
     q, k, v, d_out = _qkv(jax.random.key(1), B, T, S, K, G, D, jnp.float32)
@@ -214,7 +199,7 @@ def test_lowers_for_tpu():
     this checks block shapes and in-kernel ops without a TPU (compiling needs libtpu)."""
     B, T, S, K, G, D, bq, bk = 1, 200, 300, 2, 2, 64, 64, 128
     mask_fn, q_seg, kv_seg = _mask("document", B, T, S)
-    kinds = _kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), T, S, bq, bk)
+    kinds = block_kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
     kv_blocks, counts = layout_from_kinds(kinds)
     q, k, v, _ = _qkv(jax.random.key(3), B, T, S, K, G, D, jnp.bfloat16)
 

@@ -50,7 +50,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     # Length-dependent RoPE (dynamic, longrope) sees the largest position + 1, as transformers.
     inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(positions) + 1)
 
-    x = shard(params["embed"].astype(cfg.compute_dtype)[tokens], ("batch", "seq", "embed"))
+    x = shard(embed(params, tokens, cfg), ("batch", "seq", "embed"))
 
     def layer(x, p):
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -64,12 +64,22 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
     x, _ = jax.lax.scan(layer, x, params["layers"])
+    return shard(unembed(params, x, cfg), ("batch", "seq", "vocab"))
+
+
+def embed(params, tokens, cfg: ModelConfig):
+    """Token embeddings in the compute dtype. tokens [B, T] -> [B, T, E]."""
+    return params["embed"].astype(cfg.compute_dtype)[tokens]
+
+
+def unembed(params, x, cfg: ModelConfig):
+    """Final norm and LM head (tied or not). x [B, T, E] -> logits [B, T, vocab] float32."""
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = jnp.einsum("bte,ve->btv", x, params["embed"].astype(x.dtype))
     else:
         logits = jnp.einsum("bte,ev->btv", x, params["lm_head"].astype(x.dtype))
-    return shard(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+    return logits.astype(jnp.float32)
 
 
 def _check_forward_inputs(tokens, cfg, positions, segment_ids):

@@ -30,13 +30,11 @@ def swiglu_mlp(x, p, *, shard=_identity):
     return jnp.einsum("btf,fe->bte", h, p["w_down"].astype(dt))
 
 
-def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attention,
-                    shard=_identity, position=None):
-    """Grouped-query self-attention with RoPE. x [B, T, E]; positions [B, T]; returns [B, T, E].
+def project_qkv(x, p, *, shard=_identity):
+    """The query, key and value projections (with Qwen2's biases), before RoPE.
 
-    `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask;
-    `position` a PositionConfig (None or type "rope": RoPE as trained; others see
-    `lcm.positions.position_attention`).
+    x [B, T, E] -> q [B, T, H, D], k and v [B, T, K, D]. Decoders that keep their own K/V (the
+    KV cache, segment memories) reuse this and `project_out` around their attention.
     """
     dt = x.dtype
 
@@ -47,6 +45,24 @@ def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attent
     q = shard(project("wq", "bq"), ("batch", "seq", "heads", "head_dim"))
     k = shard(project("wk", "bk"), ("batch", "seq", "kv_heads", "head_dim"))
     v = shard(project("wv", "bv"), ("batch", "seq", "kv_heads", "head_dim"))
+    return q, k, v
+
+
+def project_out(out, p, *, shard=_identity):
+    """The attention output projection. out [B, T, H, D] -> [B, T, E]."""
+    out = shard(out, ("batch", "seq", "heads", "head_dim"))
+    return jnp.einsum("bthd,hde->bte", out, p["wo"].astype(out.dtype))
+
+
+def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attention,
+                    shard=_identity, position=None):
+    """Grouped-query self-attention with RoPE. x [B, T, E]; positions [B, T]; returns [B, T, E].
+
+    `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask;
+    `position` a PositionConfig (None or type "rope": RoPE as trained; others see
+    `lcm.positions.position_attention`).
+    """
+    q, k, v = project_qkv(x, p, shard=shard)
     if position is None or position.type == "rope":
         q = apply_rope(q, positions, inv_freq, attention_factor)
         k = apply_rope(k, positions, inv_freq, attention_factor)
@@ -57,5 +73,4 @@ def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attent
                                  attention_factor=attention_factor, mask=mask,
                                  position=position, impl=attention.impl,
                                  block_q=attention.block_q, block_k=attention.block_k)
-    out = shard(out, ("batch", "seq", "heads", "head_dim"))
-    return jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dt))
+    return project_out(out.astype(x.dtype), p, shard=shard)

@@ -3,8 +3,13 @@ pipelines."""
 
 from lcm.data.niah import depth_grid, make_niah, make_ruler_niah
 from lcm.data.passkey import make_passkey
+from lcm.data.pipeline import (BatchSpec, LengthIndex, Truncation, batch_dataset, encode_batch,
+                               length_index, plan_batches)
 from lcm.data.records import Record, record_id
+from lcm.data.tasks import GENERATORS, make_record, register, synthetic_dataset
 from lcm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 
 __all__ = ["Record", "record_id", "ByteTokenizer", "HFTokenizer", "Tokenizer", "get_tokenizer",
-           "make_passkey", "make_niah", "make_ruler_niah", "depth_grid"]
+           "make_passkey", "make_niah", "make_ruler_niah", "depth_grid", "GENERATORS",
+           "make_record", "register", "synthetic_dataset", "Truncation", "LengthIndex",
+           "BatchSpec", "length_index", "plan_batches", "encode_batch", "batch_dataset"]

@@ -1,0 +1,129 @@
+"""What every memory kind shares: the per-segment context, the kind protocol, small helpers.
+
+A memory kind is a frozen dataclass with pure functions:
+
+- `param_specs(cfg)`: the extra learned weights it needs (WeightSpecs with logical axes;
+  per-layer ones stacked on a leading `layers` axis under "layers"), `{}` for none.
+- `init(cfg, batch, memory_params)`: the empty state, a pytree of [B, ...] leaves; per-layer
+  state sits under "layers" as [B, layers, ...] leaves.
+- `read` / `write`: layer kinds (`level = "layer"`) get the layer's state, its extra params and
+  q, k, v (before RoPE); `read` returns the attention output, `write` the next state. Token
+  kinds (`level = "token"`, RMT) wrap the segment's embeddings instead (see `rmt.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lcm.attention import Causal, Document, Local, attend
+from lcm.config import ModelConfig
+from lcm.positions import apply_rope
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentContext:
+    """One segment as the layers see it. positions [B, T] int32 (RoPE); valid [B, T] bool (False
+    on the padding of a last, short segment); inv_freq / attention_factor from the RoPE config."""
+
+    cfg: ModelConfig
+    positions: jax.Array
+    valid: jax.Array
+    inv_freq: jax.Array
+    attention_factor: float
+    shard: Callable
+
+    def rope(self, x):
+        return apply_rope(x, self.positions, self.inv_freq, self.attention_factor)
+
+    def self_mask(self):
+        """The model's own mask within the segment (causal, or its sliding window)."""
+        w = self.cfg.sliding_window
+        return Causal() if w is None else Local(w)
+
+    def attend(self, q, k, v, mask):
+        a = self.cfg.attention
+        return attend(q, k, v, mask, impl=a.impl, block_q=a.block_q, block_k=a.block_k)
+
+
+class Memory:
+    """Base of the memory kinds (see the module docstring)."""
+
+    level = "layer"
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Raises ValueError naming the memory and the config when they do not fit."""
+        if cfg.positions.type != "rope":
+            raise ValueError(f"memory={self!r} needs RoPE positions; cfg.positions.type="
+                             f"{cfg.positions.type!r} (set PositionConfig(type='rope'))")
+
+    def check_segment(self, segment_len: int) -> None:
+        """Raises ValueError when this memory cannot run segments of `segment_len` tokens."""
+
+    def param_specs(self, cfg: ModelConfig) -> dict:
+        return {}
+
+    def init(self, cfg: ModelConfig, batch: int, memory_params) -> dict:
+        return {}
+
+    def read(self, state, params, h, q, k, v, ctx: SegmentContext):
+        raise NotImplementedError
+
+    def write(self, state, params, h, q, k, v, ctx: SegmentContext):
+        return state
+
+    def layer(self, state, params, h, q, k, v, ctx: SegmentContext):
+        """(attention output [B, T, H, D], next layer state): read, then write."""
+        return self.read(state, params, h, q, k, v, ctx), self.write(state, params, h, q, k, v,
+                                                                      ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoMemory(Memory):
+    """Each segment alone: causal attention within the segment, nothing carried (a baseline)."""
+
+    def read(self, state, params, h, q, k, v, ctx):
+        return ctx.attend(ctx.rope(q), ctx.rope(k), v, ctx.self_mask())
+
+
+def key_validity(q_len, kv_valid):
+    """A Document mask hiding invalid keys: every query (id 1) sees keys whose id is 1.
+    kv_valid [B, S] bool."""
+    ids = jnp.ones((kv_valid.shape[0], q_len), jnp.int32)
+    return Document(ids, kv_valid.astype(jnp.int32))
+
+
+def joint_softmax(logits_parts, value_parts):
+    """One softmax over several groups of logits: sum_i softmax(concat logits)_i * values_i.
+
+    logits_parts: [..., n_i] float32 (-inf = hidden); value_parts: [..., n_i, D]. Rows that see
+    nothing give zeros.
+    """
+    logits = jnp.concatenate(logits_parts, -1)
+    m = jnp.max(logits, -1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(logits - m)
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out, start = 0.0, 0
+    for vals in value_parts:
+        n = vals.shape[-2]
+        out = out + jnp.einsum("...n,...nd->...d", p[..., start:start + n], vals.astype(f32))
+        start += n
+    return out
+
+
+def grouped(q, num_kv_heads):
+    """[B, T, H, D] -> [B, T, K, G, D]."""
+    B, T, H, D = q.shape
+    return q.reshape(B, T, num_kv_heads, H // num_kv_heads, D)
+
+
+def default_scale(head_dim):
+    return 1.0 / math.sqrt(head_dim)

@@ -16,12 +16,19 @@ import grain
 from lcm.data.niah import RULER_NIAH, make_niah, make_ruler_niah
 from lcm.data.passkey import make_passkey
 from lcm.data.records import Record
+from lcm.data.ruler import make_cwe, make_fwe, make_qa, make_vt
 
 GENERATORS: dict[str, Callable[..., Record]] = {
     "passkey": make_passkey,
     "niah": make_niah,
     **{task: functools.partial(make_ruler_niah, task) for task in RULER_NIAH},
+    "vt": make_vt, "cwe": make_cwe, "fwe": make_fwe,
+    # qa_1 / qa_2 need the user's file: make_record("qa_1", i, ..., path="dev-v2.0.json").
+    "qa_1": functools.partial(make_qa, dataset="squad"),
+    "qa_2": functools.partial(make_qa, dataset="hotpotqa"),
 }
+# RULER's 13 tasks, in its order; the headline is their mean score per length.
+RULER_TASKS = (*RULER_NIAH, "vt", "cwe", "fwe", "qa_1", "qa_2")
 
 
 def register(task: str, make: Callable[..., Record]) -> None:

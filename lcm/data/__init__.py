@@ -1,6 +1,8 @@
 """Evaluation data: the Record type, tokenizers, synthetic generators, benchmark readers, Grain
 pipelines."""
 
+from lcm.data.jsonl import read_jsonl
+from lcm.data.longbench import read_longbench, read_longbench_v2
 from lcm.data.niah import depth_grid, make_niah, make_ruler_niah
 from lcm.data.passkey import make_passkey
 from lcm.data.pipeline import (BatchSpec, LengthIndex, Truncation, batch_dataset, encode_batch,
@@ -12,4 +14,5 @@ from lcm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_token
 __all__ = ["Record", "record_id", "ByteTokenizer", "HFTokenizer", "Tokenizer", "get_tokenizer",
            "make_passkey", "make_niah", "make_ruler_niah", "depth_grid", "GENERATORS",
            "make_record", "register", "synthetic_dataset", "Truncation", "LengthIndex",
-           "BatchSpec", "length_index", "plan_batches", "encode_batch", "batch_dataset"]
+           "BatchSpec", "length_index", "plan_batches", "encode_batch", "batch_dataset",
+           "read_jsonl", "read_longbench", "read_longbench_v2"]

@@ -7,6 +7,8 @@ import pytest
 
 from lcm.cache.kivi import (KIVI, kivi_append, kivi_attention, kivi_prefill, kivi_read,
                             pack_codes, unpack_codes)
+from lcm.cache.masked_read import masked_attention
+from lcm.cache.quest import Quest, page_bounds, quest_attention, update_page_bounds
 
 # ----------------------------------------------------------------------------- NumPy KIVI
 
@@ -137,3 +139,109 @@ def test_kivi_validation():
     with pytest.raises(ValueError, match="capacity"):
         kivi_prefill(KIVI(group_size=8, residual_length=8), jnp.zeros((1, 9, 1, 16)),
                      jnp.zeros((1, 9, 1, 16)), jnp.array([9]), capacity=4)
+
+
+# ----------------------------------------------------------------------------- Quest
+
+
+def np_quest(q, k, v, n, page, num_pages, keep_last, gqa):
+    """Quest's definition for one row. q [H, D]; k, v [S, D per kv head: K, S, D]; n real tokens.
+
+    Returns (selected pages per selection head [Hs, P] bool, out [H, D])."""
+    H, D = q.shape
+    K, S, _ = k.shape
+    G, P = H // K, -(-S // page)
+    scores = np.full((H, P), -np.inf)
+    for h in range(H):
+        for p in range(P):
+            toks = k[h // G, p * page:min((p + 1) * page, n)]
+            if len(toks):
+                scores[h, p] = np.maximum(q[h] * toks.max(0), q[h] * toks.min(0)).sum()
+    if gqa != "query_head":
+        grouped = scores.reshape(K, G, P)
+        scores = grouped.max(1) if gqa == "max" else grouped.mean(1)
+    selected = np.zeros(scores.shape, bool)
+    for h in range(len(scores)):
+        order = [p for p in np.argsort(-scores[h], kind="stable") if np.isfinite(scores[h, p])]
+        last = (n - 1) // page
+        if keep_last:
+            order = [last] + [p for p in order if p != last]
+        selected[h, order[:num_pages]] = True
+    out = np.zeros((H, D))
+    for h in range(H):
+        sel = selected[h if gqa == "query_head" else h // G]
+        toks = [t for t in range(n) if sel[t // page]]
+        out[h] = np_attention(q[h:h + 1], k[h // G, toks], v[h // G, toks])[0]
+    return selected, out
+
+
+def _quest_inputs(B=2, S=40, K=2, H=4, D=8, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kq, (B, 1, H, D)), jax.random.normal(kk, (B, S, K, D)),
+            jax.random.normal(kv, (B, S, K, D)))
+
+
+@pytest.mark.parametrize("gqa,keep_last", [("query_head", True), ("max", False),
+                                           ("mean", True)])
+def test_quest_matches_numpy_definition(gqa, keep_last):
+    q, k, v = _quest_inputs()
+    lengths = jnp.array([37, 22])
+    policy = Quest(token_budget=12, page_size=4, gqa=gqa, keep_last_page=keep_last)
+    out, pages = jax.jit(quest_attention, static_argnames="policy")(q, k, v, lengths, policy)
+    num_pages = policy.num_pages(k.shape[1])
+    assert num_pages == 3
+    for b in range(2):
+        want_pages, want = np_quest(np.asarray(q[b, 0], np.float64),
+                                    np.asarray(k[b], np.float64).transpose(1, 0, 2),
+                                    np.asarray(v[b], np.float64).transpose(1, 0, 2),
+                                    int(lengths[b]), 4, num_pages, keep_last, gqa)
+        np.testing.assert_array_equal(pages[b], want_pages)
+        np.testing.assert_allclose(out[b, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_quest_page_bounds_incremental():
+    _, k, _ = _quest_inputs()
+    lengths = jnp.array([13, 6])
+    bounds = jax.jit(page_bounds, static_argnums=2)
+    update = jax.jit(update_page_bounds, static_argnums=4)
+    kmin, kmax = bounds(k, lengths, 4)
+    for t in range(5):
+        kmin, kmax = update(kmin, kmax, k[jnp.arange(2), lengths + t], lengths + t, 4)
+        want_min, want_max = bounds(k, lengths + t + 1, 4)
+        np.testing.assert_array_equal(kmin, want_min)
+        np.testing.assert_array_equal(kmax, want_max)
+
+
+def test_quest_full_budget_and_dense_equal_full_attention():
+    q, k, v = _quest_inputs(seed=1)
+    lengths = jnp.array([40, 9])
+    valid = (jnp.arange(40)[None] < lengths[:, None])[:, None, None, :]
+    want = masked_attention(q, k, v, jnp.broadcast_to(valid, (2, 2, 1, 40)))
+    for policy, dense in ((Quest(token_budget=40, page_size=8), False),
+                          (Quest(token_budget=8, page_size=8, gqa="mean"), True)):
+        out, pages = jax.jit(quest_attention, static_argnames="policy")(
+            q, k, v, lengths, policy, dense=dense)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+        assert bool(pages[0].all())
+
+
+@pytest.mark.slow
+def test_quest_pallas_interpret_matches_xla():
+    q, k, v = _quest_inputs(S=64, D=8, seed=2)
+    lengths = jnp.array([61, 30])
+    run = jax.jit(quest_attention, static_argnames="policy")
+    outs = [run(q, k, v, lengths, Quest(token_budget=32, page_size=16, gqa="max", impl=impl))[0]
+            for impl in ("xla", "pallas")]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quest_validation():
+    with pytest.raises(ValueError, match="gqa='sum'"):
+        Quest(gqa="sum")
+    with pytest.raises(ValueError, match="token_budget=0"):
+        Quest(token_budget=0)
+    with pytest.raises(ValueError, match="impl='pallas'"):
+        Quest(impl="pallas")
+    q, k, v = _quest_inputs()
+    with pytest.raises(ValueError, match="q_len=2"):
+        quest_attention(jnp.concatenate([q, q], 1), k, v, jnp.array([3, 3]), Quest())

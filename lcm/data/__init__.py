@@ -8,11 +8,16 @@ from lcm.data.passkey import make_passkey
 from lcm.data.pipeline import (BatchSpec, LengthIndex, Truncation, batch_dataset, encode_batch,
                                length_index, plan_batches)
 from lcm.data.records import Record, record_id
-from lcm.data.tasks import GENERATORS, make_record, register, synthetic_dataset
+from lcm.data.tasks import (GENERATORS, RULER_TASKS, SESSIONS, make_record, register,
+                            synthetic_dataset)
 from lcm.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, get_tokenizer
 
-__all__ = ["Record", "record_id", "ByteTokenizer", "HFTokenizer", "Tokenizer", "get_tokenizer",
-           "make_passkey", "make_niah", "make_ruler_niah", "depth_grid", "GENERATORS",
-           "make_record", "register", "synthetic_dataset", "Truncation", "LengthIndex",
-           "BatchSpec", "length_index", "plan_batches", "encode_batch", "batch_dataset",
-           "read_jsonl", "read_longbench", "read_longbench_v2"]
+__all__ = [
+    "Record", "record_id",
+    "Tokenizer", "ByteTokenizer", "HFTokenizer", "get_tokenizer",
+    "GENERATORS", "RULER_TASKS", "SESSIONS", "make_record", "register", "synthetic_dataset",
+    "make_passkey", "make_niah", "make_ruler_niah", "depth_grid",
+    "read_jsonl", "read_longbench", "read_longbench_v2",
+    "Truncation", "LengthIndex", "BatchSpec", "length_index", "plan_batches", "encode_batch",
+    "batch_dataset",
+]

@@ -13,10 +13,14 @@ from typing import Callable, Sequence
 
 import grain
 
+from lcm.data.infinitebench import (make_infinitebench_passkey, make_kv_retrieval,
+                                    make_number_string)
+from lcm.data.listops import make_listops
 from lcm.data.niah import RULER_NIAH, make_niah, make_ruler_niah
 from lcm.data.passkey import make_passkey
 from lcm.data.records import Record
 from lcm.data.ruler import make_cwe, make_fwe, make_qa, make_vt
+from lcm.data.scbench import make_kv_session, make_niah_session
 
 GENERATORS: dict[str, Callable[..., Record]] = {
     "passkey": make_passkey,
@@ -26,6 +30,14 @@ GENERATORS: dict[str, Callable[..., Record]] = {
     # qa_1 / qa_2 need the user's file: make_record("qa_1", i, ..., path="dev-v2.0.json").
     "qa_1": functools.partial(make_qa, dataset="squad"),
     "qa_2": functools.partial(make_qa, dataset="hotpotqa"),
+    "infinitebench/passkey": make_infinitebench_passkey,
+    "infinitebench/number_string": make_number_string,
+    "infinitebench/kv_retrieval": make_kv_retrieval,
+    "listops": make_listops,
+}
+# Multi-turn sessions: make(index, *, seed, length, tokenizer, num_turns) -> tuple of Records.
+SESSIONS: dict[str, Callable[..., tuple[Record, ...]]] = {
+    "scbench_kv": make_kv_session, "scbench_niah": make_niah_session,
 }
 # RULER's 13 tasks, in its order; the headline is their mean score per length.
 RULER_TASKS = (*RULER_NIAH, "vt", "cwe", "fwe", "qa_1", "qa_2")
@@ -57,17 +69,20 @@ def synthetic_dataset(task: str, *, lengths: Sequence[int], num_samples: int, se
     """Records of `task` for every length (x depth when `depths` is given) x sample.
 
     Element order: length-major, then depth, then sample (index = sample), so the records of
-    one length are contiguous. `depths` is for depth-taking tasks (passkey, niah). Several tasks
-    go into one dataset with `grain.MapDataset.concatenate`.
+    one length are contiguous. `depths` is for depth-taking tasks (passkey, niah, the
+    InfiniteBench retrieval tasks). For a session task (SESSIONS) an element is the session's
+    tuple of turn records. Several tasks go into one dataset with
+    `grain.MapDataset.concatenate`.
     """
-    if task not in GENERATORS:
-        raise ValueError(f"task={task!r}; expected one of {sorted(GENERATORS)}")
+    if task not in GENERATORS and task not in SESSIONS:
+        raise ValueError(f"task={task!r}; expected one of {sorted(GENERATORS)} or a session "
+                         f"task {sorted(SESSIONS)}")
     lengths = _positive_ints("lengths", lengths)
     (num_samples,) = _positive_ints("num_samples", (num_samples,))
     depth_axis = (None,) if depths is None else tuple(float(d) for d in depths)
     if not depth_axis:
         raise ValueError("depths=(); expected None or at least one depth")
-    make = GENERATORS[task]
+    make = GENERATORS[task] if task in GENERATORS else SESSIONS[task]
     per_length = len(depth_axis) * num_samples
 
     def element(i):

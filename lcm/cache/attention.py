@@ -1,0 +1,106 @@
+"""Attention against a KV cache whose heads hold different entries, and the statistics that
+eviction policies score with (window attention, attention column sums, query moments).
+
+Cache entries are laid out per kv head, [B, K, C, D], with an original position per entry, so
+visibility comes from positions (causal, sliding window) and from each head's length, not from
+the slot order. Softmax statistics are float32; a query that sees no entry gets zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+def visible(q_pos, k_pos, k_valid, *, sliding_window=None):
+    """Bool [B, K, T, C]: which cache entries each query sees.
+
+    q_pos [B, T] or [B, K, T] int; k_pos, k_valid [B, K, C]. A query at p sees valid entries at
+    positions <= p (and > p - sliding_window when set).
+    """
+    if q_pos.ndim == 2:
+        q_pos = q_pos[:, None]
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    vis = k_valid[..., None, :] & (kp <= qp) & (qp >= 0)
+    if sliding_window is not None:
+        vis = vis & (kp > qp - sliding_window)
+    return vis
+
+
+def attention_probs(q, k, vis, *, scale=None):
+    """Softmax weights of queries over cache entries.
+
+    q [B, T, H, D]; k [B, K, C, D]; vis [B, K, T, C] -> probs float32 [B, K, G, T, C] (G query
+    heads per kv head); rows with nothing visible are zeros.
+    """
+    B, T, H, D = q.shape
+    K = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qg = q.reshape(B, T, K, H // K, D)
+    s = jnp.einsum("btkgd,bkcd->bkgtc", qg, k, preferred_element_type=f32) * scale
+    s = jnp.where(vis[:, :, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = p.sum(-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def attend_cache(probs, v, dtype):
+    """probs [B, K, G, T, C] float32; v [B, K, C, D] -> out [B, T, H, D] in `dtype`."""
+    B, K, G, T, _ = probs.shape
+    out = jnp.einsum("bkgtc,bkcd->btkgd", probs.astype(v.dtype), v, preferred_element_type=f32)
+    return out.reshape(B, T, K * G, v.shape[-1]).astype(dtype)
+
+
+def column_sums(q, k, q_valid, *, chunk: int, sliding_window=None):
+    """Attention weights summed over queries, per query head: float32 [B, H, S].
+
+    q [B, T, H, D] and k [B, S, K, D] are one prompt's rotated queries and keys (positions
+    0..T-1, S == T); q_valid [B, T] marks real queries. Causal. Queries are visited `chunk` at a
+    time, so memory is O(chunk * S), never [T, S] (ObservedAttention, H2O's prefill scores).
+    """
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, chunk, H, D)
+    validp = jnp.pad(q_valid, ((0, 0), (0, pad))).reshape(B, n, chunk)
+    kk = k.transpose(0, 2, 1, 3)
+    k_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, K, T))
+    k_valid = jnp.ones((B, K, T), bool)
+
+    def one(carry, xs):
+        i, q_c, valid_c = xs
+        q_pos = jnp.where(valid_c, i * chunk + jnp.arange(chunk, dtype=jnp.int32)[None], -1)
+        vis = visible(q_pos, k_pos, k_valid, sliding_window=sliding_window)
+        p = attention_probs(q_c, kk, vis)  # [B, K, G, c, S]
+        return carry + p.sum(3).reshape(B, H, T), None
+
+    xs = (jnp.arange(n), qp.transpose(1, 0, 2, 3, 4), validp.transpose(1, 0, 2))
+    total, _ = jax.lax.scan(one, jnp.zeros((B, H, T), f32), xs)
+    return total
+
+
+def last_queries(q, lengths, window: int):
+    """The rotated queries of each row's last `window` real tokens and their positions.
+
+    q [B, T, H, D]; lengths [B] -> (q_win [B, W, H, D], q_pos [B, W] int32, -1 where the row is
+    shorter than the window).
+    """
+    T = q.shape[1]
+    q_pos = lengths[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None]
+    idx = jnp.clip(q_pos, 0, T - 1)
+    q_win = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)
+    return q_win, jnp.where(q_pos >= 0, q_pos, -1).astype(jnp.int32)
+
+
+def query_moments(q, q_valid):
+    """Sums over real queries for mean and covariance: (count [B], sum [B, H, D], outer
+    [B, H, D, D]) in float32. q [B, T, H, D] un-rotated; q_valid [B, T]."""
+    qf = jnp.where(q_valid[:, :, None, None], q.astype(f32), 0.0)
+    count = q_valid.sum(-1).astype(f32)
+    return count, qf.sum(1), jnp.einsum("bthi,bthj->bhij", qf, qf)

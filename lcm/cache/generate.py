@@ -1,0 +1,133 @@
+"""`generate`: prefill, then decode one token per row until max_new_tokens or a stop token.
+
+Greedy at temperature 0, otherwise sampling with temperature, top-k and top-p (nucleus). The
+decode loop is a `lax.while_loop` that ends when every row has stopped, inside one jitted
+program with static shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
+from lcm.config import ModelConfig
+
+
+def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens: int,
+             policy=None, stop_tokens=(), temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, key=None, chunk_size: int | None = None,
+             decode_policy=None, pad_token: int = 0):
+    """Continues each prompt: `(tokens int32 [B, max_new_tokens], num_generated int32 [B])`.
+
+    prompts [B, T] int, right-padded, with lengths [B] (default T). policy compresses the
+    prompt's cache at prefill (`lcm.cache.SnapKV(0.5)`, ...); decode_policy keeps it within a
+    budget while decoding (`lcm.cache.Periodic`, `H2O`, ...). A row stops after emitting one of
+    `stop_tokens` (which is kept and counted); its later slots hold `pad_token`.
+    temperature 0 is greedy (argmax); otherwise logits / temperature are sampled, restricted to
+    the top_k most likely tokens and to the smallest set whose probability reaches top_p; `key`
+    (a jax PRNG key) is then required. chunk_size: prefill's attention block.
+    """
+    lengths = _check_prompt(prompts, cfg, lengths)
+    chunk = _check_chunk(chunk_size, cfg)
+    _check_count("max_new_tokens", max_new_tokens, minimum=1)
+    stop = _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
+    if policy is not None:
+        from lcm.cache.compress import check_policy
+        check_policy(policy, cfg, prompts.shape[1])
+    room = max_new_tokens - 1  # the last token is returned, never fed back
+    if decode_policy is not None:
+        from lcm.cache.decoding import decode_room
+        room = decode_room(decode_policy, policy, prompts.shape[1], max_new_tokens)
+    if key is None:
+        key = jax.random.key(0)  # unused when greedy
+    return _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
+                     decode_policy=decode_policy, chunk=chunk, room=room,
+                     max_new_tokens=int(max_new_tokens), stop=stop,
+                     temperature=float(temperature), top_k=top_k,
+                     top_p=None if top_p is None else float(top_p), pad_token=int(pad_token))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "cfg", "policy", "decode_policy", "chunk", "room", "max_new_tokens", "stop", "temperature",
+    "top_k", "top_p", "pad_token"))
+def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chunk, room,
+              max_new_tokens, stop, temperature, top_k, top_p, pad_token):
+    B = prompts.shape[0]
+    logits, cache = _prefill(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
+                             room=room, all_logits=False)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
+
+    key, sub = jax.random.split(key)
+    token = sample(logits, sub)
+    out = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(token)
+    done = jnp.isin(token, stop_ids)
+    count = jnp.ones((B,), jnp.int32)
+
+    def cond(state):
+        i, _, _, _, done, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, token, out, done, count, key = state
+        logits, cache = _decode_step(params, cache, token, cfg=cfg, policy=decode_policy)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad_token, sample(logits, sub))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, stop_ids)
+        return i + 1, cache, token, out, done, count, key
+
+    state = (jnp.ones((), jnp.int32), cache, token, out, done, count, key)
+    _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
+    return out, count
+
+
+def sample_logits(logits, key, *, temperature: float, top_k=None, top_p=None):
+    """Next tokens int32 [B] from logits [B, V]: argmax at temperature 0, else a sample of
+    softmax(logits / temperature) restricted to the top_k tokens and the top_p nucleus."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token):
+    if isinstance(stop_tokens, (int, np.integer)):
+        stop_tokens = (stop_tokens,)
+    try:
+        stop = tuple(int(t) for t in stop_tokens)
+    except (TypeError, ValueError):
+        raise ValueError(f"stop_tokens={stop_tokens!r}; expected a sequence of token ids") from None
+    if any(not 0 <= t < cfg.vocab_size for t in stop):
+        raise ValueError(f"stop_tokens={stop}; expected ids in [0, vocab_size={cfg.vocab_size})")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature={temperature!r}; expected a finite float >= 0 "
+                         f"(0 is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                              or not 1 <= top_k <= cfg.vocab_size):
+        raise ValueError(f"top_k={top_k!r}; expected None or an int in [1, {cfg.vocab_size}]")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}; expected None or a float in (0, 1]")
+    if temperature > 0 and key is None:
+        raise ValueError("key=None; sampling (temperature > 0) needs a jax.random key")
+    if not isinstance(pad_token, (int, np.integer)) or isinstance(pad_token, bool):
+        raise ValueError(f"pad_token={pad_token!r}; expected an int")
+    return stop

@@ -1,0 +1,154 @@
+"""The KV cache pytree: static capacity, per-(batch, kv-head) lengths, original positions.
+
+    k, v      [L, B, K, C, D]  keys (RoPE applied at `pos`, or un-rotated when
+                               rotation == "cache") and values, compute dtype
+    pos       [L, B, K, C]     int32 original position of each entry, -1 in empty slots
+    length    [L, B, K]        int32: slots [0, length) of each head hold entries
+    next_pos  [B]              int32 position of each row's next token
+    score     [L, B, K, C]     float32 per-entry accumulators (H2O / TOVA at decode), or None
+    step      []               int32 decode steps since the last compression
+
+Slots past `length` are empty (zero K/V, pos -1); entries inside are in no particular order
+(`kept_positions` sorts). Every (layer, batch, kv-head) has its own length, so policies with
+per-layer (PyramidKV) or per-head (AdaKV) budgets share one static capacity C sized from the
+largest budget, and C, not the prompt length, sets the memory. `rotation` is static: "original"
+caches keys rotated at their original positions (as transformers and kvpress); "cache" keeps
+keys un-rotated and rotates them at attention time by their rank in the cache, StreamingLLM's
+position handling after eviction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+ROTATIONS = ("original", "cache")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "pos", "length", "next_pos", "score", "step"],
+                   meta_fields=["rotation"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """A batched, layered KV cache with static capacity; see the module docstring."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    length: jax.Array
+    next_pos: jax.Array
+    score: jax.Array | None = None
+    step: jax.Array | None = None
+    rotation: str = "original"
+
+    @classmethod
+    def empty(cls, *, num_layers: int, batch: int, num_kv_heads: int, capacity: int,
+              head_dim: int, dtype=jnp.float32, scores: bool = False,
+              rotation: str = "original") -> KVCache:
+        """A cache with no entries (next position 0 for every row)."""
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation={rotation!r}; expected one of {list(ROTATIONS)}")
+        for name, value in (("num_layers", num_layers), ("batch", batch),
+                            ("num_kv_heads", num_kv_heads), ("capacity", capacity),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r}; expected a positive int")
+        shape = (num_layers, batch, num_kv_heads, capacity)
+        return cls(k=jnp.zeros(shape + (head_dim,), dtype),
+                   v=jnp.zeros(shape + (head_dim,), dtype),
+                   pos=jnp.full(shape, -1, jnp.int32),
+                   length=jnp.zeros(shape[:3], jnp.int32),
+                   next_pos=jnp.zeros((batch,), jnp.int32),
+                   score=jnp.zeros(shape, jnp.float32) if scores else None,
+                   step=jnp.zeros((), jnp.int32), rotation=rotation)
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Static slots per (layer, batch, kv-head)."""
+        return self.k.shape[3]
+
+    def valid(self, layer=None):
+        """Bool [L, B, K, C] (or [B, K, C] for one layer): which slots hold entries."""
+        length = self.length if layer is None else self.length[layer]
+        return slot_valid(length, self.capacity)
+
+    def kept_positions(self, layer: int):
+        """Original positions kept by `layer`, sorted: int32 [B, K, C], -1 after each head's
+        `length` entries."""
+        big = jnp.iinfo(jnp.int32).max
+        pos = jnp.where(self.valid(layer), self.pos[layer], big)
+        pos = jnp.sort(pos, axis=-1)
+        return jnp.where(pos == big, -1, pos)
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays of the cache (what a device must store)."""
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def replace(self, **changes) -> KVCache:
+        return dataclasses.replace(self, **changes)
+
+
+def slot_valid(length, capacity: int):
+    """Bool [..., capacity]: slot < length, for lengths [...]."""
+    slots = jnp.arange(capacity, dtype=jnp.int32).reshape((1,) * length.ndim + (capacity,))
+    return slots < length[..., None]
+
+
+def layer_slices(cache: KVCache):
+    """The per-layer arrays as a dict with leading L axis, for `lax.scan` over layers."""
+    out = {"k": cache.k, "v": cache.v, "pos": cache.pos, "length": cache.length}
+    if cache.score is not None:
+        out["score"] = cache.score
+    return out
+
+
+def from_layer_slices(cache: KVCache, layers: dict, **changes) -> KVCache:
+    """The inverse of `layer_slices`: a cache whose per-layer arrays are `layers`."""
+    return cache.replace(k=layers["k"], v=layers["v"], pos=layers["pos"],
+                         length=layers["length"], score=layers.get("score"), **changes)
+
+
+def gather_entries(layer: dict, idx, keep):
+    """Keeps, per (batch, kv-head), the entries at slots idx [B, K, n], compacted to the front.
+
+    `keep` [B, K, n] bool marks real picks; they must come first along the last axis. Returns a
+    layer dict with capacity n: dropped picks become empty slots (zero K/V, pos -1, score 0).
+    """
+    def take(x):
+        if x.ndim == 4:
+            return jnp.take_along_axis(x, idx[..., None], axis=2)
+        return jnp.take_along_axis(x, idx, axis=2)
+
+    out = {"k": jnp.where(keep[..., None], take(layer["k"]), 0).astype(layer["k"].dtype),
+           "v": jnp.where(keep[..., None], take(layer["v"]), 0).astype(layer["v"].dtype),
+           "pos": jnp.where(keep, take(layer["pos"]), -1),
+           "length": keep.sum(-1).astype(jnp.int32)}
+    if "score" in layer:
+        out["score"] = jnp.where(keep, take(layer["score"]), 0.0)
+    return out
+
+
+def pad_capacity(layer: dict, capacity: int) -> dict:
+    """Grows (with empty slots) a layer dict with capacity axis 2 to `capacity` slots."""
+    extra = capacity - layer["pos"].shape[-1]
+    if extra < 0:
+        raise ValueError(f"capacity={capacity} is below the {layer['pos'].shape[-1]} slots held")
+    if extra == 0:
+        return layer
+
+    def grow(x, fill):
+        widths = [(0, 0)] * x.ndim
+        widths[2] = (0, extra)
+        return jnp.pad(x, widths, constant_values=fill)
+
+    out = dict(layer, k=grow(layer["k"], 0), v=grow(layer["v"], 0), pos=grow(layer["pos"], -1))
+    if "score" in layer:
+        out["score"] = grow(layer["score"], 0)
+    return out

@@ -1,0 +1,269 @@
+"""`prefill` and `decode_step`: the decoder of `lcm.model` run against a KV cache.
+
+Both run the layers under `lax.scan` (compile time does not grow with depth) and are jitted
+with static shapes; arguments are checked before tracing. Prompts are right-padded `tokens
+[B, T]` with real lengths `lengths [B]`: padding is never cached, each row continues at its
+own position, so a batch gives what each prompt gives alone.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm.attention import Causal, Local, attend
+from lcm.cache import attention as cattn
+from lcm.cache.kv import KVCache, from_layer_slices, layer_slices, pad_capacity, slot_valid
+from lcm.config import ModelConfig
+from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.positions import apply_rope, rope_frequencies
+
+
+def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
+            max_new_tokens: int = 0, all_logits: bool = False):
+    """Runs the prompts and returns `(logits, cache)`.
+
+    tokens [B, T] int (right-padded); lengths [B] int real lengths (default T). policy: an
+    eviction policy from `lcm.cache` (None keeps every prompt token); it compresses each layer
+    as soon as that layer is computed, so only one layer's full K/V exists at a time. chunk_size:
+    attention runs blockwise in chunk_size blocks (default `cfg.attention.block_q`), and policy
+    statistics over all queries (ObservedAttention) are gathered chunk by chunk: no [T, T]
+    matrix is built. max_new_tokens: free slots per head for decoding without eviction.
+
+    Returns logits float32 [B, vocab] at each row's last real token ([B, T, vocab] with
+    all_logits=True) and a `KVCache` whose capacity is the policy's budget + max_new_tokens.
+    """
+    lengths = _check_prompt(tokens, cfg, lengths)
+    chunk = _check_chunk(chunk_size, cfg)
+    _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    if policy is not None:
+        from lcm.cache.compress import check_policy
+        check_policy(policy, cfg, tokens.shape[1])
+    return _prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
+                    room=max_new_tokens, all_logits=bool(all_logits))
+
+
+def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None):
+    """Feeds one token per row: tokens [B] int -> (logits float32 [B, vocab], cache).
+
+    The token sits at `cache.next_pos` and is appended to every layer's cache. policy: a decode
+    policy (`lcm.cache.Periodic`, `H2O`, ...) that keeps the cache within its budget; without
+    one, a head whose cache is full replaces its oldest entry (a sliding window) — size the
+    cache with `prefill(..., max_new_tokens=n)` to avoid that.
+    """
+    _check_model(cfg)
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache={type(cache).__name__}; expected a KVCache from prefill")
+    tokens = jnp.asarray(tokens)
+    if tokens.shape != cache.next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
+                         f"[batch={cache.next_pos.shape[0]}]")
+    if cache.k.shape[2] != cfg.num_kv_heads or cache.num_layers != cfg.num_layers:
+        raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg (num_layers="
+                         f"{cfg.num_layers}, num_kv_heads={cfg.num_kv_heads})")
+    if policy is not None:
+        from lcm.cache.decoding import check_decode_policy
+        check_decode_policy(policy, cache)
+    return _decode_step(params, cache, tokens.astype(jnp.int32), cfg=cfg, policy=policy)
+
+
+# ---------------------------------------------------------------------------- implementations
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits"))
+def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    real = positions < lengths[:, None]
+    # Length-dependent RoPE (dynamic, longrope) sees the longest prompt, as transformers would.
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
+    mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
+    rotation = "original" if policy is None else policy_rotation(policy)
+    if policy is not None:
+        from lcm.cache.compress import compress_layer, observe_layer
+    x = embed(params, tokens, cfg)
+
+    def layer(x, xs):
+        p, index = xs
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = project_qkv(h, p)
+        qr = apply_rope(q, positions, inv_freq, factor)
+        kr = apply_rope(k, positions, inv_freq, factor)
+        out = attend(qr, kr, v, mask, impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
+        x = x + project_out(out.astype(x.dtype), p)
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        stored = kr if rotation == "original" else k
+        entries = _prompt_entries(stored, v, real, lengths)
+        if policy is not None:
+            obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
+            entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
+                                     inv_freq=inv_freq, factor=factor)
+        return x, pad_capacity(entries, entries["pos"].shape[-1] + room)
+
+    x, layers = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
+    if all_logits:
+        logits = unembed(params, x, cfg)
+    else:
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        logits = unembed(params, last, cfg)[:, 0]
+    cache = KVCache(k=layers["k"], v=layers["v"], pos=layers["pos"], length=layers["length"],
+                    next_pos=lengths, score=layers.get("score"), step=jnp.zeros((), jnp.int32),
+                    rotation=rotation)
+    return logits, cache
+
+
+def _prompt_entries(k, v, real, lengths):
+    """One layer's uncompressed cache: k, v [B, T, K, D] -> layer dict with capacity T."""
+    B, T, K, _ = k.shape
+    keep = real[:, None, :, None]
+    pos = jnp.where(real, jnp.arange(T, dtype=jnp.int32)[None], -1)
+    return {"k": jnp.where(keep, k.transpose(0, 2, 1, 3), 0).astype(k.dtype),
+            "v": jnp.where(keep, v.transpose(0, 2, 1, 3), 0).astype(v.dtype),
+            "pos": jnp.broadcast_to(pos[:, None], (B, K, T)),
+            "length": jnp.broadcast_to(lengths[:, None], (B, K)).astype(jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy"))
+def _decode_step(params, cache, tokens, *, cfg, policy):
+    position = cache.next_pos
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+    x = embed(params, tokens[:, None], cfg)
+    if policy is not None:
+        from lcm.cache.decoding import decode_update
+    step = cache.step + 1
+
+    def layer(x, xs):
+        p, entries, index = xs
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = project_qkv(h, p)
+        kr = apply_rope(k, position[:, None], inv_freq, factor)
+        stored = kr if cache.rotation == "original" else k
+        entries = insert(entries, stored[:, 0], v[:, 0], position)
+        q_pos, keys = position[:, None], entries["k"]
+        if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
+            q_pos, keys = cache_rotation(entries, inv_freq, factor)
+        qr = _rotate_queries(q, q_pos, inv_freq, factor)
+        vis = cattn.visible(q_pos, entries["pos"] if cache.rotation == "original" else
+                            _rank_positions(entries), _valid(entries),
+                            sliding_window=cfg.sliding_window)
+        probs = cattn.attention_probs(qr, keys, vis)
+        out = cattn.attend_cache(probs, entries["v"], x.dtype)
+        x = x + project_out(out, p)
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        if policy is not None:
+            entries = decode_update(policy, entries, probs, step=step, layer=index, cfg=cfg)
+        return x, entries
+
+    xs = (params["layers"], layer_slices(cache), jnp.arange(cfg.num_layers))
+    x, layers = jax.lax.scan(layer, x, xs)
+    logits = unembed(params, x, cfg)[:, 0]
+    if policy is not None:
+        from lcm.cache.decoding import next_step
+        step = next_step(policy, step)
+    return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step)
+
+
+def insert(entries, k, v, position):
+    """Appends one entry per (batch, kv-head): k, v [B, K, D]; position [B].
+
+    Written at slot `length`; a full head overwrites its oldest entry instead.
+    """
+    B, K, C = entries["pos"].shape
+    full = entries["length"] >= C
+    oldest = jnp.argmin(jnp.where(_valid(entries), entries["pos"], jnp.iinfo(jnp.int32).max), -1)
+    slot = jnp.where(full, oldest, entries["length"]).astype(jnp.int32)
+    b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
+    out = dict(entries,
+               k=entries["k"].at[b, h, slot].set(k.astype(entries["k"].dtype)),
+               v=entries["v"].at[b, h, slot].set(v.astype(entries["v"].dtype)),
+               pos=entries["pos"].at[b, h, slot].set(jnp.broadcast_to(position[:, None], (B, K))),
+               length=jnp.minimum(entries["length"] + 1, C))
+    if "score" in entries:
+        out["score"] = entries["score"].at[b, h, slot].set(0.0)
+    return out
+
+
+def _valid(entries):
+    return slot_valid(entries["length"], entries["pos"].shape[-1])
+
+
+def _rank_positions(entries):
+    """Each entry's rank among its head's valid entries by original position: [B, K, C]."""
+    big = jnp.iinfo(jnp.int32).max
+    pos = jnp.where(_valid(entries), entries["pos"], big)
+    order = jnp.argsort(pos, axis=-1)
+    ranks = jnp.argsort(order, axis=-1).astype(jnp.int32)
+    return jnp.where(_valid(entries), ranks, -1)
+
+
+def cache_rotation(entries, inv_freq, factor):
+    """StreamingLLM positions: keys (stored un-rotated) rotated by their rank in the cache, and
+    the newest entry's rank as the query position. Returns (q_pos [B, K, 1], keys [B, K, C, D])."""
+    ranks = _rank_positions(entries)
+    B, K, C, D = entries["k"].shape
+    flat = entries["k"].reshape(B, K * C, 1, D)
+    keys = apply_rope(flat, jnp.maximum(ranks, 0).reshape(B, K * C), inv_freq, factor)
+    return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)
+
+
+def _rotate_queries(q, q_pos, inv_freq, factor):
+    """q [B, 1, H, D] rotated at q_pos [B, 1] (shared) or [B, K, 1] (one position per kv head)."""
+    if q_pos.ndim == 2:
+        return apply_rope(q, q_pos, inv_freq, factor)
+    B, _, H, D = q.shape
+    K = q_pos.shape[1]
+    qg = q.reshape(B, K, H // K, D)  # T == 1: heads of a group share their kv head's position
+    rotated = apply_rope(qg, q_pos.reshape(B, K), inv_freq, factor)
+    return rotated.reshape(B, 1, H, D)
+
+
+def policy_rotation(policy) -> str:
+    return getattr(policy, "positions", "original")
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+def _check_model(cfg):
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={type(cfg).__name__}; expected a ModelConfig")
+    if cfg.positions.type != "rope":
+        raise ValueError(f"cfg.positions.type={cfg.positions.type!r}; the KV cache supports "
+                         f"'rope' only (cached keys carry their RoPE rotation)")
+
+
+def _check_count(name, value, *, minimum):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}; expected an int >= {minimum}")
+
+
+def _check_chunk(chunk_size, cfg):
+    if chunk_size is None:
+        return cfg.attention.block_q
+    _check_count("chunk_size", chunk_size, minimum=1)
+    return int(chunk_size)
+
+
+def _check_prompt(tokens, cfg, lengths):
+    """Validates tokens [B, T] and lengths [B]; returns lengths as int32 (checked in range
+    when concrete)."""
+    _check_model(cfg)
+    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
+                         f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
+    B, T = tokens.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
+    if lengths is None:
+        return jnp.full((B,), T, jnp.int32)
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected int "
+                         f"[batch={B}]")
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = np.asarray(lengths)
+        if bad.min() < 1 or bad.max() > T:
+            raise ValueError(f"lengths={bad.tolist()}; expected every length in [1, {T}] "
+                             f"(tokens are right-padded to {T})")
+    return lengths.astype(jnp.int32)

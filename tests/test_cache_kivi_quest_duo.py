@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcm.cache.duo import (DuoAttention, duo_append, duo_attention, duo_prefill,
+                           duo_prefill_attention)
 from lcm.cache.kivi import (KIVI, kivi_append, kivi_attention, kivi_prefill, kivi_read,
                             pack_codes, unpack_codes)
 from lcm.cache.masked_read import masked_attention
@@ -245,3 +247,83 @@ def test_quest_validation():
     q, k, v = _quest_inputs()
     with pytest.raises(ValueError, match="q_len=2"):
         quest_attention(jnp.concatenate([q, q], 1), k, v, jnp.array([3, 3]), Quest())
+
+
+# ----------------------------------------------------------------------------- DuoAttention
+
+
+def np_duo_visible(retrieval, n_tokens, sink, recent, q_positions):
+    """[K, T, S] visibility of DuoAttention's definition: retrieval heads causal, streaming heads
+    the first `sink` tokens and the last `recent` ones up to the query."""
+    q = np.asarray(q_positions)[:, None]
+    k = np.arange(n_tokens)[None]
+    causal = k <= q
+    window = causal & ((k < sink) | (k > q - recent))
+    return np.stack([causal if r else window for r in retrieval])
+
+
+def np_masked_attention(q, k, v, vis):
+    """q [T, H, D]; k, v [S, K, D]; vis [K, T, S] -> [T, H, D] (dense, float64)."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    out = np.zeros((T, H, D))
+    for h in range(H):
+        kv = h // (H // K)
+        s = q[:, h] @ k[:, kv].T / np.sqrt(D)
+        s = np.where(vis[kv], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, kv]
+    return out
+
+
+@pytest.mark.parametrize("scores", [[[0.9, 0.1, 0.7]], [[0.0, 0.2, 0.1]]])
+def test_duo_matches_dense_with_per_head_masks(scores):
+    B, T, K, H, D, sink, recent, steps = 2, 19, 3, 6, 8, 3, 5, 6
+    policy = DuoAttention(head_scores=scores, sink_size=sink, recent_size=recent)
+    heads = policy.layer_heads(0)
+    retrieval = policy.retrieval[0]
+    keys = jax.random.split(jax.random.key(3), 6)
+    q, k, v = (jax.random.normal(kk, (B, T + steps, n, D)) for kk, n in zip(keys, (H, K, K)))
+    lengths = np.array([19, 7])
+    # Prefill attention: per-head masks over the real prompt tokens.
+    out = jax.jit(duo_prefill_attention, static_argnames=("heads", "impl"))(
+        q[:, :T], k[:, :T], v[:, :T], heads, impl="xla")
+    for b in range(B):
+        n = lengths[b]
+        vis = np_duo_visible(retrieval, n, sink, recent, np.arange(n))
+        want = np_masked_attention(np.asarray(q[b, :n], np.float64), np.asarray(k[b, :n]),
+                                   np.asarray(v[b, :n]), vis)
+        np.testing.assert_allclose(out[b, :n], want, rtol=1e-5, atol=1e-5)
+    # Decoding: each row appends its next tokens (at its own position) and attends.
+    state = jax.jit(duo_prefill, static_argnames=("heads", "capacity"))(
+        heads, k[:, :T], v[:, :T], jnp.asarray(lengths), capacity=T + steps)
+    append, attention = jax.jit(duo_append), jax.jit(duo_attention)
+    rows = jnp.arange(B)
+    for t in range(steps):
+        pos = jnp.asarray(lengths + t)
+        state = append(state, k[rows, pos], v[rows, pos])
+        out = attention(q[rows, pos][:, None], state)
+        for b in range(B):
+            n = lengths[b] + t + 1
+            vis = np_duo_visible(retrieval, n, sink, recent, [n - 1])
+            want = np_masked_attention(np.asarray(q[b, n - 1:n], np.float64),
+                                       np.asarray(k[b, :n]), np.asarray(v[b, :n]), vis)
+            np.testing.assert_allclose(out[b], want, rtol=1e-5, atol=1e-5)
+    # Separate storage: streaming heads hold sink + recent entries, not the context.
+    Kr = int(retrieval.sum())
+    assert state.full_k.shape == (B, Kr, T + steps, D)
+    assert state.recent_k.shape == (B, K - Kr, recent, D)
+
+
+def test_duo_pattern_rules():
+    scores = [[0.1, 0.9], [0.5, 0.3]]
+    np.testing.assert_array_equal(DuoAttention(head_scores=scores).retrieval,
+                                  [[False, True], [True, False]])
+    ratio = DuoAttention(head_scores=scores, threshold=None, head_compression_ratio=0.5)
+    np.testing.assert_array_equal(ratio.retrieval, [[False, True], [True, False]])
+    with pytest.raises(ValueError, match="exactly one"):
+        DuoAttention(head_scores=scores, head_compression_ratio=0.5)
+    with pytest.raises(ValueError, match="head_scores"):
+        DuoAttention(head_scores=[0.1, 0.2])
+    with pytest.raises(ValueError, match="recent_size=0"):
+        DuoAttention(head_scores=scores, recent_size=0)

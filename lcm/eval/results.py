@@ -1,0 +1,230 @@
+"""Results on disk: the per-sample JSONL, the summary JSON, markdown and CSV tables, heatmaps.
+
+The JSONL is append-only: each batch's lines go out in one `write` followed by `fsync`, so a
+killed run loses at most the batch in flight. On resume a torn last line (no trailing newline)
+is cut off; any other line that does not parse is an error naming the file and the line.
+
+The summary groups samples into cells keyed by (run, task, length) and scores each cell with
+the metric's own aggregation (`lcm.eval.scoring.aggregate`). Headline averages, stated in the
+outputs too: per run and length, `avg` is the unweighted mean of the task scores at that length
+(RULER's headline, the mean over its tasks); per run and task, `all` is the unweighted mean over
+that task's lengths. The heatmap is score (0-100) by needle depth x context length, per run and
+task, for every task whose records carry a depth.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+
+from lcm.eval.scoring import aggregate
+
+RESULTS_FILE = "results.jsonl"
+
+
+def append_lines(path: str, rows: list[dict]) -> None:
+    """Appends rows as JSON lines in one write, then flushes them to disk."""
+    data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: str, *, repair: bool = False) -> list[dict]:
+    """The rows of a results JSONL ([] when missing). repair=True cuts a torn last line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        if not repair:
+            line = data.count(b"\n") + 1
+            raise ValueError(f"{path}: line {line} is incomplete (a killed run?); resume "
+                             f"repairs it")
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise ValueError(f"{path}: line {number} is not a result row (no 'id')")
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Cells (run, task, length) -> score, count, metric; plus the headline averages."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row.get("run", "eval"), row["task"], row["length"])].append(row)
+    cells = []
+    for (run, task, length), items in sorted(groups.items()):
+        metrics = {r["metric"] for r in items}
+        if len(metrics) != 1:
+            raise ValueError(f"run={run!r} task={task!r} length={length}: samples use metrics "
+                             f"{sorted(metrics)}; expected one per task")
+        metric = metrics.pop()
+        cells.append({"run": run, "task": task, "length": length, "metric": metric,
+                      "score": aggregate(metric, [r["score"] for r in items]),
+                      "num_samples": len(items),
+                      "num_empty": sum(1 for r in items if not r["prediction"].strip())})
+    avg: dict[str, dict[int, float]] = defaultdict(dict)
+    for run in sorted({c["run"] for c in cells}):
+        for length in sorted({c["length"] for c in cells if c["run"] == run}):
+            scores = [c["score"] for c in cells if c["run"] == run and c["length"] == length]
+            avg[run][length] = round(sum(scores) / len(scores), 2)
+    per_task = defaultdict(dict)
+    for run, task in sorted({(c["run"], c["task"]) for c in cells}):
+        scores = [c["score"] for c in cells if c["run"] == run and c["task"] == task]
+        per_task[run][task] = round(sum(scores) / len(scores), 2)
+    return {"cells": cells, "avg_over_tasks": dict(avg), "avg_over_lengths": dict(per_task),
+            "num_samples": len(rows),
+            "definitions": {
+                "score": "per (run, task, length): the task metric's own aggregate, 0-100",
+                "avg": "per (run, length): unweighted mean of the task scores at that length",
+                "all": "per (run, task): unweighted mean of the task's scores over lengths",
+                "num_empty": "samples whose prediction is empty (RULER's 'Nulls')"}}
+
+
+def _grid(summary):
+    runs = sorted({c["run"] for c in summary["cells"]})
+    lengths = sorted({c["length"] for c in summary["cells"]})
+    by_key = {(c["run"], c["task"], c["length"]): c for c in summary["cells"]}
+    rows = []
+    for run in runs:
+        for task in sorted({c["task"] for c in summary["cells"] if c["run"] == run}):
+            cells = [by_key.get((run, task, n)) for n in lengths]
+            rows.append((run, task, cells, summary["avg_over_lengths"][run][task]))
+        avg = summary["avg_over_tasks"][run]
+        rows.append((run, "avg", [{"score": avg[n]} if n in avg else None for n in lengths],
+                     None))
+    return lengths, rows
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """Run x task rows, one column per context length, then `all`; an `avg` row per run."""
+    lengths, rows = _grid(summary)
+    head = ["run", "task", *[_length_name(n) for n in lengths], "all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, task, cells, overall in rows:
+        scores = [_fmt(c["score"] if c else None) for c in cells]
+        task_cell = "**avg**" if task == "avg" else task
+        lines.append("| " + " | ".join([run, task_cell, *scores, _fmt(overall)]) + " |")
+    d = summary["definitions"]
+    lines += ["", f"score: {d['score']}; avg: {d['avg']}; all: {d['all']}."]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(summary: dict) -> str:
+    """One row per cell: run, task, length, metric, score, num_samples, num_empty."""
+    out = io.StringIO()
+    fields = ["run", "task", "length", "metric", "score", "num_samples", "num_empty"]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for c in summary["cells"]:
+        writer.writerow({k: c[k] for k in fields})
+    for run, avg in summary["avg_over_tasks"].items():
+        for length, score in avg.items():
+            writer.writerow({"run": run, "task": "avg", "length": length, "metric": "mean",
+                             "score": score, "num_samples": "", "num_empty": ""})
+    return out.getvalue()
+
+
+def _length_name(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def depth_grid(rows: list[dict], run: str, task: str):
+    """(depths, lengths, scores [depth, length] in 0-100 or NaN) for one run and task."""
+    import numpy as np
+
+    items = [r for r in rows if r.get("run", "eval") == run and r["task"] == task
+             and r.get("depth") is not None]
+    depths = sorted({round(r["depth"], 4) for r in items})
+    lengths = sorted({r["length"] for r in items})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    cell: dict[tuple, list[float]] = defaultdict(list)
+    for r in items:
+        cell[(round(r["depth"], 4), r["length"])].append(r["score"])
+    for (d, n), scores in cell.items():
+        grid[depths.index(d), lengths.index(n)] = aggregate(
+            next(r["metric"] for r in items), scores)
+    return depths, lengths, grid
+
+
+def plot_heatmap(rows: list[dict], run: str, task: str, path: str) -> None:
+    """Score by needle depth (rows, 0 at the top) x context length (columns), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths, lengths, grid = depth_grid(rows, run, task)
+    if not depths:
+        raise ValueError(f"run={run!r} task={task!r}: no samples with a depth to plot")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_length_name(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            if grid[i, j] == grid[i, j]:  # not NaN
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"{task} ({run})", fontsize=10)
+    fig.colorbar(image, ax=ax, label="score")
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_reports(workdir: str, rows: list[dict], *, extra: dict | None = None,
+                  heatmaps: bool = True) -> dict:
+    """summary.json, results.md, results.csv and heatmap_<run>_<task>.png for every (run, task)
+    with depths, all from one call. Returns the summary (with `files`)."""
+    summary = summarize(rows)
+    if extra:
+        summary.update(extra)
+    files = {"summary": "summary.json", "markdown": "results.md", "csv": "results.csv"}
+    if heatmaps:
+        keys = sorted({(r.get("run", "eval"), r["task"]) for r in rows
+                       if r.get("depth") is not None})
+        for run, task in keys:
+            name = f"heatmap_{_safe(run)}_{_safe(task)}.png"
+            plot_heatmap(rows, run, task, os.path.join(workdir, name))
+            files[f"heatmap/{run}/{task}"] = name
+    summary["files"] = files
+    _write_atomic(os.path.join(workdir, "results.md"), markdown_table(summary))
+    _write_atomic(os.path.join(workdir, "results.csv"), csv_table(summary))
+    _write_atomic(os.path.join(workdir, "summary.json"),
+                  json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    return summary
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

@@ -1,0 +1,109 @@
+"""Scoring dispatch and aggregation (equal to the benchmarks' scorers), tables and heatmap grids."""
+
+import csv
+import io
+import json
+import math
+import os
+
+import pytest
+
+from lcm.eval import metrics
+from lcm.eval.results import csv_table, depth_grid, markdown_table, summarize
+from lcm.eval.scoring import aggregate, score_sample
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "metrics", "expected.json")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    with open(FIXTURE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_sample_scores_aggregate_to_longbench_eval_py(expected):
+    # Per-sample scores from the loop's dispatch, aggregated, equal eval.py's dataset score.
+    for dataset, rows in expected["longbench"]["inputs"].items():
+        metric = metrics.DATASET2METRIC[dataset].__name__
+        scores = [score_sample(metric, r["pred"], r["answers"], task=f"longbench/{dataset}",
+                               all_classes=r["all_classes"]) for r in rows]
+        assert aggregate(metric, scores) == expected["longbench"]["scores"][dataset], dataset
+
+
+def test_first_line_rule_follows_the_dataset():
+    # trec scores the first line only; the same metric on another task does not.
+    kw = {"all_classes": ["Number", "Date"]}
+    assert score_sample("classification_score", "Date\nNumber", ["Number"],
+                        task="longbench/trec", **kw) == 0.0
+    assert score_sample("classification_score", "Date\nNumber", ["Number"], task="mine",
+                        **kw) == 0.5
+
+
+def test_sample_scores_aggregate_to_ruler(expected):
+    for row in expected["ruler"]:
+        for metric in ("string_match_all", "string_match_part"):
+            scores = [score_sample(metric, p, r) for p, r in zip(row["preds"], row["refs"])]
+            assert aggregate(metric, scores) == row[metric]
+
+
+def test_unknown_metric_names_the_choices():
+    with pytest.raises(ValueError, match=r"metric='f1'.*'exact_match'"):
+        score_sample("f1", "a", ["a"])
+    with pytest.raises(ValueError, match="answers is empty"):
+        score_sample("exact_match", "a", [])
+
+
+def test_extract_choice_metric():
+    assert score_sample("extract_choice", "**The correct answer is (B)**", ["B"]) == 1.0
+    assert score_sample("extract_choice", "the correct answer is (B)", ["B"]) == 0.0
+
+
+def _rows():
+    rows = []
+    for run in ("full", "snapkv"):
+        for task, metric in (("passkey", "exact_match"), ("niah_single_1", "string_match_all")):
+            for length in (1024, 2048):
+                for depth in (0.0, 0.5, 1.0):
+                    hit = run == "full" or depth < 1.0 or length == 1024
+                    rows.append({"run": run, "id": f"{task}/{length}/{depth}", "task": task,
+                                 "length": length, "depth": depth, "metric": metric,
+                                 "prediction": "42" if hit else "", "answers": ["42"],
+                                 "score": 1.0 if hit else 0.0})
+    return rows
+
+
+def test_summary_headlines_tables_and_grid():
+    rows = _rows()
+    summary = summarize(rows)
+    cells = {(c["run"], c["task"], c["length"]): c for c in summary["cells"]}
+    assert cells[("snapkv", "passkey", 2048)]["score"] == 66.67
+    assert cells[("snapkv", "passkey", 2048)]["num_empty"] == 1
+    assert summary["avg_over_tasks"]["snapkv"] == {1024: 100.0, 2048: 66.67}
+    assert summary["avg_over_lengths"]["snapkv"]["passkey"] == round((100 + 66.67) / 2, 2)
+
+    md = markdown_table(summary)
+    assert "| run | task | 1k | 2k | all |" in md
+    assert "| snapkv | **avg** | 100.00 | 66.67 | - |" in md
+    assert "unweighted mean" in md
+    table = list(csv.DictReader(io.StringIO(csv_table(summary))))
+    assert len(table) == len(summary["cells"]) + 4
+    assert {r["task"] for r in table} == {"passkey", "niah_single_1", "avg"}
+
+    depths, lengths, grid = depth_grid(rows, "snapkv", "passkey")
+    assert depths == [0.0, 0.5, 1.0] and lengths == [1024, 2048]
+    assert grid[2, 1] == 0.0 and grid[2, 0] == 100.0 and grid[0, 1] == 100.0
+    depths, _, grid = depth_grid(rows, "full", "missing")
+    assert depths == [] and grid.size == 0
+
+
+def test_summary_rejects_mixed_metrics_in_a_cell():
+    rows = _rows()
+    rows[0] = dict(rows[0], metric="string_match_all")
+    with pytest.raises(ValueError, match="expected one per task"):
+        summarize(rows)
+
+
+def test_heatmap_cells_without_samples_are_nan():
+    rows = [r for r in _rows() if not (r["length"] == 2048 and r["depth"] == 0.5)]
+    _, _, grid = depth_grid(rows, "full", "passkey")
+    assert math.isnan(grid[1, 1]) and grid[1, 0] == 100.0

@@ -19,6 +19,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcm.attention import Causal, Document, Local, attend
 from lcm.config import ModelConfig
@@ -99,24 +100,16 @@ def key_validity(q_len, kv_valid):
     return Document(ids, kv_valid.astype(jnp.int32))
 
 
-def joint_softmax(logits_parts, value_parts):
-    """One softmax over several groups of logits: sum_i softmax(concat logits)_i * values_i.
-
-    logits_parts: [..., n_i] float32 (-inf = hidden); value_parts: [..., n_i, D]. Rows that see
-    nothing give zeros.
-    """
+def softmax_parts(logits_parts):
+    """One softmax over several groups of logits [..., n_i] float32 (-inf = hidden), returned
+    split as the groups were. Rows that see nothing give zeros, not NaN."""
     logits = jnp.concatenate(logits_parts, -1)
     m = jnp.max(logits, -1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(logits - m)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
     denom = p.sum(-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    out, start = 0.0, 0
-    for vals in value_parts:
-        n = vals.shape[-2]
-        out = out + jnp.einsum("...n,...nd->...d", p[..., start:start + n], vals.astype(f32))
-        start += n
-    return out
+    bounds = np.cumsum([x.shape[-1] for x in logits_parts])[:-1]
+    return jnp.split(p, bounds, axis=-1)
 
 
 def grouped(q, num_kv_heads):

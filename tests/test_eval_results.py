@@ -107,3 +107,31 @@ def test_heatmap_cells_without_samples_are_nan():
     rows = [r for r in _rows() if not (r["length"] == 2048 and r["depth"] == 0.5)]
     _, _, grid = depth_grid(rows, "full", "passkey")
     assert math.isnan(grid[1, 1]) and grid[1, 0] == 100.0
+
+
+def test_longbench_cells_use_buckets_and_v2_gets_its_table(expected, tmp_path):
+    from lcm.eval.results import write_reports
+
+    rows = []
+    e_inputs = expected["longbench_e"]["inputs"]["trec"]
+    for i, r in enumerate(e_inputs):
+        bucket = "0-4k" if r["length"] < 4000 else "4-8k" if r["length"] < 8000 else "8k+"
+        rows.append({"id": f"e{i}", "task": "longbench_e/trec", "length": 100 + i,
+                     "metric": "classification_score", "prediction": r["pred"],
+                     "answers": r["answers"], "meta": {"length_bucket": bucket},
+                     "score": score_sample("classification_score", r["pred"], r["answers"],
+                                           task="longbench_e/trec",
+                                           all_classes=r["all_classes"])})
+    for i, item in enumerate(expected["longbench_v2"]["inputs"]["model_a"]):
+        rows.append({"id": f"v{i}", "task": "longbench_v2", "length": 5000 + i,
+                     "metric": "extract_choice", "prediction": str(item["pred"]),
+                     "answers": [item["answer"]], "score": float(item["judge"]),
+                     "meta": {"difficulty": item["difficulty"], "length_class": item["length"]}})
+    summary = write_reports(str(tmp_path), rows)
+    cells = {(c["task"], c["length"]): c["score"] for c in summary["cells"]}
+    for bucket, want in expected["longbench_e"]["scores"]["trec"].items():
+        assert cells[("longbench_e/trec", bucket)] == want
+    assert ("longbench_v2", "all") in cells
+    assert summary["longbench_v2"]["eval"] == expected["longbench_v2"]["table"]["model_a"]
+    assert "LongBench v2 (eval): Overall" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["avg_over_tasks"]["eval"]["all"]

@@ -20,7 +20,8 @@ import json
 import os
 from collections import defaultdict
 
-from lcm.eval.scoring import aggregate
+from lcm.eval.metrics import longbench_v2_table
+from lcm.eval.scoring import aggregate, length_group
 
 RESULTS_FILE = "results.jsonl"
 
@@ -63,33 +64,49 @@ def read_results(path: str, *, repair: bool = False) -> list[dict]:
     return rows
 
 
+def _length_order(x):
+    return (0, x, "") if isinstance(x, int) else (1, 0, str(x))
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Cells (run, task, length) -> score, count, metric; plus the headline averages."""
+    """Cells (run, task, length) -> score, count, metric; plus the headline averages.
+
+    The length of a cell is `lcm.eval.scoring.length_group` (LongBench: its buckets or 'all').
+    Runs with LongBench v2 samples also get its Overall/Easy/Hard/Short/Medium/Long table.
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row.get("run", "eval"), row["task"], row["length"])].append(row)
+        key = length_group(row["task"], row["length"], row.get("meta") or {})
+        groups[(row.get("run", "eval"), row["task"], key)].append(row)
     cells = []
-    for (run, task, length), items in sorted(groups.items()):
+    for (run, task, length), items in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _length_order(kv[0][2]))):
         metrics = {r["metric"] for r in items}
         if len(metrics) != 1:
             raise ValueError(f"run={run!r} task={task!r} length={length}: samples use metrics "
                              f"{sorted(metrics)}; expected one per task")
         metric = metrics.pop()
         cells.append({"run": run, "task": task, "length": length, "metric": metric,
-                      "score": aggregate(metric, [r["score"] for r in items]),
+                      "score": aggregate(metric, [r["score"] for r in items], task=task),
                       "num_samples": len(items),
                       "num_empty": sum(1 for r in items if not r["prediction"].strip())})
-    avg: dict[str, dict[int, float]] = defaultdict(dict)
+    avg: dict[str, dict] = defaultdict(dict)
     for run in sorted({c["run"] for c in cells}):
-        for length in sorted({c["length"] for c in cells if c["run"] == run}):
+        for length in sorted({c["length"] for c in cells if c["run"] == run}, key=_length_order):
             scores = [c["score"] for c in cells if c["run"] == run and c["length"] == length]
             avg[run][length] = round(sum(scores) / len(scores), 2)
     per_task = defaultdict(dict)
     for run, task in sorted({(c["run"], c["task"]) for c in cells}):
         scores = [c["score"] for c in cells if c["run"] == run and c["task"] == task]
         per_task[run][task] = round(sum(scores) / len(scores), 2)
+    v2 = {}
+    for run in sorted({r.get("run", "eval") for r in rows if r["metric"] == "extract_choice"}):
+        v2[run] = longbench_v2_table(
+            {"judge": r["score"] == 1.0, "difficulty": r["meta"]["difficulty"],
+             "length": r["meta"]["length_class"]}
+            for r in rows if r.get("run", "eval") == run and r["metric"] == "extract_choice")
     return {"cells": cells, "avg_over_tasks": dict(avg), "avg_over_lengths": dict(per_task),
-            "num_samples": len(rows),
+            "num_samples": len(rows), **({"longbench_v2": v2} if v2 else {}),
             "definitions": {
                 "score": "per (run, task, length): the task metric's own aggregate, 0-100",
                 "avg": "per (run, length): unweighted mean of the task scores at that length",
@@ -99,7 +116,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def _grid(summary):
     runs = sorted({c["run"] for c in summary["cells"]})
-    lengths = sorted({c["length"] for c in summary["cells"]})
+    lengths = sorted({c["length"] for c in summary["cells"]}, key=_length_order)
     by_key = {(c["run"], c["task"], c["length"]): c for c in summary["cells"]}
     rows = []
     for run in runs:
@@ -127,6 +144,9 @@ def markdown_table(summary: dict) -> str:
         lines.append("| " + " | ".join([run, task_cell, *scores, _fmt(overall)]) + " |")
     d = summary["definitions"]
     lines += ["", f"score: {d['score']}; avg: {d['avg']}; all: {d['all']}."]
+    for run, table in summary.get("longbench_v2", {}).items():
+        lines += ["", f"LongBench v2 ({run}): " + ", ".join(
+            f"{k} {_fmt(v) if v is not None else '-'}" for k, v in table.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -145,8 +165,10 @@ def csv_table(summary: dict) -> str:
     return out.getvalue()
 
 
-def _length_name(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+def _length_name(n) -> str:
+    if isinstance(n, int) and n % 1024 == 0 and n >= 1024:
+        return f"{n // 1024}k"
+    return str(n)
 
 
 def depth_grid(rows: list[dict], run: str, task: str):
@@ -222,7 +244,7 @@ def write_reports(workdir: str, rows: list[dict], *, extra: dict | None = None,
     _write_atomic(os.path.join(workdir, "results.md"), markdown_table(summary))
     _write_atomic(os.path.join(workdir, "results.csv"), csv_table(summary))
     _write_atomic(os.path.join(workdir, "summary.json"),
-                  json.dumps(summary, indent=1, sort_keys=True) + "\n")
+                  json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -59,11 +59,25 @@ def score_sample(metric: str, prediction: str, answers: Sequence[str], *, task: 
     return float(max(fn(prediction, gt, all_classes=all_classes) for gt in answers))
 
 
-def aggregate(metric: str, scores: Sequence[float]) -> float:
+def length_group(task: str, length: int, meta: dict):
+    """The table column of a sample: LongBench-E's bucket ('0-4k', '4-8k', '8k+'), 'all' for
+    LongBench v1/v2 (no length grid; `length` is the sample's own token count), else the
+    target length."""
+    if "length_bucket" in meta:
+        return meta["length_bucket"]
+    if task.startswith(("longbench/", "longbench_v2")):
+        return "all"
+    return length
+
+
+def aggregate(metric: str, scores: Sequence[float], *, task: str = "") -> float:
     """A cell's 0-100 score from its sample scores, with the benchmark's arithmetic."""
     check_metric(metric)
     if not scores:
         raise ValueError(f"no scores to aggregate for metric={metric!r}")
+    if task.startswith("longbench_e/"):  # scorer_e: numpy's pairwise mean and round
+        import numpy as np
+        return round(100 * np.mean(scores), 2).item()
     if metric in _RULER:
         return round(sum(scores) / len(scores) * 100, 2)
     total = 0.0

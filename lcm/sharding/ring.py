@@ -1,0 +1,259 @@
+"""Ring attention: context parallelism over one mesh axis, K/V passed around a ring.
+
+Each of the P devices of `axis_name` keeps its query shard; K/V shards travel device d -> d + 1
+with `ppermute`. At ring step s device d holds the keys of device (d - s) mod P and computes that
+block pair with the `xla` backend's blockwise computation (`attention_with_lse`) over the slice
+of the global block layout for (d, s), then merges with float32 online-softmax statistics. The
+next shard's transfer is issued before the current block's compute so the two can overlap.
+Steps whose block pair is fully masked skip the compute (per device, `lax.cond`), and steps no
+device needs (e.g. Local(w) with w shorter than a shard) are not run, nor their transfers.
+
+Backward is a custom VJP: residuals are the local q, k, v, output and logsumexp only; K/V go
+around the ring again together with float32 dK/dV accumulators, which end on their home device.
+GQA sends only the K KV heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcm.attention.blockwise import attention_backward, attention_with_lse, blockwise_attention
+from lcm.attention.masks import Mask
+from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
+                                      placed_mask, static_kinds, step_layout)
+from lcm.sharding.ring_order import LOAD_BALANCE, RingOrder, make_ring_order
+from lcm.sharding.ring_specs import check_and_prepare, shard_specs
+
+f32 = jnp.float32
+
+
+def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: str = "context",
+                   load_balance: str | RingOrder = "zigzag", scale: float | None = None,
+                   softcap: float | None = None, block_q: int = 512, block_k: int = 512,
+                   strategy: str = "ring"):
+    """Self-attention with the sequence split over mesh axis `axis_name`.
+
+    q [B, L, H, D]; k, v [B, L, K, D] (H a multiple of K); `mask` as for `lcm.attention.attend`
+    (every kind; per-token arrays such as Document's segment ids are in the order of q).
+    `mesh`: a Mesh (default: the mesh set by `jax.set_mesh`). Batch and heads are also split over
+    the mesh's data/fsdp and tensor axes when they divide (lcm.sharding.DEFAULT_RULES).
+
+    load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.sharding.ring_order):
+    q, k, v are in the original order; they are padded and permuted to that ring order here and
+    the output permuted back (one reshuffle of q, k, v and the output). Or a `RingOrder` over
+    this axis size: q, k, v and per-token mask arrays are already in that ring order and padded
+    (`order.to_ring`), as a model does once for its inputs; the output stays in ring order.
+    strategy: "ring" (pass K/V around) or "allgather" (gather K/V, then compute locally).
+    Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
+    """
+    if strategy not in ("ring", "allgather"):
+        raise ValueError(f"strategy={strategy!r}; expected 'ring' or 'allgather'")
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if axis_name not in getattr(mesh, "axis_names", ()):
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh (axes "
+                         f"{tuple(getattr(mesh, 'axis_names', ()))}); pass mesh= or set one with "
+                         f"jax.set_mesh, with a context-parallel axis")
+    P = mesh.shape[axis_name]
+    B, L, H, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if isinstance(load_balance, RingOrder):
+        order = load_balance
+        if order.num_devices != P:
+            raise ValueError(f"load_balance is a RingOrder over {order.num_devices} devices; mesh "
+                             f"axis {axis_name!r} has {P}")
+        if L != order.padded_length or k.shape[1] != L:
+            raise ValueError(f"sequence length {L} (kv {k.shape[1]}) over mesh axis "
+                             f"{axis_name!r}: a RingOrder input must have the order's padded "
+                             f"length {order.padded_length} (use order.to_ring)")
+        in_order = True
+    elif load_balance in LOAD_BALANCE:
+        in_order = False
+        order = None
+    else:
+        raise ValueError(f"load_balance={load_balance!r}; expected one of {list(LOAD_BALANCE)} "
+                         f"or a RingOrder")
+    mask, scale, softcap, length = check_and_prepare(q, k, v, mask, scale, softcap, block_q,
+                                                     block_k, order)
+    if order is None:
+        chunks = P if load_balance == "none" else 2 * P
+        if load_balance == "mask_aware" and not _concrete(mask):
+            raise ValueError("load_balance='mask_aware' needs a mask with concrete arrays; inside "
+                             "jit build the order outside with make_ring_order(mask=...) and "
+                             "pass it as load_balance")
+        # Blocks no longer than a chunk; chunks a multiple of both blocks.
+        raw = _round_up(-(-length // chunks), 8)
+        bq, bk = min(block_q, raw), min(block_k, raw)
+        if math.lcm(bq, bk) > raw:
+            bq = bk = min(bq, bk)
+        order = make_ring_order(length, P, load_balance, block=math.lcm(bq, bk), mask=mask)
+        q, k, v = (order.to_ring(x) for x in (q, k, v))
+    bq, bk = min(block_q, order.chunk_size), min(block_k, order.chunk_size)
+    if order.chunk_size % bq or order.chunk_size % bk:
+        raise ValueError(f"block_q={bq} and block_k={bk} must divide the ring order's "
+                         f"chunk_size={order.chunk_size} (mesh axis {axis_name!r})")
+    plan = make_plan(mask, order, bq, bk)
+    # A static mask's global layout is NumPy, made here; an array mask's is made on each device.
+    static = None if mask is not None and not mask.is_static else _Const(static_kinds(mask, plan))
+    st = _Static(plan, axis_name, float(scale), softcap, static)
+    if strategy == "allgather":
+        body = functools.partial(_allgather_local, st)
+    else:
+        body = functools.partial(_ring_local, st)
+    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(qspec, kspec, kspec, mask_spec),
+                        out_specs=qspec, check_vma=False)(q, k, v, mask)
+    return out if in_order else order.from_ring(out)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def _concrete(mask):
+    return all(not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mask))
+
+
+class _Const:
+    """A NumPy array as part of a hashable static argument (compared by identity)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    plan: RingPlan
+    axis_name: str
+    scale: float
+    softcap: float | None
+    static_kinds: _Const | None
+
+    @property
+    def num_devices(self):
+        return self.plan.order.num_devices
+
+    def kinds(self, mask):
+        """The global block kinds [nq, nk] (original order, padded)."""
+        if self.static_kinds is not None:
+            return self.static_kinds.value
+        return global_kinds(mask, self.plan, jnp)
+
+
+def _shift(x, axis_name, P, hops=1):
+    """x sent from device i to device i + hops (mod P) along axis_name."""
+    if hops % P == 0:
+        return x
+    return lax.ppermute(x, axis_name, [(i, (i + hops) % P) for i in range(P)])
+
+
+def _step_forward(st, q, k, v, mask, kinds_g, device, step):
+    source = (device - step) % st.num_devices
+    layout = step_layout(kinds_g, st.plan, device, source)
+    local_mask = placed_mask(mask, st.plan, device, source)
+
+    def run(_):
+        out, lse = attention_with_lse(q, k, v, local_mask, layout, scale=st.scale,
+                                      softcap=st.softcap)
+        return out.astype(f32), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+    def skip(_):
+        return (jnp.zeros(q.shape, f32), jnp.full(q.shape[:3] + (1,), -jnp.inf, f32))
+
+    return lax.cond(layout.counts.sum() > 0, run, skip, None)
+
+
+def _merge(out, lse, out_s, lse_s):
+    """Online-softmax merge of two partial results (lse -inf: nothing seen)."""
+    new = jnp.logaddexp(lse, lse_s)
+    safe = jnp.where(jnp.isneginf(new), 0.0, new)
+    return out * jnp.exp(lse - safe) + out_s * jnp.exp(lse_s - safe), new
+
+
+def _forward(st, q, k, v, mask):
+    P, n = st.num_devices, st.plan.num_steps
+    device = lax.axis_index(st.axis_name)
+    kinds_g = st.kinds(mask)
+
+    def body(step, carry):
+        k, v, out, lse = carry
+        # Issue the next shard's transfer first: it does not wait for this step's compute.
+        k_next, v_next = _shift((k, v), st.axis_name, P)
+        out_s, lse_s = _step_forward(st, q, k, v, mask, kinds_g, device, step)
+        out, lse = _merge(out, lse, out_s, lse_s)
+        return k_next, v_next, out, lse
+
+    init = (k, v, jnp.zeros(q.shape, f32), jnp.full(q.shape[:3] + (1,), -jnp.inf, f32))
+    k, v, out, lse = lax.fori_loop(0, n - 1, body, init)
+    out_s, lse_s = _step_forward(st, q, k, v, mask, kinds_g, device, n - 1)
+    out, lse = _merge(out, lse, out_s, lse_s)
+    return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_local(st, q, k, v, mask):
+    return _forward(st, q, k, v, mask)[0]
+
+
+def _ring_local_fwd(st, q, k, v, mask):
+    out, lse = _forward(st, q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _ring_local_bwd(st, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    P, n = st.num_devices, st.plan.num_steps
+    device = lax.axis_index(st.axis_name)
+    kinds_g = st.kinds(mask)
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # attention_backward's "saw nothing"
+
+    def grads(k, v, step):
+        source = (device - step) % P
+        layout = step_layout(kinds_g, st.plan, device, source)
+        local_mask = placed_mask(mask, st.plan, device, source)
+
+        def run(_):
+            dq, dk, dv = attention_backward(q, k, v, local_mask, layout, out, lse, d_out,
+                                            scale=st.scale, softcap=st.softcap)
+            return dq.astype(f32), dk.astype(f32), dv.astype(f32)
+
+        def skip(_):
+            return jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+
+        return lax.cond(layout.counts.sum() > 0, run, skip, None)
+
+    def body(step, carry):
+        k, v, dk_acc, dv_acc, dq = carry
+        k_next, v_next = _shift((k, v), st.axis_name, P)
+        dq_s, dk_s, dv_s = grads(k, v, step)
+        # dK/dV of the shard held now travel on with it, one hop behind its K/V.
+        dk_acc, dv_acc = _shift((dk_acc + dk_s, dv_acc + dv_s), st.axis_name, P)
+        return k_next, v_next, dk_acc, dv_acc, dq + dq_s
+
+    init = (k, v, jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32), jnp.zeros(q.shape, f32))
+    k_last, v_last, dk_acc, dv_acc, dq = lax.fori_loop(0, n - 1, body, init)
+    dq_s, dk_s, dv_s = grads(k_last, v_last, n - 1)
+    # The accumulators now sit n - 1 hops from home: one direct transfer brings them back.
+    dk, dv = _shift((dk_acc + dk_s, dv_acc + dv_s), st.axis_name, P, hops=1 - n)
+    return (dq + dq_s).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
+
+
+def _allgather_local(st, q, k, v, mask):
+    """All-gather context parallelism: each device gathers K/V (ring order) and attends once.
+
+    Differentiated by JAX: the gathers' transpose reduce-scatters dK/dV.
+    """
+    device = lax.axis_index(st.axis_name)
+    k_all = lax.all_gather(k, st.axis_name, axis=1, tiled=True)
+    v_all = lax.all_gather(v, st.axis_name, axis=1, tiled=True)
+    layout, local_mask = gathered_layout(st.kinds(mask), mask, st.plan, device)
+    return blockwise_attention(q, k_all, v_all, local_mask, layout, scale=st.scale,
+                               softcap=st.softcap)

@@ -1,0 +1,104 @@
+"""Input checks and shard_map specs shared by the context-parallel strategies (ring, allgather)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import PartitionSpec
+
+from lcm.attention.data_masks import BlockMask, Document, VerticalSlash
+from lcm.attention.masks import And, Mask, Or
+from lcm.sharding.rules import DEFAULT_RULES
+
+_SEGMENT_FIELDS = ("q_segment_ids", "kv_segment_ids")
+
+
+def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
+    """Validates like `attend` (plus q_len == kv_len); returns (mask, scale, softcap, length).
+
+    With a RingOrder (inputs already in ring order), Document segment ids come in ring order
+    too: they are put back in the original order, which the layout and the element mask use.
+    """
+    from lcm.attention.attend import _check_inputs
+
+    if any(getattr(x, "ndim", None) != 4 for x in (q, k, v)):
+        _check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q_len={q.shape[1]} != kv_len={k.shape[1]}: context-parallel "
+                         f"attention is self-attention over one sharded sequence")
+    length = q.shape[1] if order is None else order.length
+    if order is not None and mask is not None:
+        mask = _segments_from_ring(mask, order)
+    # Validate at the true length; padding (if any) is the ring's business.
+    def shape(x):
+        return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
+
+    _check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
+    if mask is not None:
+        mask = mask.prepare(length, length)
+    return mask, float(scale), None if softcap is None else float(softcap), length
+
+
+def _segments_from_ring(mask, order):
+    if isinstance(mask, Document):
+        def back(ids):
+            if ids is None:
+                return None
+            if getattr(ids, "ndim", None) != 2 or ids.shape[1] != order.padded_length:
+                raise ValueError(f"Document segment ids shape {getattr(ids, 'shape', None)}: "
+                                 f"with a RingOrder they are in ring order, [batch, "
+                                 f"{order.padded_length}] (use order.to_ring)")
+            return order.from_ring(ids)
+        return Document(back(mask.q_segment_ids), back(mask.kv_segment_ids))
+    if isinstance(mask, (And, Or)):
+        return type(mask)(tuple(_segments_from_ring(m, order) for m in mask.masks))
+    return mask
+
+
+def per_head(mask) -> bool:
+    """Whether the mask differs between heads (then heads are not split over devices)."""
+    if isinstance(mask, BlockMask):
+        return mask.blocks.ndim == 3 and mask.blocks.shape[0] > 1
+    if isinstance(mask, VerticalSlash):
+        return max(mask.vertical_idx.shape[0], mask.slash_offsets.shape[0]) > 1
+    if isinstance(mask, (And, Or)):
+        return any(per_head(m) for m in mask.masks)
+    return False
+
+
+def _axes_for(logical, size, mesh, used, rules=DEFAULT_RULES):
+    wanted = rules.get(logical)
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
+    kept = []
+    for axis in wanted:
+        n = dict(mesh.shape).get(axis, 1)
+        if axis in used or n == 1 or size % (math.prod(mesh.shape[a] for a in kept) * n):
+            continue
+        kept.append(axis)
+    return tuple(kept)
+
+
+def shard_specs(mesh, axis_name, q, k, mask: Mask | None):
+    """(q spec, k/v spec, mask spec tree): sequence over axis_name; batch over the rules'
+    batch axes; heads over the tensor axes when they divide both H and K and the mask is the
+    same for every head. Other mesh axes replicate. Segment ids follow the batch."""
+    B, _, H, _ = q.shape
+    K = k.shape[2]
+    batch = _axes_for("batch", B, mesh, {axis_name})
+    heads = ()
+    if not per_head(mask):
+        heads = _axes_for("kv_heads", K, mesh, {axis_name, *batch})
+        if heads and H % math.prod(mesh.shape[a] for a in heads):
+            heads = ()
+    b = None if not batch else batch[0] if len(batch) == 1 else batch
+    h = None if not heads else heads[0] if len(heads) == 1 else heads
+    qspec = PartitionSpec(b, axis_name, h, None)
+
+    def leaf_spec(path, _):
+        name = getattr(path[-1], "name", None) if path else None
+        return PartitionSpec(b, None) if name in _SEGMENT_FIELDS else PartitionSpec()
+
+    mask_spec = (PartitionSpec() if mask is None
+                 else jax.tree_util.tree_map_with_path(leaf_spec, mask))
+    return qspec, qspec, mask_spec

@@ -5,12 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcm.cache import KVCache, decode_step, prefill
 from lcm.cache.duo import (DuoAttention, duo_append, duo_attention, duo_prefill,
                            duo_prefill_attention)
 from lcm.cache.kivi import (KIVI, kivi_append, kivi_attention, kivi_prefill, kivi_read,
                             pack_codes, unpack_codes)
+from lcm.cache.formats import policy_decode_step, policy_prefill
 from lcm.cache.masked_read import masked_attention
 from lcm.cache.quest import Quest, page_bounds, quest_attention, update_page_bounds
+from lcm.config import AttentionConfig, ModelConfig
+from lcm.model import init_params
 
 # ----------------------------------------------------------------------------- NumPy KIVI
 
@@ -327,3 +331,118 @@ def test_duo_pattern_rules():
         DuoAttention(head_scores=[0.1, 0.2])
     with pytest.raises(ValueError, match="recent_size=0"):
         DuoAttention(head_scores=scores, recent_size=0)
+
+
+# ----------------------------------------------------------------------------- in a model
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, intermediate_size=48,
+                  attention=AttentionConfig(impl="xla", block_q=8, block_k=8))
+PROMPTS = jax.random.randint(jax.random.key(7), (2, 20), 0, 61)
+LENGTHS = jnp.array([20, 11])
+
+
+def _full_cache_logits(params, tokens_per_step):
+    """Logits of a full (uncompressed) cache: the prefill logits, then one per fed token."""
+    logits, cache = prefill(params, PROMPTS, CFG, lengths=LENGTHS, max_new_tokens=4)
+    out = [logits]
+    for tokens in tokens_per_step:
+        logits, cache = decode_step(params, cache, tokens, CFG)
+        out.append(logits)
+    return out
+
+
+def _policy_logits(params, policy, steps=3):
+    """Greedy decoding through a policy cache: (logits per step, fed tokens, final cache)."""
+    logits, cache = policy_prefill(params, PROMPTS, CFG, policy=policy, lengths=LENGTHS,
+                                   max_new_tokens=4)
+    out, fed = [logits], []
+    for _ in range(steps):
+        fed.append(jnp.argmax(out[-1], -1).astype(jnp.int32))
+        logits, cache = policy_decode_step(params, cache, fed[-1], CFG)
+        out.append(logits)
+    return out, fed, cache
+
+
+@jax.jit
+def _kivi_seen_cache(cache):
+    """A KVCache holding, for every token already cached, what KIVI's attention reads at the
+    next step (keys below R * floor(n / R) and values below n - R dequantized)."""
+    ks, vs = [], []
+    for layer in range(CFG.num_layers):
+        state = cache.layer(layer)
+        B, K, _, D = state.k_residual.shape
+        zeros = jnp.zeros((B, K, D), state.k_residual.dtype)
+        k, v, _ = kivi_read(kivi_append(state, zeros, zeros))
+        ks.append(k)
+        vs.append(v)
+    n = cache.next_pos
+    C = cache.capacity
+    keep = jnp.arange(C)[None, None] < n[:, None, None]  # [B, 1, C]
+    pos = jnp.where(keep, jnp.arange(C)[None, None], -1)
+    return KVCache(k=jnp.where(keep[None, ..., None], jnp.stack(ks), 0),
+                   v=jnp.where(keep[None, ..., None], jnp.stack(vs), 0),
+                   pos=jnp.broadcast_to(pos[None], (CFG.num_layers, 2, 2, C)).astype(jnp.int32),
+                   length=jnp.broadcast_to(n[None, :, None], (CFG.num_layers, 2, 2)),
+                   next_pos=n, score=None, step=jnp.zeros((), jnp.int32))
+
+
+@pytest.mark.slow
+def test_kivi_model_logits_are_those_of_the_dequantized_cache():
+    params = init_params(CFG, jax.random.key(0))[0]
+    policy = KIVI(bits=2, group_size=4, residual_length=8)
+    logits, cache = policy_prefill(params, PROMPTS, CFG, policy=policy, lengths=LENGTHS,
+                                   max_new_tokens=4)
+    full = _full_cache_logits(params, [])
+    np.testing.assert_allclose(logits, full[0], rtol=1e-5, atol=1e-5)  # prefill is exact
+    fed = []
+    for _ in range(3):
+        fed.append(jnp.argmax(logits, -1).astype(jnp.int32))
+        want, _ = decode_step(params, _kivi_seen_cache(cache), fed[-1], CFG)
+        logits, cache = policy_decode_step(params, cache, fed[-1], CFG)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    # The quantization is visible in the logits (the full cache gives other values).
+    exact = _full_cache_logits(params, fed)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(exact[1:], [want])) > 1e-4
+
+
+@pytest.mark.slow
+def test_quest_in_model_full_budget_equals_full_cache_and_small_budget_differs():
+    params = init_params(CFG, jax.random.key(1))[0]
+    got, fed, _ = _policy_logits(params, Quest(token_budget=64, page_size=4, dense_layers=0))
+    want = _full_cache_logits(params, fed)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    sparse, _, _ = _policy_logits(params, Quest(token_budget=4, page_size=4, dense_layers=0,
+                                                gqa="max"))
+    want = _full_cache_logits(params, [jnp.argmax(x, -1).astype(jnp.int32) for x in sparse[:-1]])
+    assert float(jnp.abs(sparse[-1] - want[-1]).max()) > 1e-4
+    # dense_layers covering every layer reads every page again.
+    dense, _, _ = _policy_logits(params, Quest(token_budget=4, page_size=4, dense_layers=2))
+    for a, b in zip(dense, _full_cache_logits(params, fed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_duo_in_model_all_retrieval_equals_full_cache_and_streaming_saves_memory():
+    params = init_params(CFG, jax.random.key(2))[0]
+    got, fed, _ = _policy_logits(params, DuoAttention(head_scores=np.ones((2, 2)), sink_size=2,
+                                                      recent_size=4))
+    for a, b in zip(got, _full_cache_logits(params, fed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    mixed = DuoAttention(head_scores=[[1.0, 0.0], [0.0, 0.0]], sink_size=2, recent_size=4)
+    logits, _, cache = _policy_logits(params, mixed)
+    assert all(bool(jnp.isfinite(x).all()) for x in logits)
+    _, full = prefill(params, PROMPTS, CFG, lengths=LENGTHS, max_new_tokens=4)
+    # One retrieval head of four keeps the context; the others keep 2 + 4 entries.
+    assert cache.nbytes() < 0.45 * full.nbytes()
+
+
+def test_policy_cache_validation():
+    params = init_params(CFG, jax.random.key(0))[0]
+    with pytest.raises(ValueError, match="head_scores shape"):
+        policy_prefill(params, PROMPTS, CFG, policy=DuoAttention(head_scores=np.ones((3, 2))))
+    with pytest.raises(ValueError, match="group_size=32"):
+        policy_prefill(params, PROMPTS, CFG, policy=KIVI())
+    with pytest.raises(ValueError, match="policy="):
+        policy_prefill(params, PROMPTS, CFG, policy="kivi")

@@ -62,6 +62,45 @@ class Quest:
                    -(-capacity // self.page_size))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuestState:
+    """One layer's full cache with page bounds: k, v [B, C, K, D] (token i at slot i; keys after
+    RoPE); kmin, kmax [B, P, K, D] float32; length [B] int32."""
+
+    k: jax.Array
+    v: jax.Array
+    kmin: jax.Array
+    kmax: jax.Array
+    length: jax.Array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+
+def quest_prefill(policy: Quest, k, v, lengths, *, capacity: int) -> QuestState:
+    """The cache of right-padded prompts k, v [B, T, K, D] with lengths [B]."""
+    T = k.shape[1]
+    if capacity < T:
+        raise ValueError(f"capacity={capacity} is below the prompt length {T}")
+    pad = ((0, 0), (0, capacity - T), (0, 0), (0, 0))
+    n = jnp.asarray(lengths, jnp.int32)
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    kmin, kmax = page_bounds(k, n, policy.page_size)
+    return QuestState(k, v, kmin, kmax, n)
+
+
+def quest_append(policy: Quest, state: QuestState, k, v) -> QuestState:
+    """Stores one token per row (k, v [B, K, D]) and folds its key into its page's bounds."""
+    B = k.shape[0]
+    rows, slot = jnp.arange(B), jnp.clip(state.length, 0, state.k.shape[1] - 1)
+    kmin, kmax = update_page_bounds(state.kmin, state.kmax, k, state.length, policy.page_size)
+    return QuestState(state.k.at[rows, slot].set(k.astype(state.k.dtype)),
+                      state.v.at[rows, slot].set(v.astype(state.v.dtype)), kmin, kmax,
+                      state.length + 1)
+
+
 def page_bounds(k, lengths, page_size: int):
     """Per-page elementwise key minimum and maximum. k [B, S, K, D]; lengths [B] int (tokens
     0..length-1 are real) -> kmin, kmax [B, P, K, D] float32, P = ceil(S / page_size). Pages

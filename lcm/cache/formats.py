@@ -1,0 +1,211 @@
+"""Prefill and decoding for policies that own their cache format: KIVI (quantized codes),
+Quest (full cache with page key bounds, sparse reads) and DuoAttention (split full/streaming
+storage).
+
+These policies do not evict from a `KVCache`; each stores a layer its own way, so the model
+runs against a `PolicyCache` whose `layers` are the policy's per-layer states. The decoder is
+the one of `lcm.model` (same projections, RoPE, MLP), as in `lcm.cache.prefill`:
+
+    logits, cache = policy_prefill(params, tokens, cfg, policy=KIVI(bits=2), lengths=lengths,
+                                   max_new_tokens=32)
+    logits, cache = policy_decode_step(params, cache, next_tokens, cfg)
+
+KIVI and Quest have the same state shapes in every layer and run the layers under `lax.scan`;
+DuoAttention's layers hold different numbers of retrieval and streaming heads (that is where
+the memory goes), so its layers are unrolled. Prompts are right-padded; each row continues at
+its own position. Size the cache with `max_new_tokens`: a row must not decode past
+prompt length + max_new_tokens tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm.attention import Causal, attend
+from lcm.cache import duo, kivi, quest
+from lcm.config import ModelConfig
+from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.positions import apply_rope, rope_frequencies
+
+FORMAT_POLICIES = (kivi.KIVI, quest.Quest, duo.DuoAttention)
+
+
+def owns_cache(policy) -> bool:
+    """True for policies whose cache is a `PolicyCache` (KIVI, Quest, DuoAttention)."""
+    return isinstance(policy, FORMAT_POLICIES)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "next_pos"],
+                   meta_fields=["policy", "capacity"])
+@dataclasses.dataclass(frozen=True)
+class PolicyCache:
+    """layers: the policy's layer states, stacked on a leading layer axis (KIVI, Quest) or a
+    tuple with one state per layer (DuoAttention); next_pos [B] int32: each row's next position;
+    capacity: static tokens per row."""
+
+    layers: object
+    next_pos: jax.Array
+    policy: object
+    capacity: int
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays of the cache (what a device must store)."""
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def layer(self, index: int):
+        """The state of one layer."""
+        if isinstance(self.layers, tuple):
+            return self.layers[index]
+        return jax.tree.map(lambda x: x[index], self.layers)
+
+
+def check_format_policy(policy, cfg: ModelConfig) -> None:
+    """Raises ValueError if `policy` cannot run on the model `cfg`."""
+    if cfg.sliding_window is not None:
+        raise ValueError(f"{type(policy).__name__} needs a model without sliding_window "
+                         f"(cfg.sliding_window={cfg.sliding_window})")
+    if isinstance(policy, kivi.KIVI):
+        policy.check_head_dim(cfg.head_dim)
+    if isinstance(policy, duo.DuoAttention):
+        shape = np.asarray(policy.head_scores).shape
+        if shape != (cfg.num_layers, cfg.num_kv_heads):
+            raise ValueError(f"DuoAttention head_scores shape {shape}; expected [num_layers, "
+                             f"num_kv_heads] = {(cfg.num_layers, cfg.num_kv_heads)}")
+
+
+def policy_prefill(params, tokens, cfg: ModelConfig, *, policy, lengths=None,
+                   max_new_tokens: int = 0, chunk_size: int | None = None,
+                   all_logits: bool = False):
+    """Runs right-padded prompts tokens [B, T] (real lengths [B]) into a `PolicyCache` with
+    room for max_new_tokens more per row. Returns (logits float32 [B, vocab] at each row's last
+    real token, or [B, T, vocab] with all_logits, cache)."""
+    from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt
+    lengths = _check_prompt(tokens, cfg, lengths)
+    _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    if not owns_cache(policy):
+        raise ValueError(f"policy={policy!r}; expected one of "
+                         f"{[p.__name__ for p in FORMAT_POLICIES]}")
+    check_format_policy(policy, cfg)
+    return format_prefill(params, tokens, lengths, cfg=cfg, policy=policy,
+                          chunk=_check_chunk(chunk_size, cfg), room=int(max_new_tokens),
+                          all_logits=bool(all_logits))
+
+
+def policy_decode_step(params, cache: PolicyCache, tokens, cfg: ModelConfig):
+    """Feeds one token per row, tokens [B] int -> (logits float32 [B, vocab], cache)."""
+    if not isinstance(cache, PolicyCache):
+        raise ValueError(f"cache={type(cache).__name__}; expected a PolicyCache")
+    tokens = jnp.asarray(tokens)
+    if tokens.shape != cache.next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
+                         f"[batch={cache.next_pos.shape[0]}]")
+    return format_decode_step(params, cache, tokens.astype(jnp.int32), cfg=cfg)
+
+
+# ---------------------------------------------------------------------------- per-policy layers
+
+def _layer_prefill_attention(policy, q, k, v, layer, cfg, chunk):
+    if isinstance(policy, duo.DuoAttention):
+        return duo.duo_prefill_attention(q, k, v, policy.layer_heads(layer),
+                                         impl=cfg.attention.impl, block=chunk)
+    # KIVI and Quest prefill with exact attention, as their reference code does.
+    return attend(q, k, v, Causal(), impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
+
+
+def _layer_store(policy, k, v, lengths, capacity, layer):
+    if isinstance(policy, kivi.KIVI):
+        return kivi.kivi_prefill(policy, k, v, lengths, capacity=capacity)
+    if isinstance(policy, quest.Quest):
+        return quest.quest_prefill(policy, k, v, lengths, capacity=capacity)
+    return duo.duo_prefill(policy.layer_heads(layer), k, v, lengths, capacity=capacity)
+
+
+def _layer_decode(policy, state, q, k, v, layer):
+    """Appends k, v [B, K, D] and attends with q [B, 1, H, D]: (out, state)."""
+    if isinstance(policy, kivi.KIVI):
+        state = kivi.kivi_append(state, k, v)
+        return kivi.kivi_attention(q, state), state
+    if isinstance(policy, quest.Quest):
+        state = quest.quest_append(policy, state, k, v)
+        out, _ = quest.quest_attention(q, state.k, state.v, state.length, policy,
+                                       kmin=state.kmin, kmax=state.kmax,
+                                       dense=layer < policy.dense_layers)
+        return out, state
+    state = duo.duo_append(state, k, v)
+    return duo.duo_attention(q, state), state
+
+
+def _unrolled(policy) -> bool:
+    return isinstance(policy, duo.DuoAttention)
+
+
+def _run_layers(body, x, params, states, num_layers, unrolled):
+    """body(x, p, state, layer) -> (x, state) over the layers: scanned or unrolled."""
+    if unrolled:
+        out = []
+        for i in range(num_layers):
+            p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+            x, s = body(x, p, None if states is None else states[i], i)
+            out.append(s)
+        return x, tuple(out)
+
+    def step(x, xs):
+        p, state, i = xs
+        return body(x, p, state, i)
+    return jax.lax.scan(step, x, (params["layers"], states, jnp.arange(num_layers)))
+
+
+# ---------------------------------------------------------------------------- implementations
+
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits"))
+def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
+    B, T = tokens.shape
+    capacity = T + room
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
+
+    def body(x, p, _, layer):
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = project_qkv(h, p)
+        qr = apply_rope(q, positions, inv_freq, factor)
+        kr = apply_rope(k, positions, inv_freq, factor)
+        out = _layer_prefill_attention(policy, qr, kr, v, layer, cfg, chunk)
+        x = x + project_out(out.astype(x.dtype), p)
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        return x, _layer_store(policy, kr, v, lengths, capacity, layer)
+
+    x = embed(params, tokens, cfg)
+    x, layers = _run_layers(body, x, params, None, cfg.num_layers, _unrolled(policy))
+    if all_logits:
+        logits = unembed(params, x, cfg)
+    else:
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        logits = unembed(params, last, cfg)[:, 0]
+    return logits, PolicyCache(layers, lengths, policy, capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def format_decode_step(params, cache, tokens, *, cfg):
+    policy = cache.policy
+    position = cache.next_pos
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+
+    def body(x, p, state, layer):
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = project_qkv(h, p)
+        qr = apply_rope(q, position[:, None], inv_freq, factor)
+        kr = apply_rope(k, position[:, None], inv_freq, factor)
+        out, state = _layer_decode(policy, state, qr, kr[:, 0], v[:, 0], layer)
+        x = x + project_out(out.astype(x.dtype), p)
+        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        return x, state
+
+    x = embed(params, tokens[:, None], cfg)
+    x, layers = _run_layers(body, x, params, cache.layers, cfg.num_layers, _unrolled(policy))
+    logits = unembed(params, x, cfg)[:, 0]
+    return logits, dataclasses.replace(cache, layers=layers, next_pos=position + 1)

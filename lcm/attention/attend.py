@@ -12,12 +12,13 @@ from lcm.attention.masks import Mask
 from lcm.attention.pallas import default_platform, pallas_attention
 from lcm.attention.reference import reference_attention
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: float | None = None,
-           softcap: float | None = None, block_q: int = 512, block_k: int = 512):
+           softcap: float | None = None, block_q: int = 512, block_k: int = 512,
+           mesh=None, axis_name: str = "context", load_balance="zigzag"):
     """Multi-head attention with grouped KV heads.
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (GQA/MQA; K/V are never repeated).
@@ -31,9 +32,12 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     impl: "reference" (dense float32, the ground truth), "xla" (blockwise online softmax over the
     mask's block layout, O(seq * block) memory), "pallas" (the block-sparse Pallas kernels: TPU
     Mosaic on a TPU, Triton on a GPU, the TPU kernel interpreted on a CPU, which is slow), or
-    "auto" ("pallas" on a TPU or GPU, "xla" on a CPU). block_q / block_k are the block sizes of
-    the blockwise backends, clipped to the (rounded-up) lengths; lengths need not be multiples
-    of them.
+    "auto" ("pallas" on a TPU or GPU, "xla" on a CPU), or context parallelism over the mesh axis
+    `axis_name` of `mesh` (default: the mesh of `jax.set_mesh`): "ring" (K/V passed around a
+    ring) or "allgather" (K/V gathered), both with `load_balance` ("none", "zigzag", "striped",
+    "mask_aware" or a RingOrder); see lcm.sharding.ring_attention. block_q / block_k are the
+    block sizes of the blockwise backends, clipped to the (rounded-up) lengths; lengths need not
+    be multiples of them.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {list(IMPLS)}")
@@ -42,6 +46,13 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
+    if impl in ("ring", "allgather"):
+        from lcm.sharding.ring import ring_attention  # lcm.sharding imports lcm.attention
+        return ring_attention(q, k, v, mask, mesh=mesh, axis_name=axis_name,
+                              load_balance=load_balance, scale=scale, softcap=softcap,
+                              block_q=block_q, block_k=block_k, strategy=impl)
+    if mesh is not None:
+        raise ValueError(f"mesh= is for impl='ring' or 'allgather', not impl={impl!r}")
     if impl == "auto":
         impl = "pallas" if default_platform() != "interpret" else "xla"
     if impl == "reference":

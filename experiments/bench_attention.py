@@ -15,8 +15,13 @@ length (with the window shrunk so that it bites); the script exits if any disagr
 A cell whose compiled memory exceeds --mem_limit_gib is reported as OOM without running; one
 whose time, extrapolated quadratically from the previous length, exceeds --max_seconds is skipped.
 
-    python -m experiments.bench_attention --lengths=1024,4096 --masks=causal,local1024
-    python -m experiments.bench_attention --backward --lengths=1024,2048,4096,8192 --masks=causal
+Options are the fields of configs/bench_attention.py:
+
+    python -m experiments.run --config=configs/bench_attention.py --workdir=/tmp/bench_attention \
+        --config.lengths=1024,4096 --config.masks=causal,local1024
+    python -m experiments.run --config=configs/bench_attention.py --workdir=/tmp/bench_attn_bwd \
+        --config.backward=True --config.lengths=1024,2048,4096,8192 --config.masks=causal
+    python -m experiments.bench_attention --config.lengths=1024   # workdir /tmp/lcm/bench_attention
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tokamax
 
+from experiments.workdir import write_summary
 from lcm.attention import Causal, Local, attend
 
 IMPLS = ("xla", "reference", "jax_nn", "tokamax_xla", "tokamax_xla_chunked")
@@ -44,18 +50,6 @@ NUM_HEADS, HEAD_DIM = 8, 64
 CHECK_LENGTH = 640  # not a multiple of 512: the check also covers partial blocks
 _LONG_CALL_S = 10.0  # a first call this slow is kept as a sample: one-time costs are noise there
 
-_LENGTHS = flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768", "65536"],
-                             "Sequence lengths (queries = keys).")
-_MASKS = flags.DEFINE_list("masks", ["causal", "local1024"], "Masks: causal, local<window>.")
-_IMPLS = flags.DEFINE_list("impls", list(IMPLS), f"Implementations, from {list(IMPLS)}.")
-_BACKWARD = flags.DEFINE_bool("backward", False, "Time value_and_grad w.r.t. q, k, v.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per cell, after one warm-up run.")
-_MEM_LIMIT = flags.DEFINE_float("mem_limit_gib", 16.0, "Skip cells whose compiled memory "
-                                "exceeds this many GiB (reported as OOM).")
-_MAX_SECONDS = flags.DEFINE_float("max_seconds", 200.0, "Skip a cell whose time, extrapolated "
-                                  "quadratically from the previous length, exceeds this.")
-_BLOCK_Q = flags.DEFINE_integer("block_q", 512, "lcm xla query block.")
-_BLOCK_K = flags.DEFINE_integer("block_k", 512, "lcm xla key block.")
 
 
 def parse_window(mask: str) -> int | None:
@@ -194,25 +188,28 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def main(argv):
-    del argv
-    lengths = [int(x) for x in _LENGTHS.value]
-    masks, impls = _MASKS.value, _IMPLS.value
+def run(config, workdir: str) -> dict:
+    """Prints and writes (results.md, summary.json) the tables for `config`'s fields: lengths,
+    masks, impls, backward, repeats, mem_limit_gib, max_seconds, block_q, block_k."""
+    lengths = [int(x) for x in config.lengths]
+    masks, impls = list(config.masks), list(config.impls)
     for mask in masks:
         parse_window(mask)  # raise on a bad name before any work
     for name in impls:
         if name not in IMPLS:
             raise ValueError(f"impl={name!r}; expected one of {list(IMPLS)}")
-    block_q, block_k, backward = _BLOCK_Q.value, _BLOCK_K.value, _BACKWARD.value
+    block_q, block_k, backward = config.block_q, config.block_k, config.backward
+    repeats, mem_limit, max_seconds = config.repeats, config.mem_limit_gib, config.max_seconds
 
     header = (f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), {jax.default_backend()}, "
               f"jax {jax.__version__}, "
               f"tokamax {tokamax.__version__}, {datetime.date.today().isoformat()}")
     print(header, flush=True)
+    report = [header]
     check_agreement(masks, impls, block_q, block_k, backward)
     print(f"check: all impls match lcm reference at length {CHECK_LENGTH}", flush=True)
 
-    cells = {}
+    cells, rows = {}, []
     direction = "forward + backward (value_and_grad w.r.t. q, k, v)" if backward else "forward"
     for mask in masks:
         fns = attention_fns(parse_window(mask), block_q, block_k)
@@ -222,23 +219,30 @@ def main(argv):
             for name in impls:
                 fn = with_grads(fns[name]) if backward else fns[name]
                 prev = last.get(name)
-                cell = measure(fn, args, repeats=_REPEATS.value, mem_limit_gib=_MEM_LIMIT.value,
+                cell = measure(fn, args, repeats=repeats, mem_limit_gib=mem_limit,
                                estimate_s=prev and prev[1] * (length / prev[0]) ** 2,
-                               max_seconds=_MAX_SECONDS.value)
+                               max_seconds=max_seconds)
                 if cell.median_s is not None:
                     last[name] = (length, cell.median_s)
                 cells[(mask, length, name)] = cell
+                rows.append(dict(mask=mask, length=length, impl=name, **dataclasses.asdict(cell)))
                 logging.info("%s %d %s: median %s s, min %s s, %s MiB %s", mask, length, name,
                              *(x and f"{x:.4g}" for x in (cell.median_s, cell.min_s, cell.mib)),
                              cell.note)
             del args
         title = (f"{mask}, {direction}; batch 1, {NUM_HEADS} heads, head_dim {HEAD_DIM}, "
                  f"float32; lcm blocks {block_q}x{block_k}")
-        print("\n" + table(mask, lengths, impls, cells, title), flush=True)
-    print(f"\nCells: median of {_REPEATS.value} runs, compiled memory (arguments + outputs + "
-          f"temporaries), time relative to lcm xla. OOM: over {_MEM_LIMIT.value:g} GiB; "
-          f"skipped: time extrapolated from the previous length over {_MAX_SECONDS.value:g} s.")
+        report.append(table(mask, lengths, impls, cells, title))
+        print("\n" + report[-1], flush=True)
+    report.append(f"Cells: median of {repeats} runs, compiled memory (arguments + outputs + "
+                  f"temporaries), time relative to lcm xla. OOM: over {mem_limit:g} GiB; "
+                  f"skipped: time extrapolated from the previous length over {max_seconds:g} s.")
+    print("\n" + report[-1], flush=True)
+    return write_summary(workdir, {"machine": header, "cells": rows},
+                         markdown="\n\n".join(report))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments.run import entry_point
+
+    entry_point(default_experiment="bench_attention")

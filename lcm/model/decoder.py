@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lcm.attention import Causal, Document, Local
 from lcm.config import ModelConfig
@@ -13,6 +14,11 @@ from lcm.positions import rope_frequencies
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in backward
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep nothing on the device: each layer's input goes to pinned host memory in the forward
+    # pass and comes back for the layer's recomputation in the backward pass.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -53,6 +59,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     x = shard(embed(params, tokens, cfg), ("batch", "seq", "embed"))
 
     def layer(x, p):
+        x = checkpoint_name(x, "layer_input")  # the name remat="offload" moves to the host
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         x = x + attention_block(h, p, positions=positions, inv_freq=inv_freq,
                                 attention_factor=attention_factor, mask=mask,

@@ -6,6 +6,7 @@ CompressiveMemory (Infini-attention), KNNMemory (Memorizing Transformer), Linear
 """
 
 from lcm.memory.base import Memory, NoMemory
+from lcm.memory.blocks import RetrievedBlocks
 from lcm.memory.compressive import CompressiveMemory
 from lcm.memory.decoder import (init_memory_params, init_memory_state, memory_param_specs,
                                 run_segments)
@@ -19,4 +20,5 @@ from lcm.memory.xl import TransformerXL
 __all__ = ["segment_scan", "run_segments", "init_memory_params", "init_memory_state",
            "memory_param_specs", "Memory", "NoMemory", "TransformerXL", "RecurrentMemory",
            "CompressiveMemory", "KNNMemory", "knn_attention", "LinearRecurrence",
-           "chunked_linear_attention", "linear_attention_step", "quadratic_linear_attention"]
+           "chunked_linear_attention", "linear_attention_step", "quadratic_linear_attention",
+           "RetrievedBlocks"]

@@ -1,15 +1,27 @@
 """KV cache, prefill / decode / generate, and cache eviction policies.
 
-    logits, cache = prefill(params, tokens, cfg, lengths=lengths, max_new_tokens=16)
+    logits, cache = prefill(params, tokens, cfg, lengths=lengths, policy=SnapKV(0.5),
+                            max_new_tokens=16)
     logits, cache = decode_step(params, cache, next_tokens, cfg)
-    tokens, num_generated = generate(params, cfg, prompts, lengths=lengths, max_new_tokens=32)
+    tokens, num_generated = generate(params, cfg, prompts, lengths=lengths, max_new_tokens=32,
+                                     policy=SnapKV(0.5))
 
 `KVCache` is a pytree (see `lcm.cache.kv`): static capacity, per-(layer, batch, kv-head)
-lengths, original positions of every kept entry, optional per-entry scores.
+lengths, original positions of every kept entry, optional per-entry scores. Policies are
+frozen dataclasses with kvpress's names and defaults (`lcm.cache.policies`), run as
+score -> select(static budget) -> apply (`lcm.cache.compress`). One prefill can be compressed
+by several policies: `prefill_observed` then `compress`.
 """
 
+from lcm.cache.compress import Observations, compress
 from lcm.cache.generate import generate, sample_logits
 from lcm.cache.kv import KVCache
-from lcm.cache.prefill import decode_step, prefill
+from lcm.cache.policies import (H2O, TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging,
+                                ObservedAttention, PyramidKV, SnapKV, StreamingLLM,
+                                policy_from_name)
+from lcm.cache.prefill import decode_step, prefill, prefill_observed
 
-__all__ = ["KVCache", "prefill", "decode_step", "generate", "sample_logits"]
+__all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "generate", "sample_logits",
+           "compress", "Observations", "policy_from_name", "Knorm", "StreamingLLM", "SnapKV",
+           "PyramidKV", "TOVA", "ObservedAttention", "ExpectedAttention", "H2O", "AdaKV",
+           "Merging", "Decoding"]

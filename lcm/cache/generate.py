@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm.cache.compress import check_policy
 from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
 from lcm.config import ModelConfig
 
@@ -36,7 +37,6 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     _check_count("max_new_tokens", max_new_tokens, minimum=1)
     stop = _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
     if policy is not None:
-        from lcm.cache.compress import check_policy
         check_policy(policy, cfg, prompts.shape[1])
     room = max_new_tokens - 1  # the last token is returned, never fed back
     if decode_policy is not None:

@@ -25,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lcm.positions import apply_rope
+
 ROTATIONS = ("original", "cache")
 
 
@@ -152,3 +154,48 @@ def pad_capacity(layer: dict, capacity: int) -> dict:
     if "score" in layer:
         out["score"] = grow(layer["score"], 0)
     return out
+
+
+def insert(entries, k, v, position):
+    """Appends one entry per (batch, kv-head): k, v [B, K, D]; position [B].
+
+    Written at slot `length`; a full head overwrites its oldest entry instead.
+    """
+    B, K, C = entries["pos"].shape
+    full = entries["length"] >= C
+    big = jnp.iinfo(jnp.int32).max
+    oldest = jnp.argmin(jnp.where(entries_valid(entries), entries["pos"], big), -1)
+    slot = jnp.where(full, oldest, entries["length"]).astype(jnp.int32)
+    b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
+    out = dict(entries,
+               k=entries["k"].at[b, h, slot].set(k.astype(entries["k"].dtype)),
+               v=entries["v"].at[b, h, slot].set(v.astype(entries["v"].dtype)),
+               pos=entries["pos"].at[b, h, slot].set(jnp.broadcast_to(position[:, None], (B, K))),
+               length=jnp.minimum(entries["length"] + 1, C))
+    if "score" in entries:
+        out["score"] = entries["score"].at[b, h, slot].set(0.0)
+    return out
+
+
+def entries_valid(entries):
+    """Bool [B, K, C]: which slots of a layer dict hold entries."""
+    return slot_valid(entries["length"], entries["pos"].shape[-1])
+
+
+def rank_positions(entries):
+    """Each entry's rank among its head's valid entries by original position: [B, K, C]."""
+    big = jnp.iinfo(jnp.int32).max
+    pos = jnp.where(entries_valid(entries), entries["pos"], big)
+    order = jnp.argsort(pos, axis=-1)
+    ranks = jnp.argsort(order, axis=-1).astype(jnp.int32)
+    return jnp.where(entries_valid(entries), ranks, -1)
+
+
+def cache_rotation(entries, inv_freq, factor):
+    """StreamingLLM positions: keys (stored un-rotated) rotated by their rank in the cache, and
+    the newest entry's rank as the query position. Returns (q_pos [B, K, 1], keys [B, K, C, D])."""
+    ranks = rank_positions(entries)
+    B, K, C, D = entries["k"].shape
+    flat = entries["k"].reshape(B, K * C, 1, D)
+    keys = apply_rope(flat, jnp.maximum(ranks, 0).reshape(B, K * C), inv_freq, factor)
+    return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)

@@ -16,7 +16,10 @@ import numpy as np
 
 from lcm.attention import Causal, Local, attend
 from lcm.cache import attention as cattn
-from lcm.cache.kv import KVCache, from_layer_slices, layer_slices, pad_capacity, slot_valid
+from lcm.cache.compress import (PREFILL_POLICIES, Observations, check_policy, compress_layer,
+                                observations_for, observe_layer, to_rotation)
+from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, from_layer_slices, insert,
+                          layer_slices, pad_capacity, rank_positions)
 from lcm.config import ModelConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import apply_rope, rope_frequencies
@@ -40,10 +43,28 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     chunk = _check_chunk(chunk_size, cfg)
     _check_count("max_new_tokens", max_new_tokens, minimum=0)
     if policy is not None:
-        from lcm.cache.compress import check_policy
         check_policy(policy, cfg, tokens.shape[1])
     return _prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
                     room=max_new_tokens, all_logits=bool(all_logits))
+
+
+def prefill_observed(params, tokens, cfg: ModelConfig, policies, *, lengths=None,
+                     chunk_size=None, all_logits: bool = False):
+    """Runs the prompts once, keeping every token and what `policies` observe:
+    `(logits, cache, observations)`.
+
+    `lcm.cache.compress(cache, policy, observations, cfg)` then gives, for each of `policies`,
+    the cache `prefill(..., policy=policy)` would give, without running the prompt again.
+    Observations are small except for ObservedAttention / H2O ([L, B, H, T] attention sums).
+    """
+    lengths = _check_prompt(tokens, cfg, lengths)
+    chunk = _check_chunk(chunk_size, cfg)
+    if isinstance(policies, PREFILL_POLICIES):
+        policies = (policies,)
+    for policy in policies:
+        check_policy(policy, cfg, tokens.shape[1])
+    return _prefill(params, tokens, lengths, cfg=cfg, policy=None, chunk=chunk, room=0,
+                    all_logits=bool(all_logits), observe=observations_for(policies))
 
 
 def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None):
@@ -72,17 +93,17 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
 
 # ---------------------------------------------------------------------------- implementations
 
-@functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits"))
-def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
+@functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits",
+                                             "observe"))
+def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None):
+    """observe: None, or (window, colsum, n_sink) to keep (and return) Observations."""
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     real = positions < lengths[:, None]
     # Length-dependent RoPE (dynamic, longrope) sees the longest prompt, as transformers would.
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
-    rotation = "original" if policy is None else policy_rotation(policy)
-    if policy is not None:
-        from lcm.cache.compress import compress_layer, observe_layer
+    rotation = "original" if policy is None else policy.positions
     x = embed(params, tokens, cfg)
 
     def layer(x, xs):
@@ -94,15 +115,20 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
         out = attend(qr, kr, v, mask, impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
         x = x + project_out(out.astype(x.dtype), p)
         x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        stored = kr if rotation == "original" else k
-        entries = _prompt_entries(stored, v, real, lengths)
+        entries = _prompt_entries(kr, v, real, lengths)
+        kept = {}
+        if observe is not None:
+            window, colsum, sink = observe
+            kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg,
+                                 window=window, colsum=colsum, sink=sink)
         if policy is not None:
             obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
             entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
-                                     inv_freq=inv_freq, factor=factor)
-        return x, pad_capacity(entries, entries["pos"].shape[-1] + room)
+                                     inv_freq=inv_freq, factor=factor, next_pos=lengths)
+            entries = to_rotation(entries, rotation, inv_freq, factor)
+        return x, (pad_capacity(entries, entries["pos"].shape[-1] + room), kept)
 
-    x, layers = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
+    x, (layers, kept) = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
     if all_logits:
         logits = unembed(params, x, cfg)
     else:
@@ -111,7 +137,9 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
     cache = KVCache(k=layers["k"], v=layers["v"], pos=layers["pos"], length=layers["length"],
                     next_pos=lengths, score=layers.get("score"), step=jnp.zeros((), jnp.int32),
                     rotation=rotation)
-    return logits, cache
+    if observe is None:
+        return logits, cache
+    return logits, cache, Observations(n_sink=observe[2], **kept)
 
 
 def _prompt_entries(k, v, real, lengths):
@@ -146,7 +174,7 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
             q_pos, keys = cache_rotation(entries, inv_freq, factor)
         qr = _rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, entries["pos"] if cache.rotation == "original" else
-                            _rank_positions(entries), _valid(entries),
+                            rank_positions(entries), entries_valid(entries),
                             sliding_window=cfg.sliding_window)
         probs = cattn.attention_probs(qr, keys, vis)
         out = cattn.attend_cache(probs, entries["v"], x.dtype)
@@ -165,49 +193,6 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
     return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step)
 
 
-def insert(entries, k, v, position):
-    """Appends one entry per (batch, kv-head): k, v [B, K, D]; position [B].
-
-    Written at slot `length`; a full head overwrites its oldest entry instead.
-    """
-    B, K, C = entries["pos"].shape
-    full = entries["length"] >= C
-    oldest = jnp.argmin(jnp.where(_valid(entries), entries["pos"], jnp.iinfo(jnp.int32).max), -1)
-    slot = jnp.where(full, oldest, entries["length"]).astype(jnp.int32)
-    b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
-    out = dict(entries,
-               k=entries["k"].at[b, h, slot].set(k.astype(entries["k"].dtype)),
-               v=entries["v"].at[b, h, slot].set(v.astype(entries["v"].dtype)),
-               pos=entries["pos"].at[b, h, slot].set(jnp.broadcast_to(position[:, None], (B, K))),
-               length=jnp.minimum(entries["length"] + 1, C))
-    if "score" in entries:
-        out["score"] = entries["score"].at[b, h, slot].set(0.0)
-    return out
-
-
-def _valid(entries):
-    return slot_valid(entries["length"], entries["pos"].shape[-1])
-
-
-def _rank_positions(entries):
-    """Each entry's rank among its head's valid entries by original position: [B, K, C]."""
-    big = jnp.iinfo(jnp.int32).max
-    pos = jnp.where(_valid(entries), entries["pos"], big)
-    order = jnp.argsort(pos, axis=-1)
-    ranks = jnp.argsort(order, axis=-1).astype(jnp.int32)
-    return jnp.where(_valid(entries), ranks, -1)
-
-
-def cache_rotation(entries, inv_freq, factor):
-    """StreamingLLM positions: keys (stored un-rotated) rotated by their rank in the cache, and
-    the newest entry's rank as the query position. Returns (q_pos [B, K, 1], keys [B, K, C, D])."""
-    ranks = _rank_positions(entries)
-    B, K, C, D = entries["k"].shape
-    flat = entries["k"].reshape(B, K * C, 1, D)
-    keys = apply_rope(flat, jnp.maximum(ranks, 0).reshape(B, K * C), inv_freq, factor)
-    return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)
-
-
 def _rotate_queries(q, q_pos, inv_freq, factor):
     """q [B, 1, H, D] rotated at q_pos [B, 1] (shared) or [B, K, 1] (one position per kv head)."""
     if q_pos.ndim == 2:
@@ -217,10 +202,6 @@ def _rotate_queries(q, q_pos, inv_freq, factor):
     qg = q.reshape(B, K, H // K, D)  # T == 1: heads of a group share their kv head's position
     rotated = apply_rope(qg, q_pos.reshape(B, K), inv_freq, factor)
     return rotated.reshape(B, 1, H, D)
-
-
-def policy_rotation(policy) -> str:
-    return getattr(policy, "positions", "original")
 
 
 # ---------------------------------------------------------------------------- argument checks

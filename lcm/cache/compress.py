@@ -1,0 +1,289 @@
+"""Policies run as `score -> select(static budget) -> apply`, at prefill or on a kept prefill.
+
+`prefill(..., policy=p)` compresses each layer as soon as it is computed. To compare several
+policies on one prompt without running it again, keep what they observe:
+
+    logits, cache, obs = prefill_observed(params, tokens, cfg, [SnapKV(0.5), Knorm(0.5)])
+    small = compress(cache, SnapKV(0.5), obs, cfg)   # equals prefill(..., policy=SnapKV(0.5))
+
+Budgets are per row (from each row's real length, with kvpress's rounding, through a host
+table) and per layer (PyramidKV) or per head (AdaKV) as traced counts under one static
+capacity, the largest budget: heads holding fewer entries leave empty slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm.cache import attention as cattn
+from lcm.cache import scores as S
+from lcm.cache.kv import KVCache, gather_entries, pad_capacity
+from lcm.cache.merge import merge_values
+from lcm.cache.policies import (H2O, TOVA, AdaKV, ExpectedAttention, Merging, ObservedAttention,
+                                PyramidKV, Scorer, SnapKV)
+from lcm.config import ModelConfig
+from lcm.positions import apply_rope, rope_frequencies
+
+f32 = jnp.float32
+PREFILL_POLICIES = (Scorer, H2O, AdaKV, Merging)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q_win", "q_pos", "colsum", "q_mean", "q_cov"],
+                   meta_fields=["n_sink"])
+@dataclasses.dataclass(frozen=True)
+class Observations:
+    """What a prefill keeps for later compression, stacked over layers (None when not asked).
+
+    q_win [L, B, W, H, D] rotated queries of each row's last W tokens, q_pos [L, B, W] their
+    positions (-1 before the prompt); colsum [L, B, H, T] attention summed over all queries;
+    q_mean [L, B, H, D] and q_cov [L, B, H, D, D] of the un-rotated queries from n_sink on.
+    """
+
+    q_win: jax.Array | None = None
+    q_pos: jax.Array | None = None
+    colsum: jax.Array | None = None
+    q_mean: jax.Array | None = None
+    q_cov: jax.Array | None = None
+    n_sink: int | None = None
+
+
+def _inner(policy):
+    return policy.press if isinstance(policy, (AdaKV, Merging)) else policy
+
+
+def needs(policy):
+    """(window, column sums, moments' n_sink or None) that `policy` observes."""
+    p = _inner(policy)
+    window = p.window_size if isinstance(p, SnapKV) else 1 if isinstance(p, TOVA) else 0
+    colsum = isinstance(p, (ObservedAttention, H2O))
+    sink = p.n_sink if isinstance(p, ExpectedAttention) else None
+    return window, colsum, sink
+
+
+def check_policy(policy, cfg: ModelConfig, prompt_len: int):
+    """Raises ValueError for anything but a prefill policy; returns it."""
+    if not isinstance(policy, PREFILL_POLICIES):
+        raise ValueError(f"policy={policy!r}; expected a policy from lcm.cache (Knorm, "
+                         f"StreamingLLM, SnapKV, PyramidKV, TOVA, ObservedAttention, "
+                         f"ExpectedAttention, H2O, AdaKV, Merging) or None")
+    return policy
+
+
+def observe_layer(policy, q, qr, kr, real, lengths, *, chunk, cfg, window=None, colsum=None,
+                  sink=None):
+    """One layer's observations for `policy` (or for the explicit window / colsum / sink)."""
+    if policy is not None:
+        window, colsum, sink = needs(policy)
+    obs = {}
+    if window:
+        obs["q_win"], obs["q_pos"] = cattn.last_queries(qr, lengths, window)
+    if colsum:
+        obs["colsum"] = cattn.column_sums(qr, kr, real, chunk=chunk,
+                                          sliding_window=cfg.sliding_window)
+    if sink is not None:
+        T = q.shape[1]
+        use = real & (jnp.arange(T, dtype=jnp.int32)[None] >= sink)
+        count = jnp.maximum(use.sum(-1), 1).astype(f32)[:, None, None]
+        qf = jnp.where(use[:, :, None, None], q.astype(f32), 0.0)
+        mean = qf.sum(1) / count
+        centered = jnp.where(use[:, :, None, None], qf - mean[:, None], 0.0)
+        obs["q_mean"] = mean
+        obs["q_cov"] = jnp.einsum("bthi,bthj->bhij", centered, centered) / count[..., None]
+    return obs
+
+
+def budget_table(policy, length: int, num_layers: int) -> np.ndarray:
+    """Entries kept per head for every real length 0..length: int32 [L, length + 1]."""
+    p = _inner(policy)
+    rows = []
+    for layer in range(num_layers):
+        if isinstance(p, PyramidKV):
+            row = [0] + [p.layer_budget(n, layer, num_layers) for n in range(1, length + 1)]
+        else:
+            row = [0] + [p.n_kept(n) for n in range(1, length + 1)]
+        rows.append(row)
+    return np.minimum(np.asarray(rows, np.int32), np.arange(length + 1, dtype=np.int32)[None])
+
+
+def capacity(policy, length: int, num_layers: int, num_kv_heads: int) -> int:
+    """The static slots per head a policy needs for a prompt of `length` tokens."""
+    most = int(budget_table(policy, length, num_layers).max())
+    if isinstance(policy, AdaKV):
+        safe = _n_safe(most, policy.alpha_safeguard)
+        most = min(length, num_kv_heads * most - (num_kv_heads - 1) * safe)
+        if policy.capacity_factor is not None:
+            most = min(most, int(np.ceil(policy.capacity_factor * budget_table(
+                policy, length, num_layers).max())))
+    return max(most, 1)
+
+
+def _n_safe(n_kept, alpha):
+    n_safe = int(n_kept * alpha)
+    return max(1, n_safe) if alpha > 0 and n_kept > 0 else 0
+
+
+def protect_recent(scores, pos, n_keep):
+    """Where a head protects (+inf) more entries than it keeps, keep its most recent ones."""
+    protected = jnp.isposinf(scores)
+    over = protected.sum(-1) > n_keep
+    recent = jnp.where(protected, pos.astype(f32), -jnp.inf)
+    return jnp.where(over[..., None], recent, scores)
+
+
+def select(scores, n_keep, cap):
+    """Top `n_keep` [B, K] entries per head by scores [B, K, S] within a static capacity:
+    (idx [B, K, cap] int32, keep [B, K, cap] bool), kept ones first and in slot order."""
+    vals, idx = jax.lax.top_k(scores, cap)
+    rank = jnp.arange(cap, dtype=jnp.int32).reshape(1, 1, cap)
+    keep = (rank < n_keep[..., None]) & (vals > -jnp.inf)
+    return _compact(idx, keep)
+
+
+def _compact(idx, keep):
+    key = jnp.where(keep, idx, jnp.iinfo(jnp.int32).max)
+    order = jnp.argsort(key, axis=-1)
+    return jnp.take_along_axis(idx, order, -1), jnp.take_along_axis(keep, order, -1)
+
+
+def select_adakv(policy: AdaKV, scores, n_kept, cap):
+    """AdaKV: each head's top n_safe, then the layer's K * n_kept best entries overall, at most
+    `cap` per head. n_kept [B] (heads of a row share it)."""
+    B, K, Sn = scores.shape
+    alpha = policy.alpha_safeguard
+    n_safe = jnp.where(alpha > 0, jnp.maximum(1, (n_kept * alpha).astype(jnp.int32)), 0)
+    n_safe = jnp.where(n_kept > 0, n_safe, 0)
+    vals, idx = jax.lax.top_k(scores, cap)  # per head candidates, best first
+    rank = jnp.arange(cap, dtype=jnp.int32).reshape(1, 1, cap)
+    boosted = jnp.where((rank < n_safe[:, None, None]) & (vals > -jnp.inf), jnp.inf, vals)
+    flat = boosted.reshape(B, K * cap)
+    order_rank = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1, stable=True)
+    keep = (order_rank < (K * n_kept)[:, None]) & (flat > -jnp.inf)
+    return _compact(idx, keep.reshape(B, K, cap))
+
+
+def compress_layer(policy, entries, obs, *, layer, cfg, inv_freq, factor, score_keys=None,
+                   next_pos=None, target=None):
+    """Compresses one layer's entries {k, v, pos, length[, score]} [B, K, S, ...] with
+    `policy`; returns entries with the policy's static capacity.
+
+    score_keys: keys rotated at their original positions (default entries["k"]); next_pos [B]
+    (default the head lengths): where decoding continues. target: a fixed per-head budget
+    (decode-time compression) instead of the policy's own.
+    """
+    B, K, Sn = entries["pos"].shape
+    keys = entries["k"] if score_keys is None else score_keys
+    valid = jnp.arange(Sn, dtype=jnp.int32).reshape(1, 1, Sn) < entries["length"][..., None]
+    n = entries["length"]
+    inputs = dict(keys=keys, v=entries["v"], pos=entries["pos"], valid=valid, n=n, obs=obs,
+                  inv_freq=inv_freq, factor=factor, sliding_window=cfg.sliding_window,
+                  next_pos=n[:, 0] if next_pos is None else next_pos)
+    inner = _inner(policy)
+    if target is not None:
+        n_keep, cap = jnp.minimum(n, target), min(target, Sn)
+    else:
+        table = jnp.asarray(budget_table(policy, Sn, cfg.num_layers))
+        n_keep = table[layer][n]
+        cap = min(capacity(policy, Sn, cfg.num_layers, K), Sn)
+    accumulated = None
+    if isinstance(inner, H2O):
+        scores, accumulated = S.h2o(inner, **inputs)
+    else:
+        scores = S.score(inner, **inputs)
+    scores = protect_recent(scores, entries["pos"], n_keep)
+    if isinstance(policy, AdaKV):
+        idx, keep = select_adakv(policy, scores, n_keep[:, 0], cap)
+    else:
+        idx, keep = select(scores, n_keep, cap)
+    source = dict(entries)
+    if accumulated is not None:
+        source["score"] = accumulated
+    if isinstance(policy, Merging):
+        source["v"] = merge_values(policy, keys, entries["v"], valid, idx, keep)
+    out = gather_entries(source, idx, keep)
+    if "score" in entries and "score" not in out:
+        out["score"] = jnp.zeros(out["pos"].shape, f32)
+    return out
+
+
+# ------------------------------------------------------------------ compressing a kept prefill
+
+def observations_for(policies):
+    """(window, colsum, n_sink) covering every policy in `policies`."""
+    window, colsum, sinks = 0, False, set()
+    for p in policies:
+        w, c, s = needs(p)
+        window, colsum = max(window, w), colsum or c
+        if s is not None:
+            sinks.add(s)
+    if len(sinks) > 1:
+        raise ValueError(f"policies use ExpectedAttention with different n_sink {sorted(sinks)};"
+                         f" observe them in separate prefills")
+    return window, colsum, (sinks.pop() if sinks else None)
+
+
+def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfig, *,
+             max_new_tokens: int = 0):
+    """Compresses a full prefill cache (from `prefill_observed`) with `policy`.
+
+    Gives what `prefill(..., policy=policy, max_new_tokens=max_new_tokens)` gives, without
+    running the prompt again; the cache and observations are left unchanged, so several
+    policies can compress one prefill.
+    """
+    check_policy(policy, cfg, cache.capacity)
+    if not isinstance(cache, KVCache) or cache.rotation != "original" or (
+            cache.score is not None):
+        raise ValueError("cache: expected the uncompressed KVCache of prefill_observed")
+    if not isinstance(observations, Observations):
+        raise ValueError(f"observations={type(observations).__name__}; expected the "
+                         f"Observations of prefill_observed")
+    window, colsum, sink = needs(policy)
+    have_w = 0 if observations.q_win is None else observations.q_win.shape[2]
+    if window > have_w or (colsum and observations.colsum is None) or (
+            sink is not None and (observations.q_mean is None or sink != observations.n_sink)):
+        raise ValueError(f"observations lack what {type(_inner(policy)).__name__} needs "
+                         f"(window {window}, attention sums {colsum}, moments from {sink}); "
+                         f"pass the policy to prefill_observed")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
+            max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
+    return _compress(cache, policy, observations, cfg=cfg, room=max_new_tokens)
+
+
+def to_rotation(entries, rotation, inv_freq, factor):
+    """Entries whose keys are rotated at their original positions, re-expressed for `rotation`:
+    "cache" stores them un-rotated (attention rotates them by rank)."""
+    if rotation == "original":
+        return entries
+    B, K, C, D = entries["k"].shape
+    flat = entries["k"].reshape(B, K * C, 1, D)
+    k = apply_rope(flat, -jnp.maximum(entries["pos"], 0).reshape(B, K * C), inv_freq,
+                   1.0 / factor).reshape(B, K, C, D)
+    return dict(entries, k=jnp.where((entries["pos"] >= 0)[..., None], k, 0).astype(
+        entries["k"].dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "cfg", "room"))
+def _compress(cache, policy, observations, *, cfg, room):
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(cache.next_pos))
+    obs_all = {name: getattr(observations, name) for name in
+               ("q_win", "q_pos", "colsum", "q_mean", "q_cov")
+               if getattr(observations, name) is not None}
+
+    def layer(_, xs):
+        entries, obs, index = xs
+        out = compress_layer(policy, entries, obs, layer=index, cfg=cfg, inv_freq=inv_freq,
+                             factor=factor, next_pos=cache.next_pos)
+        out = to_rotation(out, policy.positions, inv_freq, factor)
+        return None, pad_capacity(out, out["pos"].shape[-1] + room)
+
+    layers = {"k": cache.k, "v": cache.v, "pos": cache.pos, "length": cache.length}
+    _, out = jax.lax.scan(layer, None, (layers, obs_all, jnp.arange(cfg.num_layers)))
+    return KVCache(k=out["k"], v=out["v"], pos=out["pos"], length=out["length"],
+                   next_pos=cache.next_pos, score=out.get("score"), step=cache.step,
+                   rotation=policy.positions)

@@ -1,0 +1,85 @@
+"""Parity with kvpress 0.5.5: kept positions per (layer, kv head) and next-token logits after
+compression, on a tiny random Llama (fixtures from tests/fixtures/make_kvpress_fixtures.py).
+
+The prompt's token ids are distinct, so no two scores tie at the cut and kept sets must be
+equal, not just close."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcm.cache import (TOVA, AdaKV, ExpectedAttention, Knorm, Merging, ObservedAttention,
+                       PyramidKV, SnapKV, StreamingLLM, compress, decode_step, prefill,
+                       prefill_observed)
+from lcm.io import load_hf_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures" / "kvpress"
+META = json.loads((FIXTURES / "meta.json").read_text())
+NAMES = sorted(META["configurations"])
+
+
+def policy_for(name):
+    r = META["configurations"][name]["compression_ratio"]
+    kind = name.rsplit("_", 1)[0]
+    return {
+        "snapkv": SnapKV(r), "snapkv_w16k7": SnapKV(r, window_size=16, kernel_size=7),
+        "streamingllm": StreamingLLM(r), "knorm": Knorm(r), "tova": TOVA(r),
+        "observed": ObservedAttention(r), "pyramidkv": PyramidKV(r),
+        "expected": ExpectedAttention(r), "adakv_snapkv": AdaKV(SnapKV(r)),
+        "merging_knorm": Merging(Knorm(r)),
+        "rerotation_streamingllm": StreamingLLM(r, positions="cache"),
+    }[kind]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg, params = load_hf_checkpoint(FIXTURES / "model")
+    data = np.load(FIXTURES / "expected.npz")
+    tokens = jnp.asarray(data["input_ids"])
+    policies = [policy_for(name) for name in NAMES]
+    logits, full, obs = prefill_observed(params, tokens, cfg, policies)
+    return cfg, params, data, full, obs
+
+
+def test_every_fixture_has_a_policy():
+    assert len(NAMES) == 22 and all(policy_for(n) is not None for n in NAMES)
+    assert {META["configurations"][n]["compression_ratio"] for n in NAMES} == {0.3, 0.45}
+
+
+def test_uncompressed_logits(reference):
+    cfg, params, data, _, _ = reference
+    _, cache = prefill(params, jnp.asarray(data["input_ids"]), cfg, max_new_tokens=1)
+    logits, _ = decode_step(params, cache, jnp.asarray(data["next_id"]), cfg)
+    np.testing.assert_allclose(logits[0], data["full/logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_positions_and_logits_match_kvpress(reference, name):
+    cfg, params, data, full, obs = reference
+    T = data["input_ids"].shape[1]
+    policy = policy_for(name)
+    # One decode shape for every policy: pad each compressed cache to T + 1 slots.
+    probe = compress(full, policy, obs, cfg)
+    cache = compress(full, policy, obs, cfg, max_new_tokens=T + 1 - probe.capacity)
+    want = data[f"{name}/kept"]
+    for layer in range(cfg.num_layers):
+        kept = np.asarray(cache.kept_positions(layer)[0])
+        for head in range(cfg.num_kv_heads):
+            got = set(kept[head][kept[head] >= 0].tolist())
+            assert got == set(np.flatnonzero(want[layer, head]).tolist()), (layer, head)
+    logits, _ = decode_step(params, cache, jnp.asarray(data["next_id"]), cfg)
+    np.testing.assert_allclose(logits[0], data[f"{name}/logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_with_policy_equals_compress_of_observed_prefill(reference):
+    cfg, params, data, full, obs = reference
+    for policy in (SnapKV(0.45), PyramidKV(0.3)):
+        _, direct = prefill(params, jnp.asarray(data["input_ids"]), cfg, policy=policy)
+        later = compress(full, policy, obs, cfg)
+        np.testing.assert_array_equal(direct.pos, later.pos)
+        np.testing.assert_array_equal(direct.length, later.length)
+        np.testing.assert_allclose(direct.k, later.k, atol=1e-6)

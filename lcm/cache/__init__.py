@@ -14,12 +14,16 @@ by several policies: `prefill_observed` then `compress`.
 """
 
 from lcm.cache.compress import Observations, compress
+from lcm.cache.duo import DuoAttention as DuoAttention
+from lcm.cache.formats import PolicyCache as PolicyCache
 from lcm.cache.generate import generate, sample_logits
+from lcm.cache.kivi import KIVI as KIVI
 from lcm.cache.kv import KVCache
 from lcm.cache.policies import (H2O, TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging,
                                 ObservedAttention, PyramidKV, SnapKV, StreamingLLM,
                                 policy_from_name)
 from lcm.cache.prefill import decode_step, prefill, prefill_observed
+from lcm.cache.quest import Quest as Quest
 
 __all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "generate", "sample_logits",
            "compress", "Observations", "policy_from_name", "Knorm", "StreamingLLM", "SnapKV",

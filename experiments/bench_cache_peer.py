@@ -111,7 +111,11 @@ def main():
     parser.add_argument("--decode_steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duo_ratio", type=float, default=0.75)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (on a busy 2-core machine 2 threads made "
+                             "each decode step ~10x slower than 1: OpenMP workers spin)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,

@@ -28,9 +28,11 @@ from lcm.attention.masks import Mask
 from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
                                       placed_mask, static_kinds, step_layout)
 from lcm.sharding.ring_order import LOAD_BALANCE, RingOrder, make_ring_order
+from lcm.sharding.ring_kernel import check_kernel_order, kernel_mask_fn, pallas_ring_local
 from lcm.sharding.ring_specs import check_and_prepare, shard_specs
 
 f32 = jnp.float32
+STRATEGIES = ("ring", "allgather", "pallas")
 
 
 def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: str = "context",
@@ -49,11 +51,13 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     the output permuted back (one reshuffle of q, k, v and the output). Or a `RingOrder` over
     this axis size: q, k, v and per-token mask arrays are already in that ring order and padded
     (`order.to_ring`), as a model does once for its inputs; the output stays in ring order.
-    strategy: "ring" (pass K/V around) or "allgather" (gather K/V, then compute locally).
+    strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
+    "pallas" (the ring's forward as one Pallas TPU kernel moving K/V by remote DMA; index masks,
+    "none"/"zigzag" orders, no softcap; interpreted off TPU; see lcm.sharding.ring_kernel).
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
-    if strategy not in ("ring", "allgather"):
-        raise ValueError(f"strategy={strategy!r}; expected 'ring' or 'allgather'")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; expected one of {list(STRATEGIES)}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if axis_name not in getattr(mesh, "axis_names", ()):
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh (axes "
@@ -92,7 +96,17 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
         if math.lcm(bq, bk) > raw:
             bq = bk = min(bq, bk)
         order = make_ring_order(length, P, load_balance, block=math.lcm(bq, bk), mask=mask)
-        q, k, v = (order.to_ring(x) for x in (q, k, v))
+    if strategy == "pallas":
+        if softcap is not None:
+            raise ValueError("softcap with strategy='pallas': not in the kernel; use 'ring'")
+        check_kernel_order(order, axis_name)
+        mask_fn = kernel_mask_fn(mask)
+    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask)
+    # Contiguous shards without padding are already in ring order: nothing to permute.
+    permute = not in_order and (order.load_balance != "none" or order.padded_length != L)
+    if permute:
+        # One reshuffle in, one out; keep the results sharded like the inputs (not replicated).
+        q, k, v = (_constrain(order.to_ring(x), mesh, qspec) for x in (q, k, v))
     bq, bk = min(block_q, order.chunk_size), min(block_k, order.chunk_size)
     if order.chunk_size % bq or order.chunk_size % bk:
         raise ValueError(f"block_q={bq} and block_k={bk} must divide the ring order's "
@@ -103,12 +117,19 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     st = _Static(plan, axis_name, float(scale), softcap, static)
     if strategy == "allgather":
         body = functools.partial(_allgather_local, st)
+    elif strategy == "pallas":
+        body = functools.partial(pallas_ring_local, st, mask_fn)
     else:
         body = functools.partial(_ring_local, st)
-    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask)
     out = jax.shard_map(body, mesh=mesh, in_specs=(qspec, kspec, kspec, mask_spec),
                         out_specs=qspec, check_vma=False)(q, k, v, mask)
-    return out if in_order else order.from_ring(out)
+    return _constrain(order.from_ring(out), mesh, qspec) if permute else out
+
+
+def _constrain(x, mesh, spec):
+    if isinstance(mesh, jax.sharding.Mesh):
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, spec)  # under jax.set_mesh
 
 
 def _round_up(n, multiple):

@@ -1,0 +1,81 @@
+"""strategy="pallas": ring attention's forward as one Pallas TPU kernel (kernels/ring), K/V
+moved by in-kernel remote DMA; backward is the XLA ring's (K/V and dK/dV around the ring).
+
+The kernel evaluates index masks (Causal, Local, SinkWindow, Chunked, PrefixLM and their & / |)
+at original positions, for the "none" and "zigzag" orders without padding; other masks and
+orders raise ValueError naming what to use instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.ring import ring_attention_tpu
+from lcm.attention.masks import And, IndexMask, Or
+from lcm.attention.pallas import default_platform
+
+
+def kernel_mask_fn(mask):
+    """mask_fn(q_pos, k_pos) over original positions, or None; ValueError if not an index mask."""
+    if mask is None:
+        return None
+    if isinstance(mask, IndexMask):
+        return mask.fn
+    if isinstance(mask, (And, Or)):
+        fns = [kernel_mask_fn(m) for m in mask.masks]
+
+        def combined(q, k):
+            out = fns[0](q, k)
+            for f in fns[1:]:
+                out = (out | f(q, k)) if isinstance(mask, Or) else (out & f(q, k))
+            return out
+        return combined
+    raise ValueError(f"strategy='pallas' evaluates index masks (Causal, Local, SinkWindow, "
+                     f"Chunked, PrefixLM) in-kernel, not {type(mask).__name__}; use "
+                     f"strategy='ring'")
+
+
+def check_kernel_order(order, axis_name):
+    if order.load_balance not in ("none", "zigzag") or order.padded_length != order.length:
+        raise ValueError(f"strategy='pallas' needs load_balance 'none' or 'zigzag' and a "
+                         f"sequence length ({order.length}) that splits evenly over mesh axis "
+                         f"{axis_name!r} (multiple of {order.num_chunks} chunks of whole blocks, "
+                         f"here {order.padded_length}); use strategy='ring' otherwise")
+
+
+def _interpret():
+    return pltpu.InterpretParams() if default_platform() == "interpret" else False
+
+
+def _kernel_forward(st, mask_fn, q, k, v):
+    """[B, T, H, D] shards -> (out [B, T, H, D], lse [B, T, H, 1] with -inf for nothing seen)."""
+    order = st.plan.order
+    out, lse = ring_attention_tpu(
+        *(x.transpose(0, 2, 1, 3) for x in (q, k, v)), axis_name=st.axis_name,
+        num_devices=order.num_devices, order=order.load_balance, mask_fn=mask_fn,
+        scale=st.scale, interpret=_interpret())
+    lse = lse.transpose(0, 2, 1, 3)
+    return out.transpose(0, 2, 1, 3), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def pallas_ring_local(st, mask_fn, q, k, v, mask):
+    return _kernel_forward(st, mask_fn, q, k, v)[0]
+
+
+def _fwd(st, mask_fn, q, k, v, mask):
+    out, lse = _kernel_forward(st, mask_fn, q, k, v)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _bwd(st, mask_fn, residuals, d_out):
+    from lcm.sharding.ring import _ring_local_bwd
+
+    return _ring_local_bwd(st, residuals, d_out)
+
+
+pallas_ring_local.defvjp(_fwd, _bwd)

@@ -1,0 +1,234 @@
+"""Context parallelism on the 8-device CPU mesh: lcm ring and all-gather vs one device and peers.
+
+For each causal sequence length (batch 1, 8 heads = 8 KV heads, head_dim 64, float32; equal
+heads because the `ringattention` package has no GQA) it runs, in one process on the same
+inputs:
+
+- `ring`: lcm.sharding.ring_attention, zigzag load balancing, over the 8-device `context` axis,
+  its inputs already in zigzag ring order (as a model permutes its tokens once, by
+  `RingOrder.to_ring`; the output is compared after `from_ring`, outside the timing);
+- `allgather`: the same with strategy="allgather";
+- `xla`: lcm's single-device blockwise backend (attend(impl="xla")) on one device;
+- `ringattention`: the PyPI package (0.1.2; JAX path, shimmed `jax.lib.xla_bridge`) under
+  jax.shard_map, contiguous shards, chunks of `block` tokens;
+- `tokamax_ring`: tokamax's splash ring attention kernel in Pallas interpret mode (NumPy causal
+  mask), only up to `tokamax_max_length` (interpretation is slow).
+
+Per cell: the median wall time over `repeats` runs after a warm-up, and the compiled memory per
+device (arguments + outputs + temporaries from XLA's memory analysis of the partitioned program;
+every simulated device shares this host's RAM). Ratios are to lcm's ring. Then, for ring and
+xla, per-device memory is fitted linearly in the length and the longest causal length that fits
+`device_memory_gib` per device is reported (ring over 8 devices vs one device).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.run \
+        --config=configs/bench_ring.py --workdir=/tmp/bench_ring
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from experiments.workdir import write_summary
+from lcm.attention import Causal, attend
+from lcm.sharding import make_mesh, make_ring_order, ring_attention
+
+IMPLS = ("ring", "allgather", "xla", "ringattention", "tokamax_ring")
+HEADS, HEAD_DIM = 8, 64
+GIB = 1024**3
+
+
+def _ringattention():
+    """The PyPI package, importable on current jax (it reads the removed jax.lib.xla_bridge)."""
+    if not hasattr(jax.lib, "xla_bridge"):
+        jax.lib.xla_bridge = types.SimpleNamespace(
+            get_backend=lambda: types.SimpleNamespace(platform=jax.default_backend()))
+    from ringattention import ringattention
+    return ringattention
+
+
+def make_fns(mesh, block: int, length: int, impls) -> dict:
+    """Every implementation as a jitted f(q, k, v) on sequence-sharded (or device-0) inputs."""
+    axis = "context"
+    spec = PartitionSpec(None, axis, None, None)
+    fns = {}
+    order = ring_order(length, mesh, block)
+    for impl in ("ring", "allgather"):
+        if impl in impls:
+            fns[impl] = jax.jit(functools.partial(
+                ring_attention, mask=Causal(), mesh=mesh, load_balance=order, block_q=block,
+                block_k=block, strategy=impl))
+    if "xla" in impls:
+        fns["xla"] = jax.jit(lambda q, k, v: attend(q, k, v, Causal(), impl="xla",
+                                                    block_q=block, block_k=block))
+    if "ringattention" in impls:
+        ra = _ringattention()
+        chunk = min(block, length // mesh.shape[axis])  # its chunks must tile a shard
+        kwargs = dict(causal_block_size=1, query_chunk_size=chunk, key_chunk_size=chunk,
+                      deterministic=True, dropout_rng=None, attn_pdrop=0.0, dtype=jnp.float32,
+                      policy=jax.checkpoint_policies.nothing_saveable, precision=None,
+                      prevent_cse=True)
+        body = functools.partial(ra, attn_bias=None, segment_ids=None, cache_idx=None,
+                                 axis_name=axis, float32_logits=True, blockwise_kwargs=kwargs)
+        fns["ringattention"] = jax.jit(jax.shard_map(
+            lambda q, k, v: body(q, k, v), mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+            check_vma=False))
+    if "tokamax_ring" in impls:
+        fns["tokamax_ring"] = _tokamax_ring(mesh, length)
+    return fns
+
+
+def ring_order(length, mesh, block):
+    """lcm's inputs come in zigzag ring order, as a model permutes its tokens once."""
+    return make_ring_order(length, mesh.shape["context"], "zigzag", block=block)
+
+
+def _tokamax_ring(mesh, length):
+    import dataclasses
+
+    from tokamax._src.ops.experimental.tpu.splash_attention import (
+        ring_attention_kernel, splash_attention_kernel as splash, splash_attention_mask as masks)
+
+    P = mesh.shape["context"]
+    mask = masks.make_causal_mask((length, length))
+    config = dataclasses.replace(splash.SplashConfig.get_default(), use_base2_exp=False,
+                                 fuse_reciprocal=True, interpret=True)
+    kernel = ring_attention_kernel.make_ring_attention(
+        mask, is_mqa=False, ring_axis="context", config=config, save_residuals=False,
+        q_seq_shards=P, kv_seq_shards=P)
+    spec = PartitionSpec(None, "context", None)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(kernel.manual_sharding_spec(),
+                                                           spec, spec, spec),
+                       out_specs=spec, check_vma=False)
+    def run(kernel, q, k, v):
+        return kernel(q * (HEAD_DIM ** -0.5), k, v, None)
+
+    # tokamax takes [heads, length, head_dim] per batch element.
+    return jax.jit(lambda q, k, v: run(kernel, *(x[0].transpose(1, 0, 2) for x in (q, k, v))
+                                       ).transpose(1, 0, 2)[None])
+
+
+def measure(fn, args, repeats: int, max_seconds: float):
+    compiled = fn.lower(*args).compile()
+    m = compiled.memory_analysis()
+    mem = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+        if times[-1] > max_seconds:
+            break
+    times = times[1:] or times
+    return dict(seconds=statistics.median(times), mem_bytes=int(mem),
+                temp_bytes=int(m.temp_size_in_bytes)), out
+
+
+def inputs(length, mesh, sharded: bool):
+    keys = jax.random.split(jax.random.key(length), 3)
+    shape = (1, length, HEADS, HEAD_DIM)
+    xs = [jax.random.normal(k, shape, jnp.float32) for k in keys]
+    target = (NamedSharding(mesh, PartitionSpec(None, "context")) if sharded
+              else jax.devices()[0])
+    return [jax.device_put(x, target) for x in xs]
+
+
+def longest(lengths, mem, budget):
+    """Longest length whose per-device memory (linear fit over the measured lengths) fits."""
+    if len(lengths) < 2:
+        return None
+    slope, intercept = np.polyfit(np.asarray(lengths, float), np.asarray(mem, float), 1)
+    return int((budget - intercept) / slope) if slope > 0 else None
+
+
+def run(config, workdir: str) -> dict:
+    P = config.num_devices
+    if jax.device_count() < P:
+        sys.exit(f"bench_ring needs {P} devices, have {jax.device_count()}: run with "
+                 f"XLA_FLAGS=--xla_force_host_platform_device_count={P}")
+    unknown = set(config.impls) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"config.impls has {sorted(unknown)}; expected some of {list(IMPLS)}")
+    mesh = make_mesh((1, 1, 1, P), devices=jax.devices()[:P])
+    cells, errors = {}, {}
+    skipped = set()
+    for length in config.lengths:
+        impls = [i for i in config.impls if i not in skipped
+                 and not (i == "tokamax_ring" and length > config.tokamax_max_length)]
+        fns = make_fns(mesh, config.block, length, impls)
+        sharded = inputs(length, mesh, True)
+        single = inputs(length, mesh, False)
+        order = ring_order(length, mesh, config.block)
+        spec = NamedSharding(mesh, PartitionSpec(None, "context"))
+        in_ring_order = [jax.device_put(order.to_ring(x), spec) for x in sharded]
+        ref = None
+        for impl in impls:
+            args = {"xla": single, "ring": in_ring_order, "allgather": in_ring_order}.get(
+                impl, sharded)
+            try:
+                cell, out = measure(fns[impl], args, config.repeats, config.max_seconds)
+            except Exception as e:  # out of memory or unsupported: recorded, not fatal
+                cells[(impl, length)] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+                skipped.add(impl)
+                continue
+            out = np.asarray(order.from_ring(out) if impl in ("ring", "allgather") else out)
+            ref = out if ref is None else ref
+            errors[(impl, length)] = float(np.abs(out - ref).max())
+            cell["max_abs_diff_vs_first"] = errors[(impl, length)]
+            cells[(impl, length)] = cell
+            print(f"L={length:7d} {impl:14s} {cell['seconds']:8.3f} s  "
+                  f"{cell['mem_bytes'] / 2**20:9.1f} MiB/device  diff {errors[(impl, length)]:.1e}",
+                  flush=True)
+            if cell["seconds"] > config.max_seconds:
+                skipped.add(impl)
+            del out
+    budget = config.device_memory_gib * GIB
+    reach = {}
+    for impl in ("ring", "xla"):
+        ok = [(n, cells[(impl, n)]["mem_bytes"]) for n in config.lengths
+              if "mem_bytes" in cells.get((impl, n), {})]
+        reach[impl] = longest([n for n, _ in ok], [m for _, m in ok], budget)
+    ratio = (reach["ring"] / reach["xla"]) if reach["ring"] and reach["xla"] else None
+    markdown = _table(config, cells, reach, ratio)
+    print(markdown)
+    summary = dict(cells={f"{i}@{n}": c for (i, n), c in cells.items()},
+                   longest_causal_length=reach, ring_vs_single_device=ratio,
+                   devices=P, device_memory_gib=config.device_memory_gib,
+                   block=config.block, lengths=list(config.lengths), impls=list(config.impls))
+    return write_summary(workdir, summary, markdown=markdown)
+
+
+def _table(config, cells, reach, ratio) -> str:
+    head = "| length | " + " | ".join(config.impls) + " |"
+    lines = [f"Causal, batch 1, {HEADS} heads, head_dim {HEAD_DIM}, float32, "
+             f"{config.num_devices} CPU devices; time (s) / compiled memory per device (MiB) / "
+             f"time relative to lcm ring", "", head,
+             "|" + "---|" * (len(config.impls) + 1)]
+    for n in config.lengths:
+        base = cells.get(("ring", n), {}).get("seconds")
+        row = []
+        for impl in config.impls:
+            c = cells.get((impl, n))
+            if c is None:
+                row.append("-")
+            elif "error" in c:
+                row.append("error")
+            else:
+                rel = f" ({c['seconds'] / base:.2f}x)" if base else ""
+                row.append(f"{c['seconds']:.3f} s / {c['mem_bytes'] / 2**20:.0f} MiB{rel}")
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    lines += ["", f"Longest causal length in {config.device_memory_gib} GiB per device "
+              f"(linear fit of the memory above): ring over {config.num_devices} devices "
+              f"{reach['ring']}, one device (xla) {reach['xla']}; ratio "
+              f"{'-' if ratio is None else f'{ratio:.1f}x'}"]
+    return "\n".join(lines)

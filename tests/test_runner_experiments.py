@@ -1,0 +1,71 @@
+"""Experiments behind the runner: the fine-tuning recipe, the model benchmark's bookkeeping and
+the remat memory benchmark, at tiny sizes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import bench_model, bench_model_peer, bench_remat, finetune_longctx
+from experiments.run import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_passkey_rows_follow_their_statement():
+    tokens, loss_mask = finetune_longctx.passkey_batch(0, 5, 4, 40, vocab_size=64,
+                                                       num_values=16, num_digits=2)
+    assert tokens.shape == loss_mask.shape == (4, 40)
+    for row in range(4):
+        marks = np.flatnonzero(tokens[row] == finetune_longctx.MARK)
+        assert len(marks) == 2 and marks[1] == 37  # the key, then the query at the end
+        np.testing.assert_array_equal(tokens[row, marks[0] + 1:marks[0] + 3], tokens[row, -2:])
+        assert np.all((tokens[row, -2:] >= 2) & (tokens[row, -2:] < 18))
+        filler = np.delete(tokens[row], [marks[0], marks[0] + 1, marks[0] + 2, 37, 38, 39])
+        assert filler.min() >= 18
+    np.testing.assert_array_equal(loss_mask.sum(1), 2)
+    np.testing.assert_array_equal(loss_mask[:, -2:], 1)
+    again, _ = finetune_longctx.passkey_batch(0, 6, 1, 40, vocab_size=64, num_values=16,
+                                              num_digits=2)
+    np.testing.assert_array_equal(again[0], tokens[1])  # row i is a function of (seed, i)
+
+
+@pytest.mark.slow
+def test_finetune_experiment_runs_and_writes_its_table(tmp_path):
+    config = load_config_file(os.path.join(ROOT, "configs", "finetune_longctx.py"))
+    config.model.update(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                        intermediate_size=32, attention_impl="reference", num_layers=1)
+    config.update(length=16, eval_lengths=(16, 32), methods=("none", "yarn"), pretrain_steps=3,
+                  finetune_steps=2, batch_size=4, eval_samples=4, eval_batch_size=4)
+    summary = finetune_longctx.run(config, str(tmp_path))
+    assert len(summary["rows"]) == 2 * 2 * 2  # methods x (as is, fine-tuned) x lengths
+    assert all(0 <= r["accuracy"] <= 1 and r["answer_nll"] > 0 for r in summary["rows"])
+    table = (tmp_path / "results.md").read_text()
+    assert "| YaRN ×4 + PoSE fine-tune |" in table and (tmp_path / "accuracy.png").exists()
+    assert (tmp_path / "results.csv").read_text().startswith("method,variant,length,accuracy")
+
+
+def test_bench_model_prompts_match_the_peer_and_ratios_are_lcm_over_peer():
+    np.testing.assert_array_equal(bench_model.prompt_ids(300, 1000),
+                                  bench_model_peer.prompt_ids(300, 1000))
+    rows = [{"impl": "lcm", "length": 1000, "prefill_s": 1.0, "decode_s_per_token": 0.1},
+            {"impl": "transformers", "length": 1000, "prefill_s": 2.0,
+             "decode_s_per_token": 0.05}]
+    text = bench_model.table(rows, ["lcm", "transformers"], [1000])
+    assert "| 1000 | 1,000 | 500 | 2.00× | 10.0 | 20.0 | 0.50× |" in text
+
+
+@pytest.mark.slow
+def test_remat_memory_bench_orders_policies(tmp_path):
+    config = load_config_file(os.path.join(ROOT, "configs", "bench_remat.py"))
+    config.model.update(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2,
+                        num_kv_heads=1, head_dim=16, intermediate_size=64, block=128)
+    config.update(lengths=(512,), policies=("none", "full", "offload"), budget_gib=1.0,
+                  max_search_length=512)
+    summary = bench_remat.run(config, str(tmp_path))
+    by = {(r["policy"], r["length"]): r for r in summary["rows"]}
+    # Saving nothing inside a layer needs less temporary memory than saving everything.
+    assert by[("full", 512)]["temp_gib"] < by[("none", 512)]["temp_gib"]
+    assert by[("offload", 512)]["offloaded"] and not by[("full", 512)]["offloaded"]
+    assert json.loads((tmp_path / "summary.json").read_text())["longest"]["none"] >= 512

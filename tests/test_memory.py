@@ -94,6 +94,11 @@ def test_xl_with_long_memory_equals_full_causal_attention(params, seq, segment_l
                      segment_len=segment_len)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(state["position"], [seq, seq])
+    targets = jnp.roll(tokens, -1, axis=1)
+    logp, _ = run(params, tokens, CFG, memory=TransformerXL(mem_len=32), segment_len=segment_len,
+                  targets=targets)
+    want_logp = jnp.take_along_axis(jax.nn.log_softmax(want), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(logp, want_logp, atol=2e-5, rtol=2e-5)
 
 
 def test_xl_sliding_window_model_equals_forward(params):
@@ -127,6 +132,7 @@ def test_resuming_from_state_equals_one_call(params):
     np.testing.assert_array_equal(state["position"], final["position"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", [TransformerXL(mem_len=16), NoMemory()])
 def test_start_of_sequence_makes_concatenation_equal_separate_runs(params, memory):
     a, b = tokens_of(jax.random.key(7), 1, 16), tokens_of(jax.random.key(8), 1, 8)
@@ -140,6 +146,7 @@ def test_start_of_sequence_makes_concatenation_equal_separate_runs(params, memor
     np.testing.assert_allclose(got[1], jnp.concatenate([lb, la], 1)[0], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_gradients_through_run_segments_equal_unrolled_calls(params):
     tokens = tokens_of(jax.random.key(9), 1, 24)
     memory = TransformerXL(mem_len=8)

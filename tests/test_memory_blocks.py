@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.memory import RetrievedBlocks, run_segments
@@ -16,6 +17,7 @@ CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_
 run = jax.jit(run_segments, static_argnames=("cfg", "memory", "segment_len"))
 
 
+@pytest.mark.slow
 def test_retrieved_blocks_with_room_for_every_block_equal_full_attention():
     params, _ = init_params(CFG, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 22), 0, CFG.vocab_size, dtype=jnp.int32)

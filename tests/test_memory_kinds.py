@@ -53,6 +53,7 @@ def test_one_segment_rmt_without_memory_tokens_equals_forward(params):
     np.testing.assert_allclose(got, forward(params, tokens, CFG), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_rmt_carries_information_and_gradients_across_segments(params):
     memory = RecurrentMemory(num_mem_tokens=2)
     mparams, axes = init_memory_params(memory, CFG, jax.random.key(3))
@@ -75,6 +76,7 @@ def test_rmt_carries_information_and_gradients_across_segments(params):
 # ------------------------------------------------------------------------ Infini-attention
 
 
+@pytest.mark.slow
 def test_compressive_memory_reads_past_segments_and_gate_shuts_it(params):
     for delta_rule in (False, True):
         memory = CompressiveMemory(delta_rule=delta_rule)
@@ -114,14 +116,14 @@ def test_knn_attention_with_k_at_least_store_equals_dense_attention_over_store()
     valid = jnp.arange(12)[None] < jnp.array([[12], [7]])
     want = attend(q, keys, values, Document(jnp.ones((2, 5), jnp.int32),
                                             valid.astype(jnp.int32)), impl="reference")
+    knn = jax.jit(knn_attention, static_argnames=("k", "approx", "shards"))
     for kwargs in ({}, {"shards": 3}, {"approx": True}):
-        np.testing.assert_allclose(knn_attention(q, keys, values, valid, k=12, **kwargs), want,
+        np.testing.assert_allclose(knn(q, keys, values, valid, k=12, **kwargs), want,
                                    atol=1e-5, err_msg=str(kwargs))
     # Fewer neighbours than the store: a different answer, the same from every search.
-    few = knn_attention(q, keys, values, valid, k=3)
+    few = knn(q, keys, values, valid, k=3)
     assert np.abs(np.asarray(few - want)).max() > 1e-3
-    np.testing.assert_allclose(knn_attention(q, keys, values, valid, k=3, shards=4), few,
-                               atol=1e-6)
+    np.testing.assert_allclose(knn(q, keys, values, valid, k=3, shards=4), few, atol=1e-6)
 
 
 def test_knn_memory_with_whole_store_equals_full_causal_attention(params):

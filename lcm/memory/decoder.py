@@ -91,7 +91,7 @@ def _checked_params(memory, cfg, memory_params):
 
 def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, state=None,
                  memory_params=None, start_of_sequence=None, bptt_segments: int | None = None,
-                 shard=None, remat: bool = True):
+                 targets=None, shard=None, remat: bool = True):
     """Logits of every token and the final state, processing `segment_len` tokens at a time.
 
     tokens [B, T] int; T need not be a multiple of segment_len (the last segment is padded and
@@ -101,7 +101,9 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
     start_of_sequence [B, num_segments] bool: example b starts a new document at that segment
     (its memory and positions reset); documents must start on segment boundaries.
     bptt_segments, remat: see `segment_scan`. shard: as in `lcm.model.forward`.
-    Returns (logits [B, T, vocab] float32, state).
+    targets [B, T] int: return the log-probability of targets[b, t] at each position instead of
+    the logits (computed segment by segment, so a long document never holds [T, vocab] logits).
+    Returns (logits [B, T, vocab] float32 or, with targets, log-probs [B, T] float32, state).
     """
     memory = _memory_of(memory)
     memory.check(cfg)
@@ -118,8 +120,15 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
     pad = N * segment_len - T
     valid = jnp.arange(N * segment_len) < T
     tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+    if targets is not None:
+        if getattr(targets, "shape", None) != (B, T) or not jnp.issubdtype(targets.dtype,
+                                                                           jnp.integer):
+            raise ValueError(f"targets: shape {getattr(targets, 'shape', None)}, dtype "
+                             f"{getattr(targets, 'dtype', None)}; expected int {(B, T)}")
+        targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, N, segment_len).transpose(1, 0,
+                                                                                           2)
     segments = (tokens.reshape(B, N, segment_len).transpose(1, 0, 2),
-                jnp.broadcast_to(valid.reshape(N, 1, segment_len), (N, B, segment_len)))
+                jnp.broadcast_to(valid.reshape(N, 1, segment_len), (N, B, segment_len)), targets)
     if start_of_sequence is not None:
         sos = jnp.asarray(start_of_sequence)
         if sos.shape != (B, N) or sos.dtype != jnp.bool_:
@@ -134,15 +143,19 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
                          f"{jax.tree.map(jnp.shape, memory0)}")
 
     def step(carry, segment):
-        seg_tokens, seg_valid = segment
-        return segment_forward(params, memory_params, cfg, memory, carry, seg_tokens, seg_valid,
-                               shard)
+        seg_tokens, seg_valid, seg_targets = segment
+        carry, logits = segment_forward(params, memory_params, cfg, memory, carry, seg_tokens,
+                                        seg_valid, shard)
+        if seg_targets is None:
+            return carry, logits
+        logp = jax.nn.log_softmax(logits, -1)
+        return carry, jnp.take_along_axis(logp, seg_targets[..., None], -1)[..., 0]
 
-    state, logits = segment_scan(step, memory0, segments, memory=state,
-                                 start_of_sequence=start_of_sequence,
-                                 bptt_segments=bptt_segments, remat=remat)
-    logits = logits.transpose(1, 0, 2, 3).reshape(B, N * segment_len, -1)[:, :T]
-    return logits, state
+    state, out = segment_scan(step, memory0, segments, memory=state,
+                              start_of_sequence=start_of_sequence,
+                              bptt_segments=bptt_segments, remat=remat)
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(B, N * segment_len, *out.shape[3:])[:, :T], state
 
 
 def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, valid,

@@ -10,6 +10,7 @@ README table is --config.lengths=1024,2048,4096,8192. Overrides:
     --config.peer_python=/work/sidevenv/bin/python   a Python with torch + transformers
                                            ('' skips the peer)
     --config.llama_cpp=True                also time llama-cpp-python in the peer environment
+    --config.peer_threads=0                torch threads in the peer (0: torch's default)
 
     python -m experiments.run --config=configs/bench_model.py --workdir=/tmp/bench_model
 """
@@ -26,4 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.block = 512
     config.peer_python = "/work/sidevenv/bin/python"
     config.llama_cpp = False
+    config.peer_threads = 0
     return config

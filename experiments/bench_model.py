@@ -80,6 +80,8 @@ def bench_peer(config, gguf_path: str) -> tuple[list[dict], list[dict]]:
                "--decode_tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
     if config.llama_cpp:
         command.append("--llama_cpp")
+    if config.peer_threads:
+        command += ["--threads", str(config.peer_threads)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"the peer failed ({' '.join(command)}):\n{out.stderr[-3000:]}")

@@ -2,7 +2,7 @@
 (float32, CPU), prefill and decode timed the same way. Runs in the side environment with torch:
 
     /work/sidevenv/bin/python experiments/bench_model_peer.py --gguf PATH --lengths 1024,2048 \
-        --decode_tokens 32 --repeats 2 [--llama_cpp]
+        --decode_tokens 32 --repeats 2 [--llama_cpp] [--threads N]
 
 Prompts are the same token ids as lcm's (NumPy default_rng(length) over the vocabulary).
 Prefill: one forward over the prompt keeping only the last position's logits (as lcm's
@@ -91,7 +91,12 @@ def main():
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--llama_cpp", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     bench_transformers(args.gguf, lengths, args.decode_tokens, args.repeats)
     if args.llama_cpp:

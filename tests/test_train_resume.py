@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import grain
 import numpy as np
@@ -116,3 +120,38 @@ def test_text_documents_read_jsonl_and_txt(tmp_path):
 def _touch(path):
     path.write_text("x")
     return path
+
+
+def _train_command(workdir, *overrides):
+    return [sys.executable, "-m", "experiments.run", "--config=configs/train_tiny.py",
+            f"--workdir={workdir}", "--config.model.hidden_size=16", "--config.model.num_heads=2",
+            "--config.model.num_kv_heads=1", "--config.model.head_dim=8",
+            "--config.model.intermediate_size=32", "--config.model.attention_impl=reference",
+            "--config.data.seq_len=32", "--config.data.max_length=24",
+            "--config.num_steps=40", "--config.checkpoint_every=4", *overrides]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_loss_curve(tmp_path):
+    """A run killed with SIGKILL (no cleanup, a save possibly in flight) and rerun by the same
+    command ends with the metrics of a run that was never interrupted."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_command(straight), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_command(killed), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        rows = _rows(str(killed)) if (killed / "metrics.csv").exists() else []
+        if len(rows) >= 14:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 14 <= len(_rows(str(killed))) < 40, "the run was not killed halfway"
+    subprocess.run(_train_command(killed), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    with open(killed / "summary.json") as f:
+        assert json.load(f)["resumed_from_step"] >= 8
+    assert _rows(str(killed)) == _rows(str(straight))

@@ -98,12 +98,14 @@ def make_records(config, tokenizer, lengths):
             raise ValueError(f"config.tasks holds {task!r}; expected some of {list(TASKS)}")
         make, budget = ((make_passkey, config.passkey_max_new_tokens) if task == "passkey"
                         else (make_niah, config.niah_max_new_tokens))
+        index = 0  # distinct per cell, so each cell has its own key / needle value
         for length in lengths:
             for depth in config.depths:
-                for index in range(config.num_samples):
+                for _ in range(config.num_samples):
                     records.append(make(index, seed=config.seed, length=length,
                                         tokenizer=tokenizer, depth=float(depth),
                                         max_new_tokens=budget))
+                    index += 1
     return records
 
 

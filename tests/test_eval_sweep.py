@@ -38,6 +38,8 @@ def test_sweep_writes_every_run_and_resumes_after_a_kill(tmp_path, monkeypatch):
     for run in runs:
         for task in ("passkey", "niah"):
             assert (tmp_path / "full" / f"heatmap_{run}_{task}.png").stat().st_size > 0
+    for task in ("passkey", "niah"):  # every run side by side
+        assert (tmp_path / "full" / f"heatmaps_{task}.png").stat().st_size > 0
     assert (tmp_path / "full" / "results.md").read_text().count("**avg**") == 3
 
     real = longctx_sweep.default_generate_fn()

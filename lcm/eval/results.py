@@ -9,7 +9,7 @@ the metric's own aggregation (`lcm.eval.scoring.aggregate`). Headline averages, 
 outputs too: per run and length, `avg` is the unweighted mean of the task scores at that length
 (RULER's headline, the mean over its tasks); per run and task, `all` is the unweighted mean over
 that task's lengths. The heatmap is score (0-100) by needle depth x context length, per run and
-task, for every task whose records carry a depth.
+task, for every task whose records carry a depth, and all runs of a task side by side in one PNG.
 """
 
 from __future__ import annotations
@@ -189,17 +189,8 @@ def depth_grid(rows: list[dict], run: str, task: str):
     return depths, lengths, grid
 
 
-def plot_heatmap(rows: list[dict], run: str, task: str, path: str) -> None:
-    """Score by needle depth (rows, 0 at the top) x context length (columns), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw_grid(ax, rows, run, task, title):
     depths, lengths, grid = depth_grid(rows, run, task)
-    if not depths:
-        raise ValueError(f"run={run!r} task={task!r}: no samples with a depth to plot")
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
     image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [_length_name(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -208,10 +199,35 @@ def plot_heatmap(rows: list[dict], run: str, task: str, path: str) -> None:
             if grid[i, j] == grid[i, j]:  # not NaN
                 ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(f"{task} ({run})", fontsize=10)
-    fig.colorbar(image, ax=ax, label="score")
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    return image, len(depths), len(lengths)
+
+
+def plot_heatmap(rows: list[dict], runs, task: str, path: str) -> None:
+    """Score by needle depth (rows, 0 at the top) x context length (columns) as a PNG, one panel
+    per run (`runs`: a name or a list of names) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    for run in runs:
+        if not depth_grid(rows, run, task)[0]:
+            raise ValueError(f"run={run!r} task={task!r}: no samples with a depth to plot")
+    sizes = [depth_grid(rows, run, task)[:2] for run in runs]
+    height = 1.6 + 0.45 * max(len(d) for d, _ in sizes)
+    width = 1.6 + sum(0.9 * len(n) + 0.9 for _, n in sizes)
+    fig, axes = plt.subplots(1, len(runs), figsize=(width, height), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, run in zip(axes[0], runs):
+        image, _, _ = _draw_grid(ax, rows, run, task, run if len(runs) > 1 else f"{task} ({run})")
+    for ax in axes[0][1:]:
+        ax.tick_params(labelleft=False)
+    axes[0][0].set_ylabel("needle depth")
+    if len(runs) > 1:
+        fig.suptitle(task, fontsize=11)
+    fig.colorbar(image, ax=list(axes[0]), label="score")
     tmp = path + ".tmp"
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
@@ -240,6 +256,12 @@ def write_reports(workdir: str, rows: list[dict], *, extra: dict | None = None,
             name = f"heatmap_{_safe(run)}_{_safe(task)}.png"
             plot_heatmap(rows, run, task, os.path.join(workdir, name))
             files[f"heatmap/{run}/{task}"] = name
+        for task in sorted({task for _, task in keys}):
+            runs = [run for run, t in keys if t == task]
+            if len(runs) > 1:  # every run of the task side by side
+                name = f"heatmaps_{_safe(task)}.png"
+                plot_heatmap(rows, runs, task, os.path.join(workdir, name))
+                files[f"heatmaps/{task}"] = name
     summary["files"] = files
     _write_atomic(os.path.join(workdir, "results.md"), markdown_table(summary))
     _write_atomic(os.path.join(workdir, "results.csv"), csv_table(summary))

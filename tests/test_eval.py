@@ -190,8 +190,10 @@ def test_resume_refuses_a_different_setup_or_overwrite(tmp_path):
         evaluate(PARAMS, other, records, TOK, str(tmp_path),
                  options=EvalOptions(batch_size=2, pad_multiple=32, progress=False),
                  generate_fn=greedy_generate)
-    # Another run name shares the workdir: rows of both runs, one table.
-    summary = _eval(tmp_path, records, run="other", pad_multiple=64)
+    # Another run name shares the workdir: rows of both runs, one table. Records may come as a
+    # Grain MapDataset (e.g. lcm.data.synthetic_dataset).
+    import grain
+    summary = _eval(tmp_path, grain.MapDataset.source(records), run="other", pad_multiple=64)
     assert {c["run"] for c in summary["cells"]} == {"eval", "other"}
 
 

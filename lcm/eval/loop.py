@@ -168,7 +168,8 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
              resume: bool = True) -> dict:
     """Generates, scores and records every record; returns the summary (also written).
 
-    records: Records (e.g. from `lcm.data` generators or `load_records`). tokenizer: `encode`,
+    records: Records, any iterable of them (a list from `lcm.data` generators or `load_records`,
+    a `grain.MapDataset` such as `lcm.data.synthetic_dataset(...)`). tokenizer: `encode`,
     `decode`, and optionally `eos_id` / `pad_id`. policy: a cache policy for generate_fn.
     """
     start = time.perf_counter()

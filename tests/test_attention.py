@@ -114,6 +114,67 @@ def test_every_mask_kind_matches_reference(kind):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
+def numpy_alibi_attention(q, k, v, vis, slopes, scale):
+    """Press et al.'s definition in float64: softmax(q.k * scale - m_h (i - j)) over visible
+    keys, queries end-aligned. q [B, T, H, D]; k, v [B, S, K, D]; vis [B|1, H|1, T, S]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    kh = np.repeat(k, H // K, axis=2)
+    vh = np.repeat(v, H // K, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, kh) * scale
+    distance = (np.arange(T)[:, None] + S - T) - np.arange(S)[None, :]
+    s = s - np.asarray(slopes, np.float64)[None, :, None, None] * distance
+    s = np.where(vis, s, -np.inf)
+    m = np.max(s, -1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("bhts,bshd->bthd", p, vh)
+
+
+@pytest.mark.parametrize("kind,G,T,softcap", [
+    ("causal", 1, 45, None), ("none", 3, 30, None), ("local|document", 2, 45, 5.0),
+    ("blockmask_runtime&causal", 2, 61, None), ("sinkwindow", 3, 1, None)])
+def test_alibi_matches_reference_and_definition(kind, G, T, softcap):
+    """ALiBi on xla (forward and custom-VJP backward) against the dense reference, which in
+    turn matches the paper's definition in NumPy."""
+    B, S, K, D = 2, 61, 2, 16
+    H = K * G
+    rng = np.random.default_rng(2)
+    q, k, v = random_qkv(jax.random.key(2), B, T, S, H, K, D, jnp.float32)
+    mask = build_mask(kind, 12, *segment_ids(rng, B, T, S, 3), num_heads=H, seed=2)
+    slopes = np.linspace(0.02, 0.5, H).astype(np.float32)  # bias swings of several logits
+    cot = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+
+    def fn(impl):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(attend(q, k, v, mask, impl=impl, block_q=16, block_k=8,
+                                           softcap=softcap, alibi_slopes=slopes) * cot),
+            argnums=(0, 1, 2)))
+
+    want, want_grads = fn("reference")(q, k, v)
+    got, got_grads = fn("xla")(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
+    if softcap is None:
+        vis = np.ones((1, 1, T, S), bool) if mask is None else np.asarray(
+            mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), S - T))
+        out = attend(q, k, v, mask, impl="reference", alibi_slopes=slopes)
+        np.testing.assert_allclose(out, numpy_alibi_attention(q, k, v, vis, slopes, D ** -0.5),
+                                   atol=1e-5, rtol=1e-5)
+        plain = attend(q, k, v, mask, impl="reference")
+        assert np.abs(np.asarray(out) - np.asarray(plain)).max() > 1e-2  # the bias matters
+
+
+def test_alibi_slopes_are_checked_before_tracing():
+    q, k, v = random_qkv(jax.random.key(0), 1, 8, 8, 4, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match=r"alibi_slopes has shape \(3,\)"):
+        attend(q, k, v, alibi_slopes=np.ones(3))
+    with pytest.raises(ValueError, match="traced"):
+        jax.jit(lambda s: attend(q, k, v, alibi_slopes=s))(jnp.ones(4))
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     B, T, H, D = 1, 24, 2, 8
     q, k, v = random_qkv(jax.random.key(0), B, T, T, H, H, D, jnp.float32)
@@ -183,6 +244,45 @@ def test_local_layout_is_linear_in_length(T):
     layout = mask_layout(Local(1024), T, T, 512, 512)
     assert int(layout.counts.max()) <= 1024 // 512 + 1
     assert int(layout.num_visits) <= (T // 512) * 3
+
+
+def test_static_layouts_store_visits_not_the_block_grid():
+    """A 128k Local(1024) layout at block 128 holds O(nq * visits) ints (the dense kinds grid
+    would be 4 MiB), and a jitted attend over it embeds no grid-sized constant."""
+    T, block = 131072, 128
+    layout = mask_layout(Local(1024), T, T, block, block)
+    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(layout))
+    nq = T // block
+    assert layout.max_visits == 1024 // block + 1
+    assert nbytes <= nq * (2 * layout.max_visits + 1) * 4 < 100_000
+    q = jax.ShapeDtypeStruct((1, T, 1, 8), jnp.float32)
+    text = jax.jit(lambda q: attend(q, q, q, Local(1024), impl="xla", block_q=block,
+                                    block_k=block)).lower(q).as_text()
+    assert len(text) < 200_000  # the program text, constants included
+
+
+@pytest.mark.parametrize("kind", ["causal", "sinkwindow|document", "blockmask"])
+def test_dense_kinds_derive_from_the_visits(kind):
+    """`kinds` (dense, derived) agrees with the visit lists, for NumPy and traced layouts, and
+    a layout built from dense kinds (the old constructor) gives the same visit kinds."""
+    from lcm.attention import BlockLayout
+    T, S, bq, bk = 37, 50, 8, 8
+    rng = np.random.default_rng(3)
+    mask = build_mask(kind, 10, *segment_ids(rng, 2, T, S, 3), num_heads=2, seed=3)
+    layout = mask_layout(mask, T, S, bq, bk, num_heads=2, num_kv_heads=2)
+    kinds = np.asarray(layout.kinds)
+    counts, blocks = np.asarray(layout.counts), np.asarray(layout.kv_blocks)
+    visit_kinds = np.asarray(layout.visit_kinds)
+    for h, i in np.ndindex(counts.shape):
+        listed = blocks[h, i, :counts[h, i]]
+        np.testing.assert_array_equal(np.flatnonzero(kinds[h, i]), listed)
+        np.testing.assert_array_equal(kinds[h, i, listed], visit_kinds[h, i, :counts[h, i]])
+    rebuilt = BlockLayout(kinds=kinds, kv_blocks=blocks, counts=counts, geom=layout.geom,
+                          max_visits=layout.max_visits)
+    np.testing.assert_array_equal(rebuilt.visit_kinds, np.take_along_axis(kinds, blocks, -1))
+    shared = layout.shared()
+    np.testing.assert_array_equal(np.asarray(shared.kinds)[0] != SKIP, (kinds != SKIP).any(0))
+    assert shared.max_visits >= int(np.asarray(shared.counts).max())
 
 
 @settings(max_examples=10)  # eager jnp on new shapes compiles every op: keep it short

@@ -119,8 +119,9 @@ POSITIONS = {
 }
 
 
-CASES = [(name, "xla") for name in POSITIONS] + [("self_extend_frac", "reference"),
-                                                 ("leaky_rerope", "reference")]
+CASES = [(name, "xla") for name in POSITIONS] + [
+    ("self_extend_frac", "reference"), ("leaky_rerope", "reference"), ("alibi", "reference"),
+    pytest.param("alibi", "pallas", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name,impl", CASES)
@@ -190,8 +191,9 @@ def dense_definition(q1, k1, q2, k2, v, window):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), jnp.repeat(v, G, axis=2))
 
 
-@pytest.mark.parametrize("window,block", [(5, 8), (30, 4)])
-def test_merged_attention_and_grads_match_dense_definition(window, block):
+@pytest.mark.parametrize("window,block,impl", [(5, 8, "xla"), (30, 4, "xla"), (5, 8, "pallas"),
+                                               (12, 8, "pallas")])
+def test_merged_attention_and_grads_match_dense_definition(window, block, impl):
     args = random_pairs(jax.random.key(window))
     near, far = Causal() & Local(window), Causal() & FarCausal(window)
     cot = jax.random.normal(jax.random.key(99), args[0].shape)
@@ -199,7 +201,7 @@ def test_merged_attention_and_grads_match_dense_definition(window, block):
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a) * cot)
 
-    two_pass = jax.jit(lambda *a: merged_attention(*a, near, far, impl="xla", block_q=block,
+    two_pass = jax.jit(lambda *a: merged_attention(*a, near, far, impl=impl, block_q=block,
                                                    block_k=block))
     want = dense_definition(*args, window)
     np.testing.assert_allclose(two_pass(*args), want, atol=1e-5, rtol=1e-5)
@@ -211,8 +213,11 @@ def test_merged_attention_and_grads_match_dense_definition(window, block):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_self_extend_model_grads_match_reference_backend():
-    cfg = dataclasses.replace(CFG, positions=POSITIONS["self_extend_frac"])
+@pytest.mark.parametrize("name,impl", [
+    ("self_extend_frac", "xla"), pytest.param("alibi", "pallas", marks=pytest.mark.slow)])
+def test_position_model_grads_match_reference_backend(name, impl):
+    cfg = dataclasses.replace(CFG, positions=POSITIONS[name],
+                              attention=dataclasses.replace(CFG.attention, impl=impl))
     ref = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention,
                                                                  impl="reference"))
     params, _ = init_params(cfg, jax.random.key(11))

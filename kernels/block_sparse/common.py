@@ -8,7 +8,9 @@ lane-replicated (n == 128 on TPU, every lane holding the same value); only [...,
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 f32 = jnp.float32
 
@@ -32,6 +34,33 @@ def visit_kinds(kinds, blocks):
     """kinds[..., blocks]: the kind of each visited block. kinds [Lh, n, m]; blocks [Lh, n, v]."""
     return jnp.take_along_axis(jnp.asarray(kinds, jnp.int32), jnp.asarray(blocks, jnp.int32),
                                axis=-1)
+
+
+def alibi_bias(slopes, q_pos, k_pos):
+    """ALiBi's bias -slopes * (q_pos - k_pos), float32. slopes [..., 1, 1] float32; q_pos
+    int [bq, 1] and k_pos int [1, bk] key coordinates; broadcasts to [..., bq, bk]."""
+    distance = (q_pos - k_pos).astype(f32)
+    slopes = jnp.asarray(slopes, f32)
+    distance = distance.reshape((1,) * max(slopes.ndim - distance.ndim, 0) + distance.shape)
+    return -slopes * distance
+
+
+def check_alibi_slopes(alibi_slopes, num_heads: int):
+    """Concrete slopes ([H] numbers, or None) as a hashable tuple of floats, else ValueError.
+    Slopes are model constants: kernels keep them static and do not differentiate them."""
+    if alibi_slopes is None:
+        return None
+    if isinstance(alibi_slopes, jax.core.Tracer):
+        raise ValueError("alibi_slopes is a traced array; expected concrete slopes (a NumPy "
+                         "array or a list) built outside jit: slopes are model constants and "
+                         "are not differentiated")
+    slopes = np.asarray(alibi_slopes)
+    if slopes.shape != (num_heads,) or not np.issubdtype(slopes.dtype, np.number):
+        raise ValueError(f"alibi_slopes has shape {slopes.shape} and dtype {slopes.dtype}; "
+                         f"expected numbers of shape [num_heads] = [{num_heads}]")
+    if not np.all(np.isfinite(slopes)):
+        raise ValueError(f"alibi_slopes={slopes.tolist()}; expected finite values")
+    return tuple(float(s) for s in slopes.astype(np.float32))
 
 
 def cap_logits(s, softcap: float | None):

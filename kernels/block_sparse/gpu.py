@@ -13,14 +13,13 @@ heads accumulate in registers with no atomics and K/V are never repeated.
 
 The Triton backend has no scalar prefetch: layouts are ordinary inputs and the kernels read
 scalars from them (kinds[i, j], kv_blocks[i, t], counts[i]); tensors are power-of-two blocks.
+ALiBi slopes are one more input, read as a scalar per query head; the bias is built from iotas.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,113 +27,50 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_sparse.common import pad_axis
+from kernels.block_sparse.common import alibi_bias, pad_axis
+from kernels.block_sparse.gpu_checks import _defaults, _Params, _prepare
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_layout
 
 f32 = jnp.float32
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Params:
-    """Static configuration of one call (hashable: it is a custom_vjp nondiff argument)."""
-
-    q_len: int
-    kv_len: int
-    block_q: int
-    block_k: int
-    group: int            # query heads per KV head
-    per_head_layout: bool  # Lh == K (else one layout shared by all heads)
-    scale: float
-    softcap: float | None
-    mask_fn: Callable | None
-    segments: bool
-    num_warps: int | None
-    num_stages: int | None
-    interpret: Any
-
 
 def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=64, block_k=64, num_warps=None, num_stages=None,
-                               interpret=False):
+                               interpret=False, alibi_slopes=None):
     """softmax(q k^T * scale) v over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kinds int32 [Lh, nq, nk], kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] (see
     layout.py), Lh in {1, K}, nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced.
     Backward walks the transpose of exactly the blocks the forward visited. mask_fn follows
     reference.py's protocol; segment ids [B, T] / [B, S] only reach mask_fn. Returns [B, T, H, D] in
-    q's dtype; rows with no visible key are zeros.
+    q's dtype; rows with no visible key are zeros. alibi_slopes: None or H concrete floats, the
+    bias -slope_h * (i + S - T - j) after soft-capping (reference.py); not differentiated.
     """
-    p = _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids,
-               scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
-    segs = None
-    if p.segments:
-        segs = (jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32))
-    layout = (jnp.asarray(kinds, jnp.int32), jnp.asarray(kv_blocks, jnp.int32),
-              jnp.asarray(counts, jnp.int32))
+    p, segs, layout = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids,
+                               kv_segment_ids, scale, softcap, block_q, block_k, num_warps,
+                               num_stages, interpret, alibi_slopes)
     return _attention(p, q, k, v, segs, layout)
 
 
-def _is_pow2_block(b):
-    return isinstance(b, int) and not isinstance(b, bool) and b >= 16 and b & (b - 1) == 0
+def block_sparse_attention_gpu_fwd(q, k, v, **kwargs):
+    """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
+    (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
+    `block_sparse_attention_gpu`. Differentiate merged results with `..._gpu_bwd`."""
+    p, segs, layout = _prepare(q, k, v, **_defaults(kwargs))
+    out, lse = _forward(p, q, k, v, segs, layout)
+    return out, lse[:, :, :q.shape[1]].transpose(0, 2, 1)
 
 
-def _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, softcap,
-           block_q, block_k, num_warps, num_stages, interpret) -> _Params:
-    """Validates everything static before tracing; returns the call's static parameters."""
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not _is_pow2_block(b):
-            raise ValueError(f"{name}={b!r}; expected a power of two >= 16 (16, 32, 64, 128, "
-                             "...): Triton's dot needs power-of-two tiles of at least 16")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D] / [B, S, K, D]; got q.shape={q.shape}, "
-                         f"k.shape={k.shape}, v.shape={v.shape}")
-    B, T, H, D = q.shape
-    _, S, K, _ = k.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k.shape={k.shape} and v.shape={v.shape} must both be "
-                         f"[{B}, S, K, {D}] to match q.shape={q.shape}")
-    if K == 0 or H % K:
-        raise ValueError(f"q heads H={H} must be a multiple of k/v heads K={K}")
-    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in _DTYPES:
-        raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal and "
-                         f"one of {[str(d) for d in _DTYPES]}")
-    nq, nk = -(-T // block_q), -(-S // block_k)
-    kinds_shape = tuple(jnp.shape(kinds))
-    if len(kinds_shape) != 3 or kinds_shape[0] not in (1, K) or kinds_shape[1:] != (nq, nk):
-        raise ValueError(f"kinds.shape={kinds_shape}; expected (Lh, {nq}, {nk}) with Lh in "
-                         f"(1, {K}) for T={T}, S={S}, block_q={block_q}, block_k={block_k}")
-    Lh = kinds_shape[0]
-    kb_shape = tuple(jnp.shape(kv_blocks))
-    if len(kb_shape) != 3 or kb_shape[:2] != (Lh, nq) or kb_shape[2] < 1:
-        raise ValueError(f"kv_blocks.shape={kb_shape}; expected ({Lh}, {nq}, max_visits >= 1)")
-    if tuple(jnp.shape(counts)) != (Lh, nq):
-        raise ValueError(f"counts.shape={tuple(jnp.shape(counts))}; expected ({Lh}, {nq})")
-    for name, x in (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts)):
-        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-            raise ValueError(f"{name} dtype {jnp.result_type(x)}; expected an integer dtype")
-    if mask_fn is not None and not callable(mask_fn):
-        raise ValueError(f"mask_fn={mask_fn!r}; expected a callable or None")
-    if (q_seg is None) != (kv_seg is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together or not at all")
-    if q_seg is not None and (tuple(jnp.shape(q_seg)) != (B, T)
-                              or tuple(jnp.shape(kv_seg)) != (B, S)):
-        raise ValueError(f"q_segment_ids.shape={tuple(jnp.shape(q_seg))} and "
-                         f"kv_segment_ids.shape={tuple(jnp.shape(kv_seg))}; expected "
-                         f"({B}, {T}) and ({B}, {S})")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap={softcap!r}; expected a positive number or None")
-    for name, x in (("num_warps", num_warps), ("num_stages", num_stages)):
-        if x is not None and (not isinstance(x, int) or x < 1):
-            raise ValueError(f"{name}={x!r}; expected a positive int or None")
-    return _Params(q_len=T, kv_len=S, block_q=block_q, block_k=block_k, group=H // K,
-                   per_head_layout=Lh > 1, scale=float(scale),
-                   softcap=None if softcap is None else float(softcap), mask_fn=mask_fn,
-                   # Segment ids only ever reach mask_fn (reference.dense_mask ignores them
-                   # without one), so without a mask_fn they are not even loaded.
-                   segments=q_seg is not None and mask_fn is not None,
-                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+def block_sparse_attention_gpu_bwd(q, k, v, out, lse, d_out, **kwargs):
+    """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
+    nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
+    pass's backward gives its share of the merged softmax's gradient."""
+    p, segs, layout = _prepare(q, k, v, **_defaults(kwargs))
+    Tp = -(-p.q_len // p.block_q) * p.block_q
+    lse = jnp.pad(jnp.asarray(lse, f32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, Tp - p.q_len)),
+                  constant_values=jnp.inf)
+    return _backward(p, q, k, v, segs, layout, out, lse, d_out)
+
 
 
 # ----------------------------------------------------------------------------- in-kernel math
@@ -156,6 +92,23 @@ def _logits(q, k, p: _Params):
     return p.softcap * t, t
 
 
+def _biased(s, slopes_ref, head, i, j, p: _Params):
+    """s plus the ALiBi bias of query block i, key block j for query head `head`."""
+    if slopes_ref is None:
+        return s
+    q_pos = i * p.block_q + lax.broadcasted_iota(jnp.int32, (p.block_q, 1), 0)
+    k_pos = j * p.block_k + lax.broadcasted_iota(jnp.int32, (1, p.block_k), 1)
+    return s + alibi_bias(slopes_ref[head], q_pos + (p.kv_len - p.q_len), k_pos)
+
+
+def _optional_refs(refs, p: _Params, num_out):
+    """(q_seg_ref, kv_seg_ref, slopes_ref, outputs) from the refs after the fixed inputs."""
+    segs, rest = ((refs[0], refs[1]), refs[2:]) if p.segments else ((None, None), refs)
+    slopes, rest = (rest[0], rest[1:]) if p.alibi is not None else (None, rest)
+    assert len(rest) == num_out  # internal invariant of the pallas_call wiring
+    return (*segs, slopes, rest)
+
+
 def _masked(s, kind, i, j, q_seg, k_seg, p: _Params):
     """Hides invisible pairs with -inf: mask_fn on non-FULL blocks, keys >= kv_len always."""
     bq, bk = p.block_q, p.block_k
@@ -174,12 +127,9 @@ def _masked(s, kind, i, j, q_seg, k_seg, p: _Params):
 
 
 def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: _Params):
-    if p.segments:
-        q_seg_ref, kv_seg_ref, out_ref, lse_ref = refs
-    else:
-        (out_ref, lse_ref), q_seg_ref, kv_seg_ref = refs, None, None
+    q_seg_ref, kv_seg_ref, slopes_ref, (out_ref, lse_ref) = _optional_refs(refs, p, 2)
     bq, bk = p.block_q, p.block_k
-    i = pl.program_id(0)
+    i, h = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]                                             # [bq, D]
     q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
 
@@ -189,6 +139,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
         keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
         s, _ = _logits(q, k_ref[keys, :], p)
+        s = _biased(s, slopes_ref, h, i, j, p)
         s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
@@ -210,12 +161,9 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
 
 def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, *refs, p: _Params):
-    if p.segments:
-        q_seg_ref, kv_seg_ref, dq_ref = refs
-    else:
-        (dq_ref,), q_seg_ref, kv_seg_ref = refs, None, None
+    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = _optional_refs(refs, p, 1)
     bk = p.block_k
-    i = pl.program_id(0)
+    i, h = pl.program_id(0), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     q_seg = None if q_seg_ref is None else q_seg_ref[...][:, None]
@@ -226,6 +174,7 @@ def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
         k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
         k, v = k_ref[keys, :], v_ref[keys, :]
         s, tanh = _logits(q, k, p)
+        s = _biased(s, slopes_ref, h, i, j, p)
         s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
         ds = _dlogits(s, tanh, lse, delta, _dot(do, v, ((1,), (1,))), p)
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
@@ -244,12 +193,9 @@ def _dlogits(s, tanh, lse, delta, dp, p: _Params):
 
 def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                  delta_ref, *refs, p: _Params):
-    if p.segments:
-        q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
-    else:
-        (dk_ref, dv_ref), q_seg_ref, kv_seg_ref = refs, None, None
+    q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref) = _optional_refs(refs, p, 2)
     bq = p.block_q
-    j = pl.program_id(0)
+    j, kv_head = pl.program_id(0), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]                              # [bk, D]
     k_seg = None if kv_seg_ref is None else kv_seg_ref[...][None, :]
     count = counts_t_ref[j]
@@ -262,6 +208,7 @@ def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, d
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]      # [bq, D]
             q_seg = None if q_seg_ref is None else q_seg_ref[rows][:, None]
             s, tanh = _logits(q, k, p)
+            s = _biased(s, slopes_ref, kv_head * p.group + g, i, j, p)
             s = _masked(s, kinds_t_ref[j, i], i, j, q_seg, k_seg, p)
             lse, delta = lse_ref[g, rows][:, None], delta_ref[g, rows][:, None]
             pr = jnp.exp(s - lse)
@@ -310,7 +257,18 @@ def _row_specs(p: _Params, Sp, Dp):
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                  pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))] if p.segments else []
-    return q_spec, kv_spec, row_spec, seg_specs
+    return q_spec, kv_spec, row_spec, seg_specs + _slopes_specs(p)
+
+
+def _slopes_specs(p: _Params):
+    """The whole (padded) slopes vector for every program, when ALiBi is on."""
+    if p.alibi is None:
+        return []
+    return [pl.BlockSpec((_slopes_length(p),), lambda *_: (0,))]
+
+
+def _slopes_length(p: _Params):
+    return max(16, pl.next_power_of_2(len(p.alibi)))  # Triton blocks: powers of two
 
 
 def _clipped(layout):
@@ -333,6 +291,8 @@ def _padded_inputs(p: _Params, q, k, v, segs):
         q_seg, kv_seg = segs
         seg_args = [jnp.pad(q_seg, ((0, 0), (0, Tp - p.q_len)), constant_values=-1),
                     jnp.pad(kv_seg, ((0, 0), (0, Sp - p.kv_len)), constant_values=-1)]
+    if p.alibi is not None:  # slopes travel with the segment ids (after them)
+        seg_args.append(pad_axis(jnp.asarray(p.alibi, f32), 0, _slopes_length(p)))
     return q, k, v, seg_args
 
 
@@ -406,6 +366,7 @@ def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
     stats_spec = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
     seg_specs = [pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0)),
                  pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] if p.segments else []
+    seg_specs += _slopes_specs(p)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, p=p),
         grid=(nk, B, K),

@@ -9,12 +9,17 @@ q_idx int32 [bq, 1] are query row indices (0..q_len-1, plus padding rows past q_
 when the caller passes segment ids, else None. The result broadcasts to [bq, bk]; True means the
 pair may attend. Keys past kv_len are hidden by the kernels themselves. `mask_fn=None` means every
 (real) pair is visible. Query/key alignment (e.g. decoding offsets) is the mask_fn's business.
+
+ALiBi (`alibi_slopes`, H floats) adds -slope_h * (i + kv_len - q_len - j) to the logits of query
+row i and key j after soft-capping: for the bias, queries are aligned to the end of the keys.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kernels.block_sparse.common import alibi_bias
 
 
 def dense_mask(mask_fn, q_len, kv_len, q_segment_ids=None, kv_segment_ids=None):
@@ -31,7 +36,7 @@ def dense_mask(mask_fn, q_len, kv_len, q_segment_ids=None, kv_segment_ids=None):
 
 
 def attention_reference(q, k, v, *, mask_fn=None, q_segment_ids=None, kv_segment_ids=None,
-                        scale, softcap=None):
+                        scale, softcap=None, alibi_slopes=None):
     """softmax(q k^T * scale) v, dense, float32. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     Returns [B, T, H, D] in q's dtype; rows with no visible key are zeros.
@@ -43,6 +48,9 @@ def attention_reference(q, k, v, *, mask_fn=None, q_segment_ids=None, kv_segment
                    precision=jax.lax.Precision.HIGHEST) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(1, K, H // K, 1, 1)
+        s = s + alibi_bias(slopes, jnp.arange(T)[:, None] + S - T, jnp.arange(S)[None, :])
     vis = dense_mask(mask_fn, T, S, q_segment_ids, kv_segment_ids)
     s = jnp.where(vis[:, None, None], s, -jnp.inf)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))

@@ -11,14 +11,13 @@ G heads, [G, block_q, D], flattened to [G * block_q, D] for the matmuls.
 Steps past a row's count repeat the previous block index (no new DMA) and skip the body. FULL
 blocks skip the mask work; PARTIAL ones evaluate `mask_fn` in-kernel (reference.py's protocol)
 and hide keys past kv_len. Softmax statistics and gradient accumulators are float32 VMEM scratch.
+ALiBi slopes arrive as a [G, 1, 1] VMEM block per KV head; the bias is built per block from iotas.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.block_sparse.common import (
+    alibi_bias,
     cap_logits,
     f32,
     finish_softmax,
@@ -38,6 +38,7 @@ from kernels.block_sparse.common import (
     visit_kinds,
 )
 from kernels.block_sparse.layout import FULL, transpose_layout
+from kernels.block_sparse.tpu_checks import _check_inputs, _defaults, _prepare
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile, and the width of the m/l scratch rows.
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -46,24 +47,12 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _PARALLEL4 = (pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything static about one call: hashed as custom_vjp's nondiff argument."""
-    mask_fn: Callable | None
-    scale: float
-    softcap: float | None
-    block_q: int
-    block_k: int
-    q_len: int
-    kv_len: int
-    per_head: bool  # layout has one head per KV head (else one shared)
-    max_q_visits: int
-    interpret: Any
 
 
 def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
-                               block_q=128, block_k=128, interpret=False, max_q_visits=None):
+                               block_q=128, block_k=128, interpret=False, max_q_visits=None,
+                               alibi_slopes=None):
     """Attention over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kinds [Lh, nq, nk], kv_blocks [Lh, nq, max_visits], counts [Lh, nq] int32 (layout.py), with
@@ -78,106 +67,37 @@ def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=Non
     The layout is prefetched into SMEM as Lh * nq * (max_visits + 1) int32 words (the dK/dV
     kernel: Lh * nk * (max_q_visits + 1)); SMEM is 1 MiB on v5e, so at very long lengths use
     larger blocks or a layout with fewer visits per row.
+
+    alibi_slopes: None or H concrete floats; adds -slope_h * (i + S - T - j) to the logits of
+    query row i and key j after soft-capping (reference.py). Slopes are not differentiated.
     """
-    B, T, _, _, S, K = _check_inputs(q, k, v)
-    segmented = mask_fn is not None and q_segment_ids is not None
-    _check_blocks(block_q, block_k, interpret, segmented)
-    nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
-    per_head = _check_layout(kinds, kv_blocks, counts, nq, nk, K)
-    if not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale={scale!r}; expected a positive float")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap={softcap!r}; expected a positive float or None")
-    segs = _prepare_segments(q_segment_ids, kv_segment_ids, B, T, S, nq * block_q, nk * block_k)
-    if mask_fn is None:
-        segs = None  # segment ids only ever reach the mask through mask_fn
-    st = _Static(mask_fn, float(scale), None if softcap is None else float(softcap), block_q,
-                 block_k, T, S, per_head, _q_visit_bound(kinds, nq, max_q_visits), interpret)
-    layout = (jnp.asarray(kinds, jnp.int32), jnp.clip(jnp.asarray(kv_blocks, jnp.int32), 0, nk - 1),
-              jnp.asarray(counts, jnp.int32))
+    st, layout, segs = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids,
+                                kv_segment_ids, scale, softcap, block_q, block_k, interpret,
+                                max_q_visits, alibi_slopes)
     return _attention(st, q, k, v, layout, segs)
 
 
-def _check_inputs(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} has shape {getattr(x, 'shape', None)}; expected 4 dims "
-                             f"[batch, length, heads, head_dim]")
-    B, T, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape [B, S, K, D] "
-                         f"with B and D of q {q.shape}")
-    S, K = k.shape[1], k.shape[2]
-    if min(B, T, H, D, S, K) == 0:
-        raise ValueError(f"empty dimension in q {q.shape} or k {k.shape}")
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in (jnp.float32, jnp.bfloat16)):
-        # float16 is left out: Mosaic cannot load float16 vectors on TPU (v5e, v6e).
-        raise ValueError(f"q, k, v dtypes are {q.dtype}, {k.dtype}, {v.dtype}; expected all "
-                         f"float32 or all bfloat16 (cast float16 to bfloat16)")
-    if H % K:
-        raise ValueError(f"q has {H} heads, not a multiple of the {K} KV heads of k/v")
-    return B, T, H, D, S, K
+def block_sparse_attention_tpu_fwd(q, k, v, **kwargs):
+    """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
+    (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
+    `block_sparse_attention_tpu`. Differentiate merged results with `..._tpu_bwd`."""
+    st, layout, segs = _prepare(q, k, v, **_defaults(kwargs))
+    out, lse = _forward(st, q, k, v, layout, segs)
+    return out, _from_heads_major(lse, q.shape[1])[..., 0]
 
 
-def _check_blocks(block_q, block_k, interpret, segmented):
-    """Mosaic tiles the last two dims of every VMEM block by (8 sublanes, 128 lanes) unless a dim
-    spans the whole array. block_q and block_k are second-minor dims (q/out/lse [G, block_q, D|1],
-    k/v [block_k, D]): multiples of 8. The kv segment-id block [1, block_k] puts block_k in the
-    lanes: a multiple of 128 when compiled with segment ids (the interpreters need only 8)."""
-    compiled = interpret is None or interpret is False
-    k_multiple = _LANES if compiled and segmented else 8
-    for name, b, multiple in (("block_q", block_q, 8), ("block_k", block_k, k_multiple)):
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0 or b % multiple:
-            raise ValueError(
-                f"{name}={b!r}; expected a positive multiple of {multiple} (block_q: multiple of "
-                f"8; block_k: multiple of 8, or of 128 when compiled for TPU with segment ids, "
-                f"whose [1, block_k] block Mosaic tiles by 128 lanes; 128 or more is fastest)")
+def block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **kwargs):
+    """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
+    nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
+    pass's backward gives its share of the merged softmax's gradient."""
+    st, layout, segs = _prepare(q, k, v, **_defaults(kwargs))
+    B, T, H, _ = q.shape
+    K = k.shape[2]
+    Tp = num_blocks(T, st.block_q) * st.block_q
+    lse = jnp.pad(jnp.asarray(lse, f32), ((0, 0), (0, Tp - T), (0, 0)), constant_values=jnp.inf)
+    lse5 = lse.reshape(B, Tp, K, H // K).transpose(0, 2, 3, 1)[..., None]
+    return _backward(st, q, k, v, out, lse5, layout, segs, d_out)
 
-
-def _check_layout(kinds, kv_blocks, counts, nq, nk, K):
-    shapes = {n: getattr(x, "shape", None) for n, x in
-              (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts))}
-    ks = shapes["kinds"]
-    if ks is None or len(ks) != 3 or ks[0] not in (1, K) or tuple(ks[1:]) != (nq, nk):
-        raise ValueError(f"kinds has shape {ks}; expected (Lh, nq, nk) = (1 or {K}, {nq}, {nk}) "
-                         f"for these lengths and block sizes")
-    Lh = ks[0]
-    kb = shapes["kv_blocks"]
-    if kb is None or len(kb) != 3 or tuple(kb[:2]) != (Lh, nq) or kb[2] < 1:
-        raise ValueError(f"kv_blocks has shape {kb}; expected ({Lh}, {nq}, max_visits >= 1)")
-    if shapes["counts"] is None or tuple(shapes["counts"]) != (Lh, nq):
-        raise ValueError(f"counts has shape {shapes['counts']}; expected ({Lh}, {nq})")
-    for name, x in (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name}.dtype={x.dtype}; expected an integer dtype (int32)")
-    return Lh == K and K > 1
-
-
-def _q_visit_bound(kinds, nq, max_q_visits):
-    if max_q_visits is not None:
-        if not isinstance(max_q_visits, int) or not 1 <= max_q_visits <= nq:
-            raise ValueError(f"max_q_visits={max_q_visits!r}; expected an int in [1, nq={nq}]")
-        return max_q_visits
-    if isinstance(kinds, jax.core.Tracer):
-        return nq
-    return max(int((np.asarray(kinds) != 0).sum(-2).max()), 1)
-
-
-def _prepare_segments(q_seg, kv_seg, B, T, S, Tp, Sp):
-    """Segment ids as [B, Tp, 1] (a column per q block) and [B, 1, Sp] (a row per key block)."""
-    if (q_seg is None) != (kv_seg is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if q_seg is None:
-        return None
-    for name, x, n in (("q_segment_ids", q_seg, T), ("kv_segment_ids", kv_seg, S)):
-        shape = tuple(getattr(x, "shape", ()))
-        if len(shape) != 2 or shape[0] not in (1, B) or shape[1] != n or not jnp.issubdtype(
-                x.dtype, jnp.integer):
-            raise ValueError(f"{name} has shape {shape or None}; expected an integer array of "
-                             f"shape ({B} or 1, {n})")
-    q_seg = jnp.broadcast_to(jnp.asarray(q_seg, jnp.int32), (B, T))
-    kv_seg = jnp.broadcast_to(jnp.asarray(kv_seg, jnp.int32), (B, S))
-    return pad_axis(q_seg, 1, Tp)[:, :, None], pad_axis(kv_seg, 1, Sp)[:, None, :]
 
 
 def _to_heads_major(x, K, length):
@@ -236,12 +156,17 @@ def _visible(st, i, j, qs_ref, ks_ref):
     return vis
 
 
-def _logits(st, q_ref, k_ref, i, j, qs_ref, ks_ref, masked):
-    """(s [G, bq, bk] float32, capped and hidden with -inf, tanh or None) for one block pair."""
+def _logits(st, q_ref, k_ref, i, j, qs_ref, ks_ref, slopes_ref, masked):
+    """(s [G, bq, bk] float32, capped, biased and hidden with -inf, tanh or None) for one
+    block pair."""
     G, bq, D = q_ref.shape
     s = lax.dot_general(q_ref[...].reshape(G * bq, D), k_ref[...], _NT,
                         preferred_element_type=f32) * st.scale
     s, tanh = cap_logits(s.reshape(G, bq, st.block_k), st.softcap)
+    if slopes_ref is not None:
+        q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0) + (st.kv_len - st.q_len)
+        k_pos = j * st.block_k + lax.broadcasted_iota(jnp.int32, (1, st.block_k), 1)
+        s = s + alibi_bias(slopes_ref[...], q_pos, k_pos)  # [G, 1, 1] slopes
     if masked:
         s = jnp.where(_visible(st, i, j, qs_ref, ks_ref)[None], s, -jnp.inf)
     return s, tanh
@@ -270,17 +195,22 @@ def _run_visit(st, active, kind, j, body):
     pl.when(jnp.logical_and(active, jnp.logical_not(unmasked)))(lambda: body(True))
 
 
-def _split(refs, n_in, segmented):
-    """(inputs, (qs_ref, ks_ref), rest) from a kernel's refs after the prefetch refs."""
+def _split(refs, n_in, segmented, alibi):
+    """(inputs, (qs_ref, ks_ref, slopes_ref), rest) from a kernel's refs after the prefetch
+    refs; absent optional inputs are None."""
     ins, rest = refs[:n_in], refs[n_in:]
+    segs = (None, None)
     if segmented:
-        return ins, rest[:2], rest[2:]
-    return ins, (None, None), rest
+        segs, rest = rest[:2], rest[2:]
+    slopes = None
+    if alibi:
+        slopes, rest = rest[0], rest[1:]
+    return ins, (*segs, slopes), rest
 
 
 def _fwd_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
     (q_ref, k_ref, v_ref), segs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split(
-        refs, 3, segmented)
+        refs, 3, segmented, st.alibi is not None)
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row = _row(h, i, rows, st.per_head)
 
@@ -312,7 +242,7 @@ def _fwd_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
 
 
 def _dq_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
-    ins, segs, (dq_ref, acc_ref) = _split(refs, 6, segmented)
+    ins, segs, (dq_ref, acc_ref) = _split(refs, 6, segmented, st.alibi is not None)
     k_ref = ins[1]
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row = _row(h, i, rows, st.per_head)
@@ -336,7 +266,8 @@ def _dq_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
 
 
 def _dkv_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
-    ins, segs, (dk_ref, dv_ref, dk_acc, dv_acc) = _split(refs, 6, segmented)
+    ins, segs, (dk_ref, dv_ref, dk_acc, dv_acc) = _split(refs, 6, segmented,
+                                                         st.alibi is not None)
     q_ref = ins[0]
     h, j, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     row = _row(h, j, rows, st.per_head)
@@ -372,6 +303,7 @@ class _Specs:
     kv: pl.BlockSpec     # k, v, dK, dV: [B, K, Sp, D]
     q_seg: pl.BlockSpec  # [B, Tp, 1]
     kv_seg: pl.BlockSpec  # [B, 1, Sp]
+    slopes: pl.BlockSpec  # [K, G, 1, 1]
 
 
 def _make_specs(st, G, D, rows, width, *, q_major):
@@ -390,13 +322,18 @@ def _make_specs(st, G, D, rows, width, *, q_major):
         stat=pl.BlockSpec((None, None, G, bq, 1), lambda b, h, *r: (b, h, 0, qi(b, h, *r), 0)),
         kv=pl.BlockSpec((None, None, bk, D), lambda b, h, *r: (b, h, kj(b, h, *r), 0)),
         q_seg=pl.BlockSpec((None, bq, 1), lambda b, h, *r: (b, qi(b, h, *r), 0)),
-        kv_seg=pl.BlockSpec((None, 1, bk), lambda b, h, *r: (b, 0, kj(b, h, *r))))
+        kv_seg=pl.BlockSpec((None, 1, bk), lambda b, h, *r: (b, 0, kj(b, h, *r))),
+        slopes=pl.BlockSpec((None, G, 1, 1), lambda b, h, *r: (h, 0, 0, 0)))
 
 
 def _pallas(kernel, st, *, name, grid, prefetch, inputs, in_specs, segs, specs, out_shape,
             out_specs, scratch):
     if segs is not None:
         inputs, in_specs = [*inputs, *segs], [*in_specs, specs.q_seg, specs.kv_seg]
+    if st.alibi is not None:
+        K, G = inputs[1].shape[1], inputs[0].shape[2]  # k [B, K, Sp, D], q [B, K, G, Tp, D]
+        slopes = jnp.asarray(np.asarray(st.alibi, np.float32).reshape(K, G, 1, 1))
+        inputs, in_specs = [*inputs, slopes], [*in_specs, specs.slopes]
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch), grid=grid,

@@ -6,6 +6,7 @@ import math
 
 import jax.numpy as jnp
 
+from lcm.attention.alibi import check_alibi_slopes
 from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.layout import mask_layout
 from lcm.attention.masks import Mask
@@ -18,7 +19,8 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: float | None = None,
            softcap: float | None = None, block_q: int = 512, block_k: int = 512,
-           mesh=None, axis_name: str = "context", load_balance="zigzag"):
+           alibi_slopes=None, mesh=None, axis_name: str = "context",
+           load_balance="zigzag"):
     """Multi-head attention with grouped KV heads.
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (GQA/MQA; K/V are never repeated).
@@ -26,8 +28,10 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     decoding passes T < S. `mask` is a Mask value (Causal(), Local(w), SinkWindow(sinks, w),
     Chunked(size), PrefixLM(n), Document(ids), BlockMask(grid, size), VerticalSlash(cols, diags),
     and their `&` / `|`) or None for full attention. `scale` defaults to 1/sqrt(D); `softcap`
-    applies softcap * tanh(logits / softcap). Returns [B, T, H, D] in q's dtype; rows that see
-    no key are zeros.
+    applies softcap * tanh(logits / softcap). `alibi_slopes` (ALiBi: [H] concrete floats, e.g.
+    lcm.positions.alibi_slopes(H)) adds -slope_h * (query position - key position) to the
+    capped logits; xla and pallas build it per block (no [T, S] bias array). Returns
+    [B, T, H, D] in q's dtype; rows that see no key are zeros.
 
     impl: "reference" (dense float32, the ground truth), "xla" (blockwise online softmax over the
     mask's block layout, O(seq * block) memory), "pallas" (the block-sparse Pallas kernels: TPU
@@ -46,7 +50,11 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
+    alibi = check_alibi_slopes(alibi_slopes, H)
     if impl in ("ring", "allgather"):
+        if alibi is not None:
+            raise ValueError(f"alibi_slopes with impl={impl!r}: not supported (ring shards hold "
+                             f"permuted positions); use impl='xla' or 'pallas'")
         from lcm.sharding.ring import ring_attention  # lcm.sharding imports lcm.attention
         return ring_attention(q, k, v, mask, mesh=mesh, axis_name=axis_name,
                               load_balance=load_balance, scale=scale, softcap=softcap,
@@ -56,17 +64,20 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     if impl == "auto":
         impl = "pallas" if default_platform() != "interpret" else "xla"
     if impl == "reference":
-        return reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
+        return reference_attention(q, k, v, mask, scale=scale, softcap=softcap,
+                                   alibi_slopes=alibi)
     if impl == "pallas":
         # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
         block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 128))
         return pallas_attention(q, k, v, mask.prepare(T, S) if mask is not None else None,
-                                scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
+                                scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
+                                alibi_slopes=alibi)
     layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S), num_heads=H,
                          num_kv_heads=k.shape[2])
     if mask is not None:
         mask = mask.prepare(T, S)
-    return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap)
+    return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap,
+                               alibi_slopes=alibi)
 
 
 def _round_up(n, multiple):

@@ -4,6 +4,7 @@ For each query block a `while` loop runs over the key blocks its layout keeps (s
 about half of dense, Local(w) costs O(seq * w)); FULL blocks skip the mask work. Softmax
 statistics are float32. Memory is O(seq * block) forward and backward: the custom VJP keeps only
 q, k, v, the output and the per-row logsumexp, and recomputes probabilities block by block.
+ALiBi slopes (static floats) add -slope * (query pos - key pos) to the logits of every visit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcm.attention.alibi import alibi_bias
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask, group_heads
 
@@ -21,13 +23,16 @@ f32 = jnp.float32
 
 
 def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
-                        softcap: float | None = None):
-    """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`."""
+                        softcap: float | None = None,
+                        alibi_slopes: tuple[float, ...] | None = None):
+    """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`;
+    alibi_slopes: None or H floats (see lcm.attention.alibi)."""
+    alibi = _static_slopes(alibi_slopes)
     # NumPy layouts become arrays: traced block indices index them.
     layout = jax.tree.map(jnp.asarray, layout)
     K = k.shape[2]
-    if layout.kinds.shape[0] == 1:  # one layout: each key block is visited for all heads at once
-        return _flash(q, k, v, mask, layout, None, scale, softcap, K)
+    if layout.counts.shape[0] == 1:  # one layout: each key block is visited for all heads at once
+        return _flash(q, k, v, mask, layout, None, scale, softcap, K, alibi)
     # One layout per KV head (per-head masks): map over KV heads, each visiting only its blocks.
     B, T, H, D = q.shape
     qh = q.reshape(B, T, K, H // K, D).transpose(2, 0, 1, 3, 4)
@@ -35,7 +40,7 @@ def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scal
 
     def one_head(args):
         h, q_h, k_h, v_h, lay = args
-        return _flash(q_h, k_h, v_h, mask, lay, h, scale, softcap, K)
+        return _flash(q_h, k_h, v_h, mask, lay, h, scale, softcap, K, alibi)
 
     per_head = jax.tree.map(lambda x: x[:, None], layout)  # [K, 1, ...]: Lh = 1 inside the map
     out = lax.map(one_head, (jnp.arange(K), qh, kh, vh, per_head))  # [K, B, T, G, D]
@@ -43,19 +48,22 @@ def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scal
 
 
 def attention_with_lse(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
-                       softcap: float | None = None):
+                       softcap: float | None = None,
+                       alibi_slopes: tuple[float, ...] | None = None):
     """Forward only, for callers that merge several passes (e.g. Self-Extend, ReRoPE).
 
     Returns (out [B, T, H, D], lse [B, T, H, 1] float32; +inf for rows that see no key). Uses the
     layout's union over heads. Differentiate the merged result with `attention_backward`.
     """
     layout = jax.tree.map(jnp.asarray, layout.shared())
-    out, lse = _forward(q, k, v, mask, layout, None, scale, softcap, k.shape[2])
+    out, lse = _forward(q, k, v, mask, layout, None, scale, softcap, k.shape[2],
+                        _static_slopes(alibi_slopes))
     return out, _from_q_blocks(lse[..., None], q.shape[1])
 
 
 def attention_backward(q, k, v, mask: Mask | None, layout: BlockLayout, out, lse, d_out, *,
-                       scale: float, softcap: float | None = None):
+                       scale: float, softcap: float | None = None,
+                       alibi_slopes: tuple[float, ...] | None = None):
     """(dq, dk, dv) of a pass whose softmax normaliser is `lse` [B, T, H, 1] and whose (possibly
     merged) output is `out`: with the merged lse and output, each pass's backward gives its
     share of the gradient of the merged softmax."""
@@ -63,7 +71,12 @@ def attention_backward(q, k, v, mask: Mask | None, layout: BlockLayout, out, lse
     K = k.shape[2]
     lse_b = _q_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), layout.geom, K)[..., 0]
     lse_b = jnp.where(_q_blocks(jnp.isposinf(lse), layout.geom, K)[..., 0], jnp.inf, lse_b)
-    return _flash_bwd(scale, softcap, K, (q, k, v, mask, layout, None, out, lse_b), d_out)[:3]
+    return _flash_bwd(scale, softcap, K, _static_slopes(alibi_slopes),
+                      (q, k, v, mask, layout, None, out, lse_b), d_out)[:3]
+
+
+def _static_slopes(alibi_slopes):
+    return None if alibi_slopes is None else tuple(float(x) for x in alibi_slopes)
 
 
 def _q_blocks(x, geom, num_kv_heads):
@@ -96,6 +109,18 @@ def _scores(q_blk, k_blk, scale, softcap):
     return softcap * t, t
 
 
+def _biased(s, alibi, i, j, geom, head, num_kv_heads):
+    """s [B, K|1, G, bq, bk] plus the ALiBi bias of block (i, j); unchanged without slopes."""
+    if alibi is None:
+        return s
+    slopes = jnp.asarray(alibi, f32).reshape(num_kv_heads, -1)
+    if head is not None:  # inside the map over KV heads: this head's group only
+        slopes = lax.dynamic_slice_in_dim(slopes, head, 1, axis=0)
+    q_pos = i * geom.block_q + jnp.arange(geom.block_q)[:, None] + geom.offset
+    k_pos = j * geom.block_k + jnp.arange(geom.block_k)[None, :]
+    return s + alibi_bias(slopes[None, :, :, None, None], q_pos, k_pos)
+
+
 def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
     """Hides invisible pairs of a PARTIAL block with -inf; FULL blocks pass through untouched."""
 
@@ -117,7 +142,7 @@ def _kv_block(x, j, geom):
     return lax.dynamic_slice_in_dim(x, j * geom.block_k, geom.block_k, axis=2)
 
 
-def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
+def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
     geom = layout.geom
     K = k.shape[2]
     qb = _q_blocks(q, geom, K)
@@ -130,7 +155,8 @@ def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
             m, denom, acc = carry
             j = layout.kv_blocks[0, i, t]
             s, _ = _scores(q_blk, _kv_block(kp, j, geom), scale, softcap)
-            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom, head, num_kv_heads)
+            s = _biased(s, alibi, i, j, geom, head, num_kv_heads)
+            s = _masked(s, layout.visit_kinds[0, i, t], mask, i, j, geom, head, num_kv_heads)
             m_new = jnp.maximum(m, s.max(-1))
             # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -154,18 +180,18 @@ def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
     return _from_q_blocks(out_blocks, q.shape[1]), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
     """`head`: None, or the KV head (int32) whose slice of a per-head mask q, k, v hold."""
-    return _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads)[0]
+    return _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi)[0]
 
 
-def _flash_fwd(q, k, v, mask, layout, head, scale, softcap, num_kv_heads):
-    out, lse = _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads)
+def _flash_fwd(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
+    out, lse = _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi)
     return out, (q, k, v, mask, layout, head, out, lse)
 
 
-def _flash_bwd(scale, softcap, num_kv_heads, residuals, d_out):
+def _flash_bwd(scale, softcap, num_kv_heads, alibi, residuals, d_out):
     q, k, v, mask, layout, head, out, lse = residuals
     geom = layout.geom
     K = k.shape[2]
@@ -181,7 +207,8 @@ def _flash_bwd(scale, softcap, num_kv_heads, residuals, d_out):
             j = layout.kv_blocks[0, i, t]
             k_blk, v_blk = _kv_block(kp, j, geom), _kv_block(vp, j, geom)
             s, tanh = _scores(q_blk, k_blk, scale, softcap)
-            s = _masked(s, layout.kinds[0, i, j], mask, i, j, geom, head, num_kv_heads)
+            s = _biased(s, alibi, i, j, geom, head, num_kv_heads)
+            s = _masked(s, layout.visit_kinds[0, i, t], mask, i, j, geom, head, num_kv_heads)
             p = jnp.exp(s - lse_blk[..., None])
             dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
                             preferred_element_type=f32)

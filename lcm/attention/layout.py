@@ -21,22 +21,54 @@ from lcm.attention.masks import BlockGeometry, Mask
 SKIP, PARTIAL, FULL = 0, 1, 2
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class BlockLayout:
     """A block layout over `geom` for `Lh` layout heads (1: shared; K: one per KV head).
 
-    kinds [Lh, nq, nk] int32 in {SKIP, PARTIAL, FULL}; kv_blocks [Lh, nq, max_visits] int32: for
-    each query block, the key blocks to visit (ascending), then filler; counts [Lh, nq] int32: how
-    many entries of kv_blocks are real. max_visits is static: no row of any layout of this mask
-    at these shapes visits more.
+    kv_blocks [Lh, nq, max_visits] int32: for each query block, the key blocks to visit
+    (ascending), then filler; visit_kinds [Lh, nq, max_visits] int32: the kind of each visit
+    (PARTIAL or FULL; SKIP in filler); counts [Lh, nq] int32: how many visits are real.
+    max_visits is static: no row of any layout of this mask at these shapes visits more. The
+    layout is O(nq * max_visits), so a static Local(w) layout stays small at any length.
+
+    `kinds` [Lh, nq, nk] (SKIP, PARTIAL, FULL per block pair) is derived on demand and is
+    O(nq * nk): for inspection and for code that wants the dense grid. Constructing with
+    `kinds=` (and kv_blocks, counts) still works; the visit kinds are then read from it.
     """
 
-    kinds: jax.Array
+    visit_kinds: jax.Array
     kv_blocks: jax.Array
     counts: jax.Array
-    geom: BlockGeometry = dataclasses.field(metadata=dict(static=True))
-    max_visits: int = dataclasses.field(metadata=dict(static=True))
+    geom: BlockGeometry
+    max_visits: int
+
+    def __init__(self, kinds=None, kv_blocks=None, counts=None, geom=None, max_visits=None, *,
+                 visit_kinds=None):
+        if visit_kinds is None:
+            if kinds is None:
+                raise ValueError("BlockLayout needs visit_kinds (or the dense kinds)")
+            lib = _lib(kinds, kv_blocks)
+            visit_kinds = lib.take_along_axis(lib.asarray(kinds), lib.asarray(kv_blocks), axis=-1)
+        for name, value in (("visit_kinds", visit_kinds), ("kv_blocks", kv_blocks),
+                            ("counts", counts), ("geom", geom), ("max_visits", max_visits)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def kinds(self):
+        """The dense kinds [Lh, nq, nk] (NumPy for static layouts), derived from the visits."""
+        lib = _lib(self.visit_kinds, self.kv_blocks, self.counts)
+        Lh, nq, width = self.kv_blocks.shape
+        real = lib.arange(width)[None, None, :] < self.counts[..., None]
+        kinds = lib.where(real, self.visit_kinds, SKIP).astype(lib.int32)
+        heads = lib.broadcast_to(lib.arange(Lh)[:, None, None], (Lh, nq, width))
+        rows = lib.broadcast_to(lib.arange(nq)[None, :, None], (Lh, nq, width))
+        # Filler entries (kind SKIP) may name a real block again: max keeps the real kind.
+        shape = (Lh, nq, self.geom.num_k_blocks)
+        if lib is np:
+            dense = np.zeros(shape, np.int32)
+            np.maximum.at(dense, (heads, rows, self.kv_blocks), kinds)
+            return dense
+        return jnp.zeros(shape, jnp.int32).at[heads, rows, self.kv_blocks].max(kinds)
 
     @property
     def num_visits(self):
@@ -46,14 +78,37 @@ class BlockLayout:
     @property
     def density(self):
         """Fraction of all block pairs that are computed."""
-        return self.num_visits / self.kinds.size
+        Lh = self.counts.shape[0]
+        return self.num_visits / (Lh * self.geom.num_q_blocks * self.geom.num_k_blocks)
 
     def shared(self) -> BlockLayout:
         """The union over layout heads (Lh = 1): visited if any head visits, FULL if all are."""
-        if self.kinds.shape[0] == 1:
+        if self.counts.shape[0] == 1:
             return self
-        return _from_any_all((self.kinds != SKIP).any(0), (self.kinds == FULL).all(0),
-                             self.geom, self.max_visits, jnp)
+        kinds = self.kinds
+        any_, all_ = (kinds != SKIP).any(0), (kinds == FULL).all(0)
+        lib = _lib(kinds)
+        # The union may visit more blocks per row than any one head: recount when static (a
+        # traced layout's max_visits is already a bound over every head).
+        max_visits = max(int(any_.sum(-1).max()), 1) if lib is np else self.max_visits
+        return _from_any_all(any_[None], all_[None], self.geom, max_visits, lib)
+
+
+def _flatten(layout):
+    return (layout.visit_kinds, layout.kv_blocks, layout.counts), (layout.geom, layout.max_visits)
+
+
+def _unflatten(aux, children):
+    visit_kinds, kv_blocks, counts = children
+    return BlockLayout(kv_blocks=kv_blocks, counts=counts, geom=aux[0], max_visits=aux[1],
+                       visit_kinds=visit_kinds)
+
+
+jax.tree_util.register_pytree_node(BlockLayout, _flatten, _unflatten)
+
+
+def _lib(*arrays):
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
 
 
 def mask_layout(mask: Mask | None, q_len: int, kv_len: int, block_q: int, block_k: int, *,
@@ -117,7 +172,8 @@ def _from_any_all(any_, all_, geom, max_visits, lib):
         all_ = all_ & ~last
     kinds = lib.where(any_, lib.where(all_, FULL, PARTIAL), SKIP).astype(lib.int32)
     # A stable sort on "is skipped" puts the visited blocks first, in ascending order.
-    order = lib.argsort(kinds == SKIP, axis=-1, stable=True).astype(lib.int32)
+    order = lib.argsort(kinds == SKIP, axis=-1, stable=True).astype(lib.int32)[..., :max_visits]
     counts = (kinds != SKIP).sum(-1).astype(lib.int32)
-    return BlockLayout(kinds=kinds, kv_blocks=order[..., :max_visits], counts=counts, geom=geom,
-                       max_visits=max_visits)
+    visit_kinds = lib.take_along_axis(kinds, order, axis=-1)
+    return BlockLayout(kv_blocks=order, counts=counts, geom=geom, max_visits=max_visits,
+                       visit_kinds=visit_kinds)

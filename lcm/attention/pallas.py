@@ -8,6 +8,8 @@ the query heads of a group share one K/V block fetch and skip only what all of t
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lcm.attention.kernel_masks import kernel_mask
 from lcm.attention.layout import mask_layout
@@ -20,8 +22,51 @@ def default_platform() -> str:
     return backend if backend in ("tpu", "gpu") else "interpret"
 
 
-def pallas_attention(q, k, v, mask, *, scale, softcap, block_q, block_k, platform=None):
+def pallas_attention(q, k, v, mask, *, scale, softcap, block_q, block_k, platform=None,
+                     alibi_slopes=None):
     """q [B, T, H, D]; k, v [B, S, K, D] -> [B, T, H, D] through kernels/block_sparse."""
+    platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
+                                      alibi_slopes)
+    if platform == "gpu":
+        from kernels.block_sparse.gpu import block_sparse_attention_gpu
+        return block_sparse_attention_gpu(q, k, v, **kwargs)
+    from kernels.block_sparse.tpu import block_sparse_attention_tpu
+    return block_sparse_attention_tpu(q, k, v, interpret=platform == "interpret", **kwargs)
+
+
+def pallas_attention_with_lse(q, k, v, mask, *, scale, softcap=None, block_q, block_k,
+                              platform=None, alibi_slopes=None):
+    """Forward only, for merged passes: (out [B, T, H, D], lse [B, T, H, 1] float32, +inf on
+    rows that see no key), as `lcm.attention.blockwise.attention_with_lse` but from the kernels.
+    `mask` is prepared (`mask.prepare(T, S)`); differentiate with `pallas_attention_backward`."""
+    platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
+                                      alibi_slopes)
+    if platform == "gpu":
+        from kernels.block_sparse.gpu import block_sparse_attention_gpu_fwd
+        out, lse = block_sparse_attention_gpu_fwd(q, k, v, **kwargs)
+    else:
+        from kernels.block_sparse.tpu import block_sparse_attention_tpu_fwd
+        out, lse = block_sparse_attention_tpu_fwd(q, k, v, interpret=platform == "interpret",
+                                                  **kwargs)
+    return out, lse[..., None]
+
+
+def pallas_attention_backward(q, k, v, mask, out, lse, d_out, *, scale, softcap=None, block_q,
+                              block_k, platform=None, alibi_slopes=None):
+    """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H, 1] and whose (possibly
+    merged) output is `out`, as `lcm.attention.blockwise.attention_backward`."""
+    platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
+                                      alibi_slopes)
+    if platform == "gpu":
+        from kernels.block_sparse.gpu import block_sparse_attention_gpu_bwd
+        return block_sparse_attention_gpu_bwd(q, k, v, out, lse[..., 0], d_out, **kwargs)
+    from kernels.block_sparse.tpu import block_sparse_attention_tpu_bwd
+    return block_sparse_attention_tpu_bwd(q, k, v, out, lse[..., 0], d_out,
+                                          interpret=platform == "interpret", **kwargs)
+
+
+def _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform, alibi_slopes):
+    """(platform, the kernels' keyword arguments): the layout and in-kernel mask of `mask`."""
     platform = default_platform() if platform is None else platform
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r}; expected one of {list(PLATFORMS)}")
@@ -30,11 +75,18 @@ def pallas_attention(q, k, v, mask, *, scale, softcap, block_q, block_k, platfor
     mask_fn, q_seg, kv_seg = kernel_mask(mask, offset=S - T, block_q=block_q, block_k=block_k,
                                          grouped=H != K)
     layout = mask_layout(mask, T, S, block_q, block_k, num_heads=H, num_kv_heads=K)
-    common = dict(kinds=layout.kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
-                  mask_fn=mask_fn, q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale,
-                  softcap=softcap, block_q=block_q, block_k=block_k)
-    if platform == "gpu":
-        from kernels.block_sparse.gpu import block_sparse_attention_gpu
-        return block_sparse_attention_gpu(q, k, v, **common)
-    from kernels.block_sparse.tpu import block_sparse_attention_tpu
-    return block_sparse_attention_tpu(q, k, v, interpret=platform == "interpret", **common)
+    max_q_visits = None
+    if isinstance(layout.counts, np.ndarray):
+        # The exact dK/dV grid bound, on the host; the kernels' dense kinds are then scattered
+        # from the visit lists at run time, so no O(nq * nk) constant enters the program.
+        max_q_visits = max(int((layout.kinds != 0).sum(-2).max()), 1)
+    dense_kinds = jax.tree.map(jnp.asarray, layout).kinds
+    return platform, dict(kinds=dense_kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
+                          mask_fn=mask_fn, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                          scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
+                          alibi_slopes=alibi_slopes, **_q_visits(platform, max_q_visits))
+
+
+def _q_visits(platform, max_q_visits):
+    """The TPU kernel takes the dK/dV grid bound; the GPU kernel sizes its own."""
+    return {} if platform == "gpu" else {"max_q_visits": max_q_visits}

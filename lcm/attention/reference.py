@@ -5,15 +5,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcm.attention.alibi import alibi_bias
 from lcm.attention.masks import Mask, group_heads
 
 
-def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, softcap=None):
+def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, softcap=None,
+                        alibi_slopes: tuple[float, ...] | None = None):
     """Softmax(q k^T * scale) v with a dense [T, S] score matrix per head.
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query heads of a group share a KV
     head; K/V are not repeated). Returns [B, T, H, D] in q's dtype. Rows with no visible key
-    give zeros.
+    give zeros. `alibi_slopes` (H floats) adds -slope_h * (query pos - key pos) after the cap.
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -24,6 +26,9 @@ def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, soft
                    precision=jax.lax.Precision.HIGHEST) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = jnp.asarray(alibi_slopes, f32).reshape(1, K, G, 1, 1)
+        s = s + alibi_bias(slopes, jnp.arange(T)[:, None] + S - T, jnp.arange(S)[None, :])
     if mask is not None:
         vis = mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), S - T)
         s = jnp.where(group_heads(vis, K), s, -jnp.inf)

@@ -9,9 +9,9 @@ the backward pass reruns the blockwise backward of each pass against the merged 
 logsumexp (the ring-attention identity), so gradients are exact too and memory stays
 O(seq * block). `impl="reference"` merges dense score matrices instead (the ground truth).
 
-ALiBi needs an additive bias, which `attend` has no argument for: it runs a dense float32 path
-here (O(T * S) memory; fine for tests and short prompts, not for long contexts). NoPE attends
-with unrotated q and k.
+ALiBi attends with unrotated q and k and `attend(..., alibi_slopes=alibi_slopes(H))`, so every
+backend (xla, pallas, ring) builds the bias per block: no [T, S] array. NoPE attends with
+unrotated q and k.
 
 The window split uses row indices (query i + S - T vs key j), the rotations use `positions`:
 they agree for the default positions and inside packed segments (positions restart per segment,
@@ -30,6 +30,8 @@ import numpy as np
 
 from lcm.attention import Causal, Local, attend, mask_layout
 from lcm.attention.blockwise import attention_backward, attention_with_lse
+from lcm.attention.pallas import (default_platform, pallas_attention_backward,
+                                  pallas_attention_with_lse)
 from lcm.attention.masks import IndexMask, Mask, _causal_bounds, _positive_int, group_heads
 from lcm.config import PositionConfig
 from lcm.positions.rope import apply_rope
@@ -119,7 +121,8 @@ def position_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, 
     if kind == "nope":
         return attend(q, k, v, mask, impl=impl, block_q=block_q, block_k=block_k)
     if kind == "alibi":
-        return alibi_attention(q, k, v, positions, mask)
+        return attend(q, k, v, Causal() if mask is None else mask, impl=impl, block_q=block_q,
+                      block_k=block_k, alibi_slopes=alibi_slopes(q.shape[2]))
     mask = Causal() if mask is None else mask
     q1, k1, q2, k2 = _rotated_pairs(q, k, positions, inv_freq, attention_factor, position)
     near, far = mask & Local(position.window), mask & FarCausal(position.window)
@@ -155,22 +158,6 @@ def _visibility(mask, T, S, K):
     return group_heads(vis, K)
 
 
-def alibi_attention(q, k, v, positions, mask: Mask | None, *, scale=None):
-    """ALiBi, dense float32: softmax(q k^T * scale - slope_h * (pos_q - pos_k)) v.
-
-    q [B, T, H, D]; k, v [B, S, K, D]; positions [B, S] (the last T are the queries')."""
-    B, T, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    s = _dense_scores(q, k, scale)
-    pos = positions.astype(f32)
-    distance = pos[:, S - T:, None] - pos[:, None, :]  # [B, T, S]
-    slopes = jnp.asarray(alibi_slopes(H)).reshape(1, K, H // K, 1, 1)
-    s = s - slopes * distance[:, None, None]
-    vis = _visibility(Causal() if mask is None else mask, T, S, K)
-    return _dense_softmax_out(s, vis, v, q.shape, q.dtype)
-
-
 def _dense_merged(q1, k1, q2, k2, v, near, far, scale):
     """The definition: per pair the score of the pass whose mask holds it; one softmax."""
     T, S, K = q1.shape[1], k1.shape[1], k1.shape[2]
@@ -187,16 +174,25 @@ def merged_attention(q1, k1, q2, k2, v, near: Mask, far: Mask, *, impl="auto", s
     """One softmax over two disjoint key sets scored by different (q, k) pairs.
 
     Pairs visible under `near` score q1 . k1, pairs under `far` score q2 . k2 (the masks must
-    not overlap). q1, q2 [B, T, H, D]; k1, k2, v [B, S, K, D]. impl "reference" is dense; any
-    other runs the `xla` blockwise passes (each visiting only its mask's blocks) and merges them
-    by logsumexp, forward and backward.
+    not overlap). q1, q2 [B, T, H, D]; k1, k2, v [B, S, K, D]. impl "reference" is dense; "xla"
+    runs two blockwise passes and "pallas" two block-sparse kernel passes (each visiting only
+    its mask's blocks), merged by logsumexp, forward and backward; "auto" is "pallas" on a TPU
+    or GPU, else "xla".
     """
+    if impl not in _MERGED_IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {list(_MERGED_IMPLS)}")
     D = q1.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if impl == "auto":
+        impl = "pallas" if default_platform() != "interpret" else "xla"
     if impl == "reference":
         return _dense_merged(q1, k1, q2, k2, v, near, far, scale)
     B, T, H, _ = q1.shape
     S, K = k1.shape[1], k1.shape[2]
+    if impl == "pallas":
+        # As attend: blocks clipped to the lengths rounded up to the TPU tile multiples.
+        cfg = _PallasPasses(scale, min(block_q, -(-T // 8) * 8), min(block_k, -(-S // 128) * 128))
+        return _merged_pallas(cfg, q1, k1, q2, k2, v, near.prepare(T, S), far.prepare(T, S))
     bq, bk = min(block_q, T), min(block_k, S)
     lay1 = mask_layout(near, T, S, bq, bk, num_heads=H, num_kv_heads=K).shared()
     lay2 = mask_layout(far, T, S, bq, bk, num_heads=H, num_kv_heads=K).shared()
@@ -246,3 +242,42 @@ def _merged_bwd(scale, K, residuals, d_out):
 
 
 _merged.defvjp(_merged_fwd, _merged_bwd)
+
+_MERGED_IMPLS = ("auto", "reference", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PallasPasses:
+    """Static options of the two kernel passes (hashable: custom_vjp's nondiff argument)."""
+
+    scale: float
+    block_q: int
+    block_k: int
+
+    def options(self):
+        return dict(scale=self.scale, block_q=self.block_q, block_k=self.block_k)
+
+
+def _merged_pallas_fwd(cfg, q1, k1, q2, k2, v, near, far):
+    o1, l1 = pallas_attention_with_lse(q1, k1, v, near, **cfg.options())
+    o2, l2 = pallas_attention_with_lse(q2, k2, v, far, **cfg.options())
+    out, lse = _merge(o1, l1, o2, l2)
+    out = out.astype(q1.dtype)
+    return out, (q1, k1, q2, k2, v, near, far, out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _merged_pallas(cfg, q1, k1, q2, k2, v, near, far):
+    return _merged_pallas_fwd(cfg, q1, k1, q2, k2, v, near, far)[0]
+
+
+def _merged_pallas_bwd(cfg, residuals, d_out):
+    q1, k1, q2, k2, v, near, far, out, lse = residuals
+    # As _merged_bwd: each kernel pass's backward against the merged output and logsumexp.
+    dq1, dk1, dv1 = pallas_attention_backward(q1, k1, v, near, out, lse, d_out, **cfg.options())
+    dq2, dk2, dv2 = pallas_attention_backward(q2, k2, v, far, out, lse, d_out, **cfg.options())
+    dv = (dv1.astype(f32) + dv2.astype(f32)).astype(v.dtype)
+    return dq1, dk1, dq2, dk2, dv, None, None
+
+
+_merged_pallas.defvjp(_merged_pallas_fwd, _merged_pallas_bwd)

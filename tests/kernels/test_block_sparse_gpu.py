@@ -49,7 +49,7 @@ def assert_close(got, want, tol, what):
 
 
 def check_against_reference(q, k, v, kinds, *, mask_fn, segs, scale, softcap, block_q, block_k,
-                            seed=0):
+                            seed=0, alibi_slopes=None):
     q_seg, kv_seg = segs if segs is not None else (None, None)
     kv_blocks, counts = layout_from_kinds(kinds)
 
@@ -58,11 +58,12 @@ def check_against_reference(q, k, v, kinds, *, mask_fn, segs, scale, softcap, bl
         return block_sparse_attention_gpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
             q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
-            block_q=block_q, block_k=block_k, interpret=True)
+            block_q=block_q, block_k=block_k, interpret=True, alibi_slopes=alibi_slopes)
 
     def reference(q, k, v):
         return attention_reference(q, k, v, mask_fn=mask_fn, q_segment_ids=q_seg,
-                                   kv_segment_ids=kv_seg, scale=scale, softcap=softcap)
+                                   kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
+                                   alibi_slopes=alibi_slopes)
 
     tol = TOL[q.dtype.type]
     got, vjp_got = jax.vjp(kernel, q, k, v)
@@ -107,6 +108,23 @@ def test_matches_reference(case):
         kinds = per_kv_head(kinds, K)
     check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=segs, scale=D ** -0.5 * 1.3,
                             softcap=case["softcap"], block_q=bq, block_k=bk, seed=case["seed"])
+
+
+@pytest.mark.parametrize("mask,G,dtype,per_head", [("causal&document", 3, jnp.float32, True),
+                                                  ("local", 2, jnp.bfloat16, False),
+                                                  ("none", 1, jnp.float32, False)])
+def test_alibi_matches_reference(mask, G, dtype, per_head):
+    """ALiBi with GQA (the dK/dV kernel's head loop reads each head's slope), T < S."""
+    B, T, S, K, D, bq, bk = 2, 37, 70, 2, 32, 16, 16
+    q, k, v = random_qkv(jax.random.key(5), B, T, S, K * G, K, D, dtype)
+    mask_fn = make_mask_fn(mask, T, S)
+    segs = document_ids(jax.random.key(6), B, T, S) if "document" in mask else None
+    kinds = block_kinds(dense_mask(mask_fn, T, S, *(segs or (None, None))), bq, bk)
+    if per_head:
+        kinds = per_kv_head(kinds, K)
+    slopes = np.linspace(0.05, 0.8, K * G).astype(np.float32)
+    check_against_reference(q, k, v, kinds, mask_fn=mask_fn, segs=segs, scale=D ** -0.5,
+                            softcap=None, block_q=bq, block_k=bk, alibi_slopes=slopes)
 
 
 def test_fully_masked_rows_are_zero_with_finite_grads():
@@ -206,3 +224,43 @@ def test_bad_layout_shapes_raise():
     with pytest.raises(ValueError, match="multiple"):
         block_sparse_attention_gpu(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2),
                                    **good, scale=1.0, block_q=16, block_k=16, interpret=True)
+
+
+def test_forward_lse_and_backward_merge_two_passes():
+    """The exposed forward (out, lse) and backward (given a merged out and lse) of two disjoint
+    passes, near (distance < 11) and far, merged by logsumexp, equal one causal pass."""
+    from kernels.block_sparse.gpu import (block_sparse_attention_gpu_bwd,
+                                          block_sparse_attention_gpu_fwd)
+    B, T, S, K, G, D, bq, bk, w = 2, 37, 45, 2, 2, 32, 16, 16, 11
+    off = S - T
+    near = lambda qi, ki, qs, ks: (ki <= qi + off) & (ki > qi + off - w)  # noqa: E731
+    far = lambda qi, ki, qs, ks: ki <= qi + off - w  # noqa: E731
+    q, k, v = random_qkv(jax.random.key(7), B, T, S, K * G, K, D, jnp.float32)
+    d_out = jax.random.normal(jax.random.key(8), q.shape, jnp.float32)
+    slopes = np.linspace(0.05, 0.8, K * G).astype(np.float32)
+
+    def options(fn):
+        kinds = block_kinds(dense_mask(fn, T, S), bq, bk)
+        kv_blocks, counts = layout_from_kinds(kinds)
+        return dict(kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=fn, scale=0.2,
+                    block_q=bq, block_k=bk, interpret=True, alibi_slopes=slopes)
+
+    passes = (options(near), options(far))  # layouts in NumPy, outside jit
+
+    @jax.jit
+    def merged(q, k, v, d_out):
+        (o1, l1), (o2, l2) = (block_sparse_attention_gpu_fwd(q, k, v, **o) for o in passes)
+        # Rows a pass does not reach have lse = +inf (so its backward gives 0): -inf to merge.
+        l1, l2 = (jnp.where(jnp.isposinf(x), -jnp.inf, x) for x in (l1, l2))
+        lse = jnp.logaddexp(l1, l2)
+        out = (jnp.exp(l1 - lse)[..., None] * o1 + jnp.exp(l2 - lse)[..., None] * o2)
+        g1, g2 = (block_sparse_attention_gpu_bwd(q, k, v, out, lse, d_out, **o)
+                  for o in passes)
+        return (out, *(a + b for a, b in zip(g1, g2)))
+
+    got = merged(q, k, v, d_out)
+    causal = make_mask_fn("causal", T, S)
+    want, vjp = jax.vjp(lambda q, k, v: attention_reference(
+        q, k, v, mask_fn=causal, scale=0.2, alibi_slopes=slopes), q, k, v)
+    for name, g, w_ in zip(("out", "dq", "dk", "dv"), got, (want, *vjp(d_out))):
+        assert_close(g, w_, TOL[jnp.float32], name)

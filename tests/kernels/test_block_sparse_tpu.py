@@ -11,7 +11,8 @@ from jax.experimental.pallas import tpu as pltpu
 from helpers import block_kinds
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from kernels.block_sparse.reference import attention_reference, dense_mask
-from kernels.block_sparse.tpu import _make_specs, _Static, block_sparse_attention_tpu
+from kernels.block_sparse.tpu import _make_specs, block_sparse_attention_tpu
+from kernels.block_sparse.tpu_checks import _Static
 
 MASKS = ("none", "causal", "local", "document")
 
@@ -54,8 +55,13 @@ def _assert_close(got, want, tol, name):
     assert err <= tol, f"{name}: scaled max error {err:.3g} > {tol}"
 
 
+def _slopes(H):
+    """ALiBi slopes, steep enough that the bias moves the softmax at these lengths."""
+    return np.linspace(0.05, 0.8, H).astype(np.float32)
+
+
 def _check_against_reference(*, B, T, S, K, G, D, bq, bk, mask, dtype, softcap, per_head,
-                             interpret=True, seed=0):
+                             interpret=True, seed=0, alibi=False):
     mask_fn, q_seg, kv_seg = _mask(mask, B, T, S)
     kinds = block_kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
     if per_head:
@@ -65,16 +71,18 @@ def _check_against_reference(*, B, T, S, K, G, D, bq, bk, mask, dtype, softcap, 
     kv_blocks, counts = layout_from_kinds(kinds)
     scale = 0.7 / np.sqrt(D)
     q, k, v, d_out = _qkv(jax.random.key(seed), B, T, S, K, G, D, dtype)
+    slopes = _slopes(K * G) if alibi else None
 
     def kernel(q, k, v):
         return block_sparse_attention_tpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
             q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
-            block_q=bq, block_k=bk, interpret=interpret)
+            block_q=bq, block_k=bk, interpret=interpret, alibi_slopes=slopes)
 
     def reference(q, k, v):
         return attention_reference(q, k, v, mask_fn=mask_fn, q_segment_ids=q_seg,
-                                   kv_segment_ids=kv_seg, scale=scale, softcap=softcap)
+                                   kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
+                                   alibi_slopes=slopes)
 
     got = jax.jit(lambda *a: _value_and_grads(kernel, *a))(q, k, v, d_out)
     want = jax.jit(lambda *a: _value_and_grads(reference, *a))(q, k, v, d_out)
@@ -104,13 +112,23 @@ def test_odd_lengths(mask, dtype, softcap, per_head):
                              dtype=dtype, softcap=softcap, per_head=per_head)
 
 
-@pytest.mark.parametrize("mask, dtype, per_head", [("document", jnp.float32, True),
-                                                   ("causal", jnp.bfloat16, False)])
-def test_tpu_interpret_semantics(mask, dtype, per_head):
+@pytest.mark.parametrize("mask, dtype, per_head, alibi", [("document", jnp.float32, True, True),
+                                                          ("causal", jnp.bfloat16, False, False)])
+def test_tpu_interpret_semantics(mask, dtype, per_head, alibi):
     """Scalar prefetch, DMAs and revisited blocks under the TPU interpreter (slow: tiny)."""
     _check_against_reference(B=1, T=19, S=29, K=2, G=2, D=32, bq=8, bk=8, mask=mask,
                              dtype=dtype, softcap=3.0, per_head=per_head,
-                             interpret=pltpu.InterpretParams())
+                             interpret=pltpu.InterpretParams(), alibi=alibi)
+
+
+@pytest.mark.parametrize("mask, G, dtype, softcap, per_head", [
+    ("causal", 3, jnp.float32, None, False),
+    ("local", 2, jnp.float32, 4.0, True),     # FULL, PARTIAL and skipped blocks
+    ("none", 1, jnp.bfloat16, None, False),   # T < S: the bias of end-aligned queries
+])
+def test_alibi_matches_reference(mask, G, dtype, softcap, per_head):
+    _check_against_reference(B=2, T=37, S=70, K=2, G=G, D=32, bq=16, bk=16, mask=mask,
+                             dtype=dtype, softcap=softcap, per_head=per_head, alibi=True)
 
 
 def test_rows_that_see_nothing_are_zero():
@@ -207,7 +225,7 @@ def test_lowers_for_tpu():
         out = block_sparse_attention_tpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
             q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=0.1, softcap=5.0,
-            block_q=bq, block_k=bk, interpret=False)
+            block_q=bq, block_k=bk, interpret=False, alibi_slopes=_slopes(K * G))
         return out.astype(jnp.float32).sum()
 
     fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
@@ -243,7 +261,54 @@ def _call(dtype=jnp.float32, **overrides):
     ({"max_q_visits": 9}, "max_q_visits"),
     ({"kv_blocks": np.zeros((1, 3, 4), np.float32)}, "kv_blocks.dtype"),
     ({"dtype": jnp.float16}, "float16"),
+    ({"alibi_slopes": np.ones(3, np.float32)}, "alibi_slopes has shape"),
+    ({"alibi_slopes": [0.5, float("nan")]}, "finite"),
 ])
 def test_bad_arguments_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
         _call(**overrides)
+
+
+def test_traced_alibi_slopes_raise():
+    with pytest.raises(ValueError, match="traced"):
+        jax.jit(lambda s: _call(alibi_slopes=s))(jnp.ones(2, jnp.float32))
+
+
+def test_forward_lse_and_backward_merge_two_passes():
+    """The exposed forward (out, lse) and backward (given a merged out and lse) of two disjoint
+    passes, near (distance < 11) and far, merged by logsumexp, equal one causal pass."""
+    from kernels.block_sparse.tpu import (block_sparse_attention_tpu_bwd,
+                                          block_sparse_attention_tpu_fwd)
+    B, T, S, K, G, D, bq, bk, w = 2, 37, 45, 2, 2, 32, 8, 16, 11
+    off = S - T
+    near = lambda q, k, qs, ks: (k <= q + off) & (k > q + off - w)  # noqa: E731
+    far = lambda q, k, qs, ks: k <= q + off - w  # noqa: E731
+    causal = lambda q, k, qs, ks: k <= q + off  # noqa: E731
+    q, k, v, d_out = _qkv(jax.random.key(4), B, T, S, K, G, D, jnp.float32)
+    slopes = _slopes(K * G)
+
+    def options(fn):
+        kinds = block_kinds(dense_mask(fn, T, S), bq, bk)
+        kv_blocks, counts = layout_from_kinds(kinds)
+        return dict(kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=fn, scale=0.2,
+                    block_q=bq, block_k=bk, interpret=True, alibi_slopes=slopes)
+
+    passes = (options(near), options(far))  # layouts in NumPy, outside jit
+
+    @jax.jit
+    def merged(q, k, v, d_out):
+        (o1, l1), (o2, l2) = (block_sparse_attention_tpu_fwd(q, k, v, **o) for o in passes)
+        # Rows a pass does not reach have lse = +inf (so its backward gives 0): -inf to merge.
+        l1, l2 = (jnp.where(jnp.isposinf(x), -jnp.inf, x) for x in (l1, l2))
+        lse = jnp.logaddexp(l1, l2)
+        out = (jnp.exp(l1 - lse)[..., None] * o1 + jnp.exp(l2 - lse)[..., None] * o2)
+        g1, g2 = (block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **o)
+                  for o in passes)
+        return (out, *(a + b for a, b in zip(g1, g2)))
+
+    got = merged(q, k, v, d_out)
+    want = jax.jit(lambda *a: _value_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, mask_fn=causal, scale=0.2,
+                                            alibi_slopes=slopes), *a))(q, k, v, d_out)
+    for name, g, w_ in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(g, w_, 2e-5, name)

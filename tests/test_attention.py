@@ -261,14 +261,18 @@ def test_static_layouts_store_visits_not_the_block_grid():
     assert len(text) < 200_000  # the program text, constants included
 
 
-@pytest.mark.parametrize("kind", ["causal", "sinkwindow|document", "blockmask"])
+@pytest.mark.parametrize("kind", ["causal", "sinkwindow|document", "per_head_blockmask",
+                                  "verticalslash"])
 def test_dense_kinds_derive_from_the_visits(kind):
     """`kinds` (dense, derived) agrees with the visit lists, for NumPy and traced layouts, and
     a layout built from dense kinds (the old constructor) gives the same visit kinds."""
     from lcm.attention import BlockLayout
     T, S, bq, bk = 37, 50, 8, 8
     rng = np.random.default_rng(3)
-    mask = build_mask(kind, 10, *segment_ids(rng, 2, T, S, 3), num_heads=2, seed=3)
+    if kind == "per_head_blockmask":  # static, one layout per KV head: shared() is a union
+        mask = BlockMask(rng.random((2, -(-T // 4), -(-S // 4))) < 0.3, 4)
+    else:
+        mask = build_mask(kind, 10, *segment_ids(rng, 2, T, S, 3), num_heads=2, seed=3)
     layout = mask_layout(mask, T, S, bq, bk, num_heads=2, num_kv_heads=2)
     kinds = np.asarray(layout.kinds)
     counts, blocks = np.asarray(layout.counts), np.asarray(layout.kv_blocks)
@@ -281,8 +285,10 @@ def test_dense_kinds_derive_from_the_visits(kind):
                           max_visits=layout.max_visits)
     np.testing.assert_array_equal(rebuilt.visit_kinds, np.take_along_axis(kinds, blocks, -1))
     shared = layout.shared()
+    assert np.asarray(shared.counts).shape == (1, layout.geom.num_q_blocks)
     np.testing.assert_array_equal(np.asarray(shared.kinds)[0] != SKIP, (kinds != SKIP).any(0))
-    assert shared.max_visits >= int(np.asarray(shared.counts).max())
+    # The union may visit more blocks per row than any head: none may be cut off.
+    assert int(np.asarray(shared.counts).max()) <= shared.max_visits
 
 
 @settings(max_examples=10)  # eager jnp on new shapes compiles every op: keep it short

@@ -9,13 +9,14 @@ the backward pass reruns the blockwise backward of each pass against the merged 
 logsumexp (the ring-attention identity), so gradients are exact too and memory stays
 O(seq * block). `impl="reference"` merges dense score matrices instead (the ground truth).
 
-ALiBi attends with unrotated q and k and `attend(..., alibi_slopes=alibi_slopes(H))`, so every
-backend (xla, pallas, ring) builds the bias per block: no [T, S] array. NoPE attends with
-unrotated q and k.
+ALiBi attends with unrotated q and k and `attend(..., alibi_slopes=alibi_slopes(H))`: the xla
+and pallas backends build the bias per block, no [T, S] array (the ring backends raise). NoPE
+attends with unrotated q and k.
 
-The window split uses row indices (query i + S - T vs key j), the rotations use `positions`:
-they agree for the default positions and inside packed segments (positions restart per segment,
-and `Document` keeps attention within it).
+The window split and ALiBi's distance use row indices (query i + S - T vs key j), the rotations
+use `positions`: they agree for the default positions and inside packed segments (positions
+restart per segment, and `Document` keeps attention within it), not for position ids with gaps
+(PoSE-style skipped positions), which only the RoPE types follow.
 """
 
 from __future__ import annotations

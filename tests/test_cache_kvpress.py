@@ -11,14 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcm.cache import (TOVA, AdaKV, ExpectedAttention, Knorm, Merging, ObservedAttention,
+from lcm.cache import (TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging, ObservedAttention,
                        PyramidKV, SnapKV, StreamingLLM, compress, decode_step, prefill,
                        prefill_observed)
 from lcm.io import load_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kvpress"
 META = json.loads((FIXTURES / "meta.json").read_text())
-NAMES = sorted(META["configurations"])
+NAMES = sorted(n for n in META["configurations"] if not n.startswith("decoding_"))
+DECODING = {"decoding_knorm": Decoding(Knorm(), compression_interval=8, target_size=100),
+            "decoding_tova": Decoding(TOVA(), compression_interval=8, target_size=100)}
 
 
 def policy_for(name):
@@ -46,6 +48,7 @@ def reference():
 
 def test_every_fixture_has_a_policy():
     assert len(NAMES) == 22 and all(policy_for(n) is not None for n in NAMES)
+    assert set(META["configurations"]) == set(NAMES) | set(DECODING)
     assert {META["configurations"][n]["compression_ratio"] for n in NAMES} == {0.3, 0.45}
 
 
@@ -83,3 +86,23 @@ def test_prefill_with_policy_equals_compress_of_observed_prefill(reference):
         np.testing.assert_array_equal(direct.pos, later.pos)
         np.testing.assert_array_equal(direct.length, later.length)
         np.testing.assert_allclose(direct.k, later.k, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DECODING))
+def test_decoding_press_matches_kvpress_step_by_step(reference, name):
+    """DecodingPress(base, compression_interval=8, target_size=100): 24 fed tokens, three
+    compressions; logits of every step and the kept positions at the end."""
+    cfg, params, data, _, _ = reference
+    policy = DECODING[name]
+    _, cache = prefill(params, jnp.asarray(data["decoding/input_ids"]), cfg, max_new_tokens=8)
+    want = data[f"{name}/logits"]
+    for step, token in enumerate(data["decoding/tokens"]):
+        logits, cache = decode_step(params, cache, jnp.asarray([token]), cfg, policy=policy)
+        np.testing.assert_allclose(logits[0], want[step], atol=1e-4, rtol=1e-4)
+    kept = data[f"{name}/kept"]
+    for layer in range(cfg.num_layers):
+        got = np.asarray(cache.kept_positions(layer)[0])
+        for head in range(cfg.num_kv_heads):
+            assert set(got[head][got[head] >= 0].tolist()) == set(
+                np.flatnonzero(kept[layer, head]).tolist()), (layer, head)

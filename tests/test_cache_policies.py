@@ -126,3 +126,19 @@ def test_bad_policies_raise(make, match):
 
 def test_policy_from_name():
     assert policy_from_name("SnapKV", compression_ratio=0.5) == SnapKV(0.5)
+
+
+def test_per_query_head_selection_holds_one_entry_set_per_query_head():
+    policy = SnapKV(0.5, window_size=4, gqa="query_head")
+    _, cache = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS, max_new_tokens=1)
+    assert cache.k.shape[2] == CFG.num_heads
+    np.testing.assert_array_equal(cache.length[0], [[16] * 4, [9] * 4])
+    heads = kept_sets(cache, 1, 0)
+    assert heads[0] != heads[1] or heads[2] != heads[3]  # query heads of a group choose alone
+    # Keeping everything, the repeated per-query-head cache decodes exactly as the plain one.
+    everything = SnapKV(budget=64, window_size=4, gqa="query_head")
+    _, wide = prefill(PARAMS, TOKENS, CFG, policy=everything, lengths=LENGTHS, max_new_tokens=1)
+    _, plain = prefill(PARAMS, TOKENS, CFG, lengths=LENGTHS, max_new_tokens=1)
+    a, _ = decode_step(PARAMS, wide, jnp.asarray([3, 4]), CFG)
+    b, _ = decode_step(PARAMS, plain, jnp.asarray([3, 4]), CFG)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,10 @@
 lengths, original positions of every kept entry, optional per-entry scores. Policies are
 frozen dataclasses with kvpress's names and defaults (`lcm.cache.policies`), run as
 score -> select(static budget) -> apply (`lcm.cache.compress`). One prefill can be compressed
-by several policies: `prefill_observed` then `compress`.
+by several policies: `prefill_observed` then `compress`. While decoding, `decode_step(...,
+policy=...)` / `generate(..., decode_policy=...)` compress every few steps (`Decoding`, kvpress's
+DecodingPress) or at every step (`H2O`, `TOVA(budget=n)`, `StreamingLLM(budget=n)`); see
+`lcm.cache.decoding`.
 """
 
 from lcm.cache.compress import Observations, compress

@@ -22,7 +22,7 @@ import numpy as np
 
 from lcm.cache import attention as cattn
 from lcm.cache import scores as S
-from lcm.cache.kv import KVCache, gather_entries, pad_capacity
+from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity
 from lcm.cache.merge import merge_values
 from lcm.cache.policies import (H2O, TOVA, AdaKV, ExpectedAttention, Merging, ObservedAttention,
                                 PyramidKV, Scorer, SnapKV)
@@ -55,6 +55,16 @@ class Observations:
 
 def _inner(policy):
     return policy.press if isinstance(policy, (AdaKV, Merging)) else policy
+
+
+def per_query_head(policy) -> bool:
+    """Whether `policy` selects per query head (the cache then holds num_heads heads)."""
+    return getattr(_inner(policy), "gqa", None) == "query_head"
+
+
+def cache_heads(policy, cfg: ModelConfig) -> int:
+    """Heads of the cache `policy` leaves: num_heads for per-query-head selection."""
+    return cfg.num_heads if policy is not None and per_query_head(policy) else cfg.num_kv_heads
 
 
 def needs(policy):
@@ -277,6 +287,8 @@ def _compress(cache, policy, observations, *, cfg, room):
 
     def layer(_, xs):
         entries, obs, index = xs
+        if per_query_head(policy):
+            entries = expand_heads(entries, cfg.group_size)
         out = compress_layer(policy, entries, obs, layer=index, cfg=cfg, inv_freq=inv_freq,
                              factor=factor, next_pos=cache.next_pos)
         out = to_rotation(out, policy.positions, inv_freq, factor)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm.cache.compress import check_policy
+from lcm.cache.compress import cache_heads, capacity, check_policy
+from lcm.cache.decoding import check_decode_policy, decode_room, with_query_buffer
+from lcm.cache.policies import H2O
 from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
 from lcm.config import ModelConfig
 
@@ -26,7 +28,7 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
 
     prompts [B, T] int, right-padded, with lengths [B] (default T). policy compresses the
     prompt's cache at prefill (`lcm.cache.SnapKV(0.5)`, ...); decode_policy keeps it within a
-    budget while decoding (`lcm.cache.Periodic`, `H2O`, ...). A row stops after emitting one of
+    budget while decoding (`lcm.cache.Decoding`, `H2O`, ...). A row stops after emitting one of
     `stop_tokens` (which is kept and counted); its later slots hold `pad_token`.
     temperature 0 is greedy (argmax); otherwise logits / temperature are sampled, restricted to
     the top_k most likely tokens and to the smallest set whose probability reaches top_p; `key`
@@ -40,8 +42,9 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
         check_policy(policy, cfg, prompts.shape[1])
     room = max_new_tokens - 1  # the last token is returned, never fed back
     if decode_policy is not None:
-        from lcm.cache.decoding import decode_room
-        room = decode_room(decode_policy, policy, prompts.shape[1], max_new_tokens)
+        kept = (prompts.shape[1] if policy is None else
+                capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg)))
+        room = decode_room(decode_policy, policy, kept, max_new_tokens)
     if key is None:
         key = jax.random.key(0)  # unused when greedy
     return _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
@@ -59,6 +62,11 @@ def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chun
     B = prompts.shape[0]
     logits, cache = _prefill(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
                              room=room, all_logits=False)
+    if decode_policy is not None:
+        if isinstance(decode_policy, H2O) and cache.score is None:
+            cache = cache.replace(score=jnp.zeros(cache.pos.shape, jnp.float32))
+        cache = with_query_buffer(cache, decode_policy, cfg)
+        check_decode_policy(decode_policy, cache)  # at trace time: shapes and options only
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
 

@@ -5,8 +5,11 @@
     pos       [L, B, K, C]     int32 original position of each entry, -1 in empty slots
     length    [L, B, K]        int32: slots [0, length) of each head hold entries
     next_pos  [B]              int32 position of each row's next token
-    score     [L, B, K, C]     float32 per-entry accumulators (H2O / TOVA at decode), or None
+    score     [L, B, K, C]     float32 per-entry accumulators (H2O at decode), or None
     step      []               int32 decode steps since the last compression
+    queries   [L, B, W, H, D]  un-rotated queries decoded since the last compression, for
+                               decode-time compression by attention scorers, or None
+    query_pos [B, W]           their positions, -1 in empty buffer slots, or None
 
 Slots past `length` are empty (zero K/V, pos -1); entries inside are in no particular order
 (`kept_positions` sorts). Every (layer, batch, kv-head) has its own length, so policies with
@@ -31,7 +34,8 @@ ROTATIONS = ("original", "cache")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "pos", "length", "next_pos", "score", "step"],
+                   data_fields=["k", "v", "pos", "length", "next_pos", "score", "step",
+                                "queries", "query_pos"],
                    meta_fields=["rotation"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -45,6 +49,8 @@ class KVCache:
     score: jax.Array | None = None
     step: jax.Array | None = None
     rotation: str = "original"
+    queries: jax.Array | None = None
+    query_pos: jax.Array | None = None
 
     @classmethod
     def empty(cls, *, num_layers: int, batch: int, num_kv_heads: int, capacity: int,
@@ -115,6 +121,14 @@ def from_layer_slices(cache: KVCache, layers: dict, **changes) -> KVCache:
     """The inverse of `layer_slices`: a cache whose per-layer arrays are `layers`."""
     return cache.replace(k=layers["k"], v=layers["v"], pos=layers["pos"],
                          length=layers["length"], score=layers.get("score"), **changes)
+
+
+def expand_heads(layer: dict, groups: int) -> dict:
+    """One entry set per query head: each kv head's K/V, positions and lengths repeated for the
+    `groups` query heads that share it (transformers' repeat_kv order)."""
+    if groups == 1:
+        return layer
+    return {name: jnp.repeat(x, groups, axis=1) for name, x in layer.items()}
 
 
 def gather_entries(layer: dict, idx, keep):

@@ -5,7 +5,9 @@ Every scorer takes its budget as kvpress's `compression_ratio` (the fraction rem
 row: max(1, int(length * (1 - ratio)))) or as a token count `budget` per kv head (at most the
 prompt). Options found in the reference implementations:
 
-- gqa: how the query heads of a group vote for their shared kv head: "mean" (kvpress), "max".
+- gqa: how the query heads of a group vote for their shared kv head: "mean" (kvpress), "max",
+  or "query_head": each query head selects its own entries (original SnapKV), so the cache
+  holds num_heads heads (repeated K/V, group_size times the memory of the others).
 - positions: "original" keeps every entry at its original RoPE position (kvpress); "cache"
   re-rotates keys to their rank in the cache, as StreamingLLM's code and kvpress's
   KeyRerotationPress do (new tokens then continue at the cache length).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-GQA = ("mean", "max")
+GQA = ("mean", "max", "query_head")
 POSITIONS = ("original", "cache")
 POOLING = ("avg", "max")
 

@@ -17,9 +17,10 @@ import numpy as np
 from lcm.attention import Causal, Local, attend
 from lcm.cache import attention as cattn
 from lcm.cache.compress import (PREFILL_POLICIES, Observations, check_policy, compress_layer,
-                                observations_for, observe_layer, to_rotation)
-from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, from_layer_slices, insert,
-                          layer_slices, pad_capacity, rank_positions)
+                                observations_for, observe_layer, per_query_head, to_rotation)
+from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
+from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
+                          from_layer_slices, insert, layer_slices, pad_capacity, rank_positions)
 from lcm.config import ModelConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import apply_rope, rope_frequencies
@@ -71,7 +72,7 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     """Feeds one token per row: tokens [B] int -> (logits float32 [B, vocab], cache).
 
     The token sits at `cache.next_pos` and is appended to every layer's cache. policy: a decode
-    policy (`lcm.cache.Periodic`, `H2O`, ...) that keeps the cache within its budget; without
+    policy (`lcm.cache.Decoding`, `H2O`, ...) that keeps the cache within its budget; without
     one, a head whose cache is full replaces its oldest entry (a sliding window) — size the
     cache with `prefill(..., max_new_tokens=n)` to avoid that.
     """
@@ -82,11 +83,13 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     if tokens.shape != cache.next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
                          f"[batch={cache.next_pos.shape[0]}]")
-    if cache.k.shape[2] != cfg.num_kv_heads or cache.num_layers != cfg.num_layers:
+    if cache.k.shape[2] not in (cfg.num_kv_heads, cfg.num_heads) or (
+            cache.num_layers != cfg.num_layers):
         raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg (num_layers="
-                         f"{cfg.num_layers}, num_kv_heads={cfg.num_kv_heads})")
+                         f"{cfg.num_layers}, num_kv_heads={cfg.num_kv_heads} or num_heads="
+                         f"{cfg.num_heads} for per-query-head caches)")
     if policy is not None:
-        from lcm.cache.decoding import check_decode_policy
+        cache = with_query_buffer(cache, policy, cfg)
         check_decode_policy(policy, cache)
     return _decode_step(params, cache, tokens.astype(jnp.int32), cfg=cfg, policy=policy)
 
@@ -122,6 +125,8 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
             kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg,
                                  window=window, colsum=colsum, sink=sink)
         if policy is not None:
+            if per_query_head(policy):
+                entries = expand_heads(entries, cfg.group_size)
             obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
             entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
                                      inv_freq=inv_freq, factor=factor, next_pos=lengths)
@@ -158,16 +163,20 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)
-    if policy is not None:
-        from lcm.cache.decoding import decode_update
     step = cache.step + 1
+    buffered = cache.queries is not None
+    query_pos = None
+    if buffered:
+        query_pos = jnp.concatenate([cache.query_pos[:, 1:], position[:, None]], axis=1)
 
     def layer(x, xs):
-        p, entries, index = xs
+        p, entries, queries, index = xs
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         q, k, v = project_qkv(h, p)
         kr = apply_rope(k, position[:, None], inv_freq, factor)
         stored = kr if cache.rotation == "original" else k
+        groups = cache.k.shape[2] // cfg.num_kv_heads  # > 1: one entry set per query head
+        stored, v = jnp.repeat(stored, groups, axis=2), jnp.repeat(v, groups, axis=2)
         entries = insert(entries, stored[:, 0], v[:, 0], position)
         q_pos, keys = position[:, None], entries["k"]
         if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
@@ -180,17 +189,23 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
         out = cattn.attend_cache(probs, entries["v"], x.dtype)
         x = x + project_out(out, p)
         x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        if buffered:
+            queries = jnp.concatenate([queries[:, 1:], q[:, :1].astype(queries.dtype)], 1)
         if policy is not None:
-            entries = decode_update(policy, entries, probs, step=step, layer=index, cfg=cfg)
-        return x, entries
+            entries = decode_update(policy, entries, probs, step=step, layer=index, cfg=cfg,
+                                    inv_freq=inv_freq, factor=factor, position=position,
+                                    queries=queries, query_pos=query_pos)
+        return x, (entries, queries)
 
-    xs = (params["layers"], layer_slices(cache), jnp.arange(cfg.num_layers))
-    x, layers = jax.lax.scan(layer, x, xs)
+    xs = (params["layers"], layer_slices(cache), cache.queries, jnp.arange(cfg.num_layers))
+    x, (layers, queries) = jax.lax.scan(layer, x, xs)
     logits = unembed(params, x, cfg)[:, 0]
     if policy is not None:
-        from lcm.cache.decoding import next_step
         step = next_step(policy, step)
-    return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step)
+        if buffered:  # a compression empties the buffer (kvpress clears its hidden states)
+            query_pos = jnp.where(step == 0, -1, query_pos)
+    return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step,
+                                     queries=queries, query_pos=query_pos)
 
 
 def _rotate_queries(q, q_pos, inv_freq, factor):

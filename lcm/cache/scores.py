@@ -59,26 +59,31 @@ def _pool(x, kernel, kind):
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, strides, pad) / kernel
 
 
-def snapkv(policy: SnapKV, keys, pos, valid, n, obs, sliding_window=None, **_):
+def snapkv(policy: SnapKV, keys, pos, valid, obs, sliding_window=None, **_):
     w = policy.window_size
     probs = window_attention(obs["q_win"], obs["q_pos"], keys, pos, valid, w, sliding_window)
-    prefix = valid & (pos < (n - w)[..., None])
+    # Keys before the first window query are scored; the window itself is kept. (-1: the
+    # prompt is shorter than the window, so every key is in it.)
+    first = obs["q_pos"][:, -min(w, obs["q_pos"].shape[1])]
+    prefix = valid & (pos < first[:, None, None])
     scores = jnp.where(prefix[:, :, None], probs.mean(3), 0.0)  # [B, K, G, S]
     scores = _group(_pool(scores, policy.kernel_size, policy.pooling), policy.gqa)
     return _finish(scores, valid, ~prefix)
 
 
-def tova(policy: TOVA, keys, pos, valid, n, obs, sliding_window=None, **_):
+def tova(policy: TOVA, keys, pos, valid, obs, sliding_window=None, **_):
     probs = window_attention(obs["q_win"], obs["q_pos"], keys, pos, valid, 1, sliding_window)
     B, K = valid.shape[:2]
     scores = jnp.broadcast_to(probs[:, :, :, 0].mean((1, 2))[:, None], valid.shape)
-    return _finish(scores, valid, pos >= (n - 1)[..., None])
+    return _finish(scores, valid, pos >= obs["q_pos"][:, -1][:, None, None])
 
 
 def observed(policy: ObservedAttention, pos, valid, n, obs, **_):
     B, K, S = valid.shape
     colsum = obs["colsum"].reshape(B, K, -1, S)
-    seen_by = jnp.maximum(n[..., None] - pos, 1).astype(f32)  # queries that see each key
+    # Queries that saw each key: all later prompt tokens, or (decoding) the buffered ones.
+    seen_by = obs.get("seen_by", jnp.maximum(n[..., None] - pos, 1).astype(f32))
+    seen_by = jnp.maximum(seen_by, 1.0)
     return _finish(_group(colsum / seen_by[:, :, None], policy.gqa), valid, False)
 
 

@@ -1,0 +1,194 @@
+"""Compression while decoding, inside `decode_step` (so inside one jitted scan).
+
+- `Decoding(base_press, compression_interval, target_size)` (kvpress's DecodingPress): every
+  `compression_interval` steps each head is compressed back to `target_size` entries with the
+  base policy's scores. Attention scorers observe the queries decoded since the last
+  compression, kept in the cache's query buffer (un-rotated, [L, B, W, H, D]), as kvpress
+  buffers hidden states; SnapKV's window is the last `window_size` of them.
+- `H2O(hh_size, recent_size)`, `TOVA(budget=n)`, `StreamingLLM(budget=n)` update their scores
+  at every step (H2O accumulates each step's attention in `cache.score`, TOVA takes the current
+  query's attention averaged over heads, StreamingLLM the position) and evict down to their
+  budget whenever a head holds more; the cache needs one slot beyond the budget for the
+  incoming token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcm.cache import attention as cattn
+from lcm.cache import scores as S
+from lcm.cache.compress import compress_layer, needs, select
+from lcm.cache.kv import KVCache, entries_valid, gather_entries, pad_capacity
+from lcm.cache.policies import H2O, TOVA, AdaKV, Decoding, Knorm, StreamingLLM
+from lcm.positions import apply_rope
+
+f32 = jnp.float32
+STEPWISE = (H2O, TOVA, StreamingLLM)
+
+
+def _inner(policy):
+    base = policy.base_press
+    return base.press if isinstance(base, AdaKV) else base
+
+
+def budget(policy) -> int:
+    """Entries a stepwise policy keeps per head."""
+    if isinstance(policy, H2O):
+        return policy.hh_size + policy.recent_size
+    return policy.budget
+
+
+def buffer_size(policy) -> int:
+    """Queries a Decoding policy buffers between compressions (0: none needed)."""
+    if not isinstance(policy, Decoding):
+        return 0
+    window, colsum, sink = needs(policy.base_press)
+    if colsum or sink is not None:
+        return policy.compression_interval
+    return min(window, policy.compression_interval)
+
+
+def check_decode_policy(policy, cache: KVCache):
+    """Raises ValueError unless `policy` can run on `cache` at decode time."""
+    if isinstance(policy, Decoding):
+        inner = _inner(policy)
+        if cache.rotation == "cache" and not isinstance(inner, (Knorm, StreamingLLM)):
+            raise ValueError(f"Decoding.base_press={inner!r} scores with attention, but the "
+                             f"cache re-rotates keys (rotation='cache'); use Knorm or "
+                             f"StreamingLLM, or a cache with original positions")
+        if inner.positions != cache.rotation:
+            raise ValueError(f"Decoding.base_press.positions={inner.positions!r} differs from "
+                             f"the cache's rotation={cache.rotation!r}")
+        need = policy.target_size + policy.compression_interval
+        if not isinstance(cache.length, jax.core.Tracer):  # a concrete cache: its own lengths
+            need = max(need, int(jnp.max(cache.length)) + policy.compression_interval
+                       - int(cache.step))
+        if cache.capacity < need:
+            raise ValueError(f"cache.capacity={cache.capacity}; Decoding needs {need} slots "
+                             f"(the longest head or target_size, plus compression_interval "
+                             f"new tokens): prefill with a larger max_new_tokens")
+        return policy
+    if isinstance(policy, STEPWISE):
+        if budget(policy) is None:
+            raise ValueError(f"decode policy {policy!r} needs a token budget (budget=n)")
+        if cache.rotation == "cache" and not isinstance(policy, StreamingLLM):
+            raise ValueError(f"decode policy {type(policy).__name__} needs original positions;"
+                             f" the cache has rotation='cache'")
+        longest = budget(policy)
+        if not isinstance(cache.length, jax.core.Tracer):  # a concrete cache: its own lengths
+            longest = max(longest, int(jnp.max(cache.length)))
+        if cache.capacity < longest + 1:
+            raise ValueError(f"cache.capacity={cache.capacity}; {type(policy).__name__} keeps "
+                             f"{budget(policy)} entries (the cache holds up to {longest}) and "
+                             f"needs one more slot for the incoming token: prefill with a larger "
+                             f"max_new_tokens")
+        if isinstance(policy, H2O) and cache.score is None:
+            raise ValueError("H2O decoding needs score accumulators: prefill with policy=H2O "
+                             "(or a cache built with scores=True)")
+        return policy
+    raise ValueError(f"decode policy={policy!r}; expected Decoding(...), H2O, TOVA(budget=n) "
+                     f"or StreamingLLM(budget=n)")
+
+
+def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int) -> int:
+    """Free slots `generate` gives the prefill cache for `decode_policy` (prompt_kept: slots
+    the prefill policy keeps)."""
+    if isinstance(decode_policy, Decoding):
+        need = decode_policy.target_size + decode_policy.compression_interval
+        return max(need, prompt_kept + min(max_new_tokens, decode_policy.compression_interval)
+                   ) - prompt_kept
+    return max(budget(decode_policy) + 1 - prompt_kept, 1)
+
+
+def with_query_buffer(cache: KVCache, policy, cfg) -> KVCache:
+    """The cache with an empty query buffer sized for `policy` (unchanged when it has one)."""
+    size = buffer_size(policy)
+    if size == 0 or (cache.queries is not None and cache.queries.shape[2] == size):
+        return cache
+    L, B = cache.num_layers, cache.next_pos.shape[0]
+    return cache.replace(
+        queries=jnp.zeros((L, B, size, cfg.num_heads, cfg.head_dim), cache.k.dtype),
+        query_pos=jnp.full((B, size), -1, jnp.int32))
+
+
+def push_query(queries, query_pos, q, position):
+    """Appends q [B, H, D] (un-rotated) at `position` [B] to one layer's buffer [B, W, H, D]
+    (positions [B, W]), dropping the oldest."""
+    queries = jnp.concatenate([queries[:, 1:], q[:, None].astype(queries.dtype)], axis=1)
+    query_pos = jnp.concatenate([query_pos[:, 1:], position[:, None]], axis=1)
+    return queries, query_pos
+
+
+def decode_update(policy, entries, probs, *, step, layer, cfg, inv_freq, factor, position,
+                  queries=None, query_pos=None):
+    """One layer's cache after a decode step's attention (probs [B, K, G, 1, C]), compressed
+    when the policy says so."""
+    C = entries["pos"].shape[-1]
+    valid = entries_valid(entries)
+    if isinstance(policy, STEPWISE):
+        n = budget(policy)
+        if isinstance(policy, H2O):
+            entries = dict(entries, score=entries["score"] + jnp.where(
+                valid, S._group(probs[:, :, :, 0], policy.gqa), 0.0))
+            recent = entries["pos"] > (position - policy.recent_size)[:, None, None]
+            scores = S._finish(entries["score"], valid, recent)
+        elif isinstance(policy, TOVA):
+            mean = probs[:, :, :, 0].mean((1, 2))[:, None]
+            scores = S._finish(jnp.broadcast_to(mean, valid.shape), valid,
+                               entries["pos"] == position[:, None, None])
+        else:
+            scores = S.streaming(policy, pos=entries["pos"], valid=valid)
+
+        def evict(entries):
+            idx, keep = select(scores, jnp.minimum(entries["length"], n), C)
+            return pad_capacity(gather_entries(entries, idx, keep), C)
+
+        over = jnp.any(entries["length"] > n)
+        return jax.lax.cond(over, evict, lambda e: e, entries)
+
+    def compress(entries):
+        obs = _observations(policy, entries, queries, query_pos, inv_freq, factor, cfg)
+        out = compress_layer(policy.base_press, entries, obs, layer=layer, cfg=cfg,
+                             inv_freq=inv_freq, factor=factor, next_pos=position + 1,
+                             target=policy.target_size)
+        return pad_capacity(out, C)
+
+    return jax.lax.cond(step >= policy.compression_interval, compress, lambda e: e, entries)
+
+
+def _observations(policy, entries, queries, query_pos, inv_freq, factor, cfg):
+    """What the base press observes, from the buffered queries of the steps since the last
+    compression."""
+    window, colsum, sink = needs(policy.base_press)
+    obs = {}
+    if queries is None:
+        return obs
+    qr = apply_rope(queries, jnp.maximum(query_pos, 0), inv_freq, factor)
+    if window:
+        obs["q_win"], obs["q_pos"] = qr, query_pos
+    if colsum:
+        vis = cattn.visible(query_pos, entries["pos"], entries_valid(entries),
+                            sliding_window=cfg.sliding_window)
+        probs = cattn.attention_probs(qr, entries["k"], vis)  # [B, K, G, W, C]
+        B, K, G, W, C = probs.shape
+        obs["colsum"] = probs.sum(3).reshape(B, K * G, C)
+        obs["seen_by"] = vis.sum(2).astype(f32)  # [B, K, C]
+    if sink is not None:
+        real = (query_pos >= 0)[:, :, None, None]
+        count = jnp.maximum(real.sum(1), 1).astype(f32)  # [B, 1, 1]
+        qf = jnp.where(real, queries.astype(f32), 0.0)
+        mean = qf.sum(1) / count
+        centered = jnp.where(real, qf - mean[:, None], 0.0)
+        obs["q_mean"] = mean
+        obs["q_cov"] = jnp.einsum("bthi,bthj->bhij", centered, centered) / count[..., None]
+    return obs
+
+
+def next_step(policy, step):
+    """The step counter after a decode step: reset to 0 when Decoding compressed."""
+    if isinstance(policy, Decoding):
+        return jnp.where(step >= policy.compression_interval, 0, step)
+    return step
+

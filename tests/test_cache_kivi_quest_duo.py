@@ -192,17 +192,20 @@ def _quest_inputs(B=2, S=40, K=2, H=4, D=8, seed=0):
 def test_quest_matches_numpy_definition(gqa, keep_last):
     q, k, v = _quest_inputs()
     lengths = jnp.array([37, 22])
-    policy = Quest(token_budget=12, page_size=4, gqa=gqa, keep_last_page=keep_last)
-    out, pages = jax.jit(quest_attention, static_argnames="policy")(q, k, v, lengths, policy)
-    num_pages = policy.num_pages(k.shape[1])
-    assert num_pages == 3
-    for b in range(2):
-        want_pages, want = np_quest(np.asarray(q[b, 0], np.float64),
-                                    np.asarray(k[b], np.float64).transpose(1, 0, 2),
-                                    np.asarray(v[b], np.float64).transpose(1, 0, 2),
-                                    int(lengths[b]), 4, num_pages, keep_last, gqa)
-        np.testing.assert_array_equal(pages[b], want_pages)
-        np.testing.assert_allclose(out[b, 0], want, rtol=1e-5, atol=1e-5)
+    run = jax.jit(quest_attention, static_argnames="policy")
+    for impl in ("xla", "gather"):
+        policy = Quest(token_budget=12, page_size=4, gqa=gqa, keep_last_page=keep_last,
+                       impl=impl)
+        out, pages = run(q, k, v, lengths, policy)
+        num_pages = policy.num_pages(k.shape[1])
+        assert num_pages == 3
+        for b in range(2):
+            want_pages, want = np_quest(np.asarray(q[b, 0], np.float64),
+                                        np.asarray(k[b], np.float64).transpose(1, 0, 2),
+                                        np.asarray(v[b], np.float64).transpose(1, 0, 2),
+                                        int(lengths[b]), 4, num_pages, keep_last, gqa)
+            np.testing.assert_array_equal(pages[b], want_pages)
+            np.testing.assert_allclose(out[b, 0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_quest_page_bounds_incremental():
@@ -224,7 +227,8 @@ def test_quest_full_budget_and_dense_equal_full_attention():
     valid = (jnp.arange(40)[None] < lengths[:, None])[:, None, None, :]
     want = masked_attention(q, k, v, jnp.broadcast_to(valid, (2, 2, 1, 40)))
     for policy, dense in ((Quest(token_budget=40, page_size=8), False),
-                          (Quest(token_budget=8, page_size=8, gqa="mean"), True)):
+                          (Quest(token_budget=8, page_size=8, gqa="mean"), True),
+                          (Quest(token_budget=8, page_size=8, impl="gather"), True)):
         out, pages = jax.jit(quest_attention, static_argnames="policy")(
             q, k, v, lengths, policy, dense=dense)
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -412,6 +416,12 @@ def test_quest_in_model_full_budget_equals_full_cache_and_small_budget_differs()
     got, fed, _ = _policy_logits(params, Quest(token_budget=64, page_size=4, dense_layers=0))
     want = _full_cache_logits(params, fed)
     for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # impl="gather" under the layer scan (dense first layer through lax.cond) agrees with xla.
+    sparse = dict(token_budget=4, page_size=4, dense_layers=1)
+    xla, fed_xla, _ = _policy_logits(params, Quest(**sparse))
+    gathered, fed_gather, _ = _policy_logits(params, Quest(**sparse, impl="gather"))
+    for a, b in zip(xla, gathered):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     sparse, _, _ = _policy_logits(params, Quest(token_budget=4, page_size=4, dense_layers=0,
                                                 gqa="max"))

@@ -13,6 +13,8 @@ block-sparse machinery as everywhere else (`attend(..., impl="xla" | "pallas")`)
 selected pages. Budgets follow Quest: max(3, token_budget // page_size) pages, the page holding
 the newest token always among them (Quest's kernels) unless `keep_last_page=False` (Quest's
 evaluation code), and the first `dense_layers` layers (and prefill) read every page.
+`impl="gather"` instead copies the selected pages out of the cache and attends densely over
+them: the same result, and on a CPU faster than the blockwise loop over page-sized blocks.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import jax.numpy as jnp
 
 from lcm.attention import BlockMask, Document, attend
 from lcm.attention.sparse import top_k_blocks
+from lcm.cache.masked_read import masked_attention
 
 f32 = jnp.float32
 GQA = ("query_head", "max", "mean")
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas", "gather")
 # Quest's selection keeps at least three pages whatever the budget.
 _MIN_PAGES = 3
 
@@ -186,6 +189,8 @@ def quest_attention(q, k, v, lengths, policy: Quest, *, kmin=None, kmax=None, de
     impl = policy.impl
     if impl == "auto":
         impl = "xla" if jax.default_backend() == "cpu" else "pallas"
+    if impl == "gather":
+        return _gather_attention(q, k, v, lengths, pages, policy, dense, scale), pages
     G = H // K
     if policy.gqa == "query_head":
         rows, grid = q, pages[:, :, None]                       # [B, 1, H, D], [B, H, 1, P]
@@ -204,3 +209,55 @@ def quest_attention(q, k, v, lengths, policy: Quest, *, kmin=None, kmax=None, de
     if policy.gqa != "query_head":
         out = out.transpose(0, 2, 1, 3).reshape(B, 1, H, D)
     return out, pages
+
+
+def _gather_attention(q, k, v, lengths, pages, policy: Quest, dense, scale):
+    """impl="gather": copies the selected pages' entries out of the cache and attends densely
+    over them (num_pages * page_size entries per selection head), instead of driving the
+    blockwise loop with a layout. Dense steps (Quest's first layers) read the whole cache."""
+    B, _, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G, page = H // K, policy.page_size
+    n = policy.num_pages(S)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+    real = jnp.arange(S)[None] < lengths[:, None]                # [B, S]
+
+    def sparse(_):
+        chosen = jnp.argsort(~pages, axis=-1, stable=True)[..., :n]    # [B, Hs, n] ascending
+        ok = jnp.take_along_axis(pages, chosen, axis=-1)
+        tokens = (chosen[..., None] * page + jnp.arange(page).reshape(1, 1, 1, page)).reshape(
+            *chosen.shape[:2], -1)
+        ok = jnp.repeat(ok, page, axis=-1) & (tokens < lengths[:, None, None])
+        tokens = jnp.clip(tokens, 0, S - 1)
+        if policy.gqa == "query_head":  # [B, H, N] -> [B, K, G, N]
+            tokens, ok = (x.reshape(B, K, G, -1) for x in (tokens, ok))
+        else:                          # [B, K, N] -> [B, K, 1, N], shared by the group
+            tokens, ok = tokens[:, :, None], ok[:, :, None]
+        idx = tokens[..., None]
+        ks = jnp.take_along_axis(kt[:, :, None], idx, axis=3)           # [B, K, G|1, N, D]
+        vs = jnp.take_along_axis(vt[:, :, None], idx, axis=3)
+        return _grouped_attention(q, ks, vs, ok, scale)
+
+    def full(_):
+        vis = jnp.broadcast_to(real[:, None, None], (B, K, 1, S))
+        return masked_attention(q, k, v, vis, scale=scale)
+
+    if isinstance(dense, bool):
+        return full(None) if dense else sparse(None)
+    return jax.lax.cond(dense, full, sparse, None)
+
+
+def _grouped_attention(q, ks, vs, ok, scale):
+    """q [B, 1, H, D]; ks, vs [B, K, G or 1, N, D]; ok [B, K, G or 1, N] -> [B, 1, H, D]."""
+    B, _, H, D = q.shape
+    K = ks.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.reshape(B, K, H // K, D)
+    s = jnp.einsum("bkgd,bkgnd->bkgn", qg, ks, preferred_element_type=f32) * scale
+    s = jnp.where(ok, s, -jnp.inf)
+    m = s.max(-1, keepdims=True)
+    p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isneginf(m), 0.0, m)), 0.0)
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgn,bkgnd->bkgd", p.astype(vs.dtype), vs, preferred_element_type=f32)
+    return out.reshape(B, 1, H, D).astype(q.dtype)

@@ -26,9 +26,9 @@ def kept_sets(cache, layer, row):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", [
-    Knorm(0.5), StreamingLLM(0.5), SnapKV(0.5, window_size=4), TOVA(0.5),
-    ObservedAttention(0.5), ExpectedAttention(0.5), PyramidKV(0.4, window_size=4, beta=2),
-    AdaKV(SnapKV(0.5, window_size=4)), Merging(Knorm(0.5)), H2O(hh_size=3, recent_size=5)],
+    SnapKV(0.5, window_size=4), ObservedAttention(0.5), ExpectedAttention(0.5),
+    PyramidKV(0.4, window_size=4, beta=2), AdaKV(TOVA(0.5)), Merging(Knorm(0.5)),
+    H2O(hh_size=3, recent_size=5)],
     ids=lambda p: type(p).__name__)
 def test_padded_rows_keep_only_real_tokens_and_equal_single_rows(policy):
     logits, cache = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS,

@@ -14,7 +14,9 @@ kv head (`budget`):
   duo             DuoAttention(head_compression_ratio=duo_ratio) with random head scores:
                   streaming heads keep 64 sinks + (budget - 64) recent, retrieval heads all
   quest           Quest(token_budget=budget, page_size=16): reads budget tokens per step,
-                  keeps every token (nothing is evicted)
+                  keeps every token (nothing is evicted); the selected pages drive the
+                  blockwise xla path as a runtime BlockMask
+  quest_gather    the same selection, read with impl="gather" (pages copied out, dense)
   kivi2 / kivi4   KIVI(bits=2 / 4, group_size=32, residual_length=32): keeps every token
 
 Cache bytes are those of the cache pytree (`nbytes()`: what the device holds after prefill,
@@ -46,7 +48,8 @@ from lcm.cache.quest import Quest
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 
-POLICIES = ("full", "streaming_llm", "snapkv", "adakv", "duo", "quest", "kivi2", "kivi4")
+POLICIES = ("full", "streaming_llm", "snapkv", "adakv", "duo", "quest", "quest_gather", "kivi2",
+            "kivi4")
 EVICTION = ("streaming_llm", "snapkv", "adakv", "duo")
 DUO_SINKS = 64
 
@@ -76,6 +79,8 @@ def make_policy(name: str, budget: int, cfg: ModelConfig, duo_ratio: float):
                             sink_size=DUO_SINKS, recent_size=budget - DUO_SINKS)
     if name == "quest":
         return Quest(token_budget=budget, page_size=16)
+    if name == "quest_gather":
+        return Quest(token_budget=budget, page_size=16, impl="gather")
     if name in ("kivi2", "kivi4"):
         return KIVI(bits=int(name[-1]), group_size=32, residual_length=32)
     raise ValueError(f"policy={name!r}; expected one of {list(POLICIES)}")
@@ -94,7 +99,7 @@ def _decode_loop(step_fn, cfg, steps):
 
 def measure(params, cfg, prompt, name, policy, steps, repeats):
     """(cache bytes after prefill, decode seconds per step)."""
-    owned = name in ("duo", "quest", "kivi2", "kivi4")
+    owned = name in ("duo", "quest", "quest_gather", "kivi2", "kivi4")
     if owned:
         logits, cache = policy_prefill(params, prompt, cfg, policy=policy, max_new_tokens=steps)
         loop = _decode_loop(policy_decode_step, cfg, steps)

@@ -14,6 +14,7 @@ import pytest
 from lcm.cache import (TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging, ObservedAttention,
                        PyramidKV, SnapKV, StreamingLLM, compress, decode_step, prefill,
                        prefill_observed)
+from lcm.cache.compress import capacity
 from lcm.io import load_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kvpress"
@@ -66,8 +67,9 @@ def test_kept_positions_and_logits_match_kvpress(reference, name):
     T = data["input_ids"].shape[1]
     policy = policy_for(name)
     # One decode shape for every policy: pad each compressed cache to T + 1 slots.
-    probe = compress(full, policy, obs, cfg)
-    cache = compress(full, policy, obs, cfg, max_new_tokens=T + 1 - probe.capacity)
+    slots = capacity(policy, T, cfg.num_layers, cfg.num_kv_heads)
+    cache = compress(full, policy, obs, cfg, max_new_tokens=T + 1 - slots)
+    assert cache.capacity == T + 1
     want = data[f"{name}/kept"]
     for layer in range(cfg.num_layers):
         kept = np.asarray(cache.kept_positions(layer)[0])

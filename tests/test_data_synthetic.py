@@ -6,6 +6,8 @@ import functools
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lcm.data import ByteTokenizer
 from lcm.data.niah import (RULER_NIAH, depth_grid, make_niah, make_ruler_niah, needle_depths,
@@ -138,3 +140,26 @@ def test_model_tokenizer_budget():
         n = len(tok.encode(r.prompt))
         assert n == r.meta["num_tokens"] and 2048 - 40 < n + r.max_new_tokens <= 2048
         assert re.search(r"\d|[0-9a-f-]{36}", r.answers[0])
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=300), st.integers(0, 3000),
+       st.integers(0, 50))
+def test_fit_largest_is_the_largest_fit(steps, budget, lo):
+    """For any non-decreasing cost, fit_largest returns the largest n >= lo within budget."""
+    from lcm.data.fit import fit_largest
+
+    base = 5
+
+    def cost(n):  # non-decreasing, flat after the listed steps
+        return base + sum(steps[:n])
+
+    if cost(lo) > budget:
+        with pytest.raises(ValueError, match="shortest prompt"):
+            fit_largest(cost, budget, lo=lo)
+        return
+    if cost(len(steps)) <= budget:  # flat from there on: no largest n
+        with pytest.raises(ValueError, match="does not grow"):
+            fit_largest(cost, budget, lo=lo, max_n=10**6)
+        return
+    n, c = fit_largest(cost, budget, lo=lo)
+    assert c == cost(n) <= budget and n >= lo and cost(n + 1) > budget

@@ -38,11 +38,12 @@ def check_budget(task: str, length: int, max_new_tokens: int, reserve_tokens: in
 
 
 def fit_largest(cost: Callable[[int], int], budget: int, *, lo: int = 0, what: str = "prompt",
-                ) -> tuple[int, int]:
+                max_n: int = 10**9) -> tuple[int, int]:
     """(n, cost(n)) for the largest n >= lo with cost(n) <= budget.
 
     `cost` must be non-decreasing in n (a token count of a prompt that grows with n). Raises a
-    ValueError naming `what` when even n = lo is over budget.
+    ValueError naming `what` when even n = lo is over budget, or when n = max_n still fits (the
+    prompt does not grow with n).
     """
     seen: dict[int, int] = {}
 
@@ -62,7 +63,10 @@ def fit_largest(cost: Callable[[int], int], budget: int, *, lo: int = 0, what: s
         bad = max(good + 1, int(good + (budget - seen[good]) / slope))
         step = max(1, bad // 64)
         while cached(bad) <= budget:
-            good, bad, step = bad, bad + step, 2 * step
+            if bad >= max_n:
+                raise ValueError(f"{what}: {bad} haystack units still fit the budget of {budget} "
+                                 f"tokens; the prompt does not grow with its haystack")
+            good, bad, step = bad, min(bad + step, max_n), 2 * step
     while bad - good > 1:
         mid = (good + bad) // 2
         if cached(mid) <= budget:

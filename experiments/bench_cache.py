@@ -120,7 +120,8 @@ def measure(params, cfg, prompt, name, policy, steps, repeats):
 def run(config, workdir: str) -> dict:
     """Prints and writes (results.md, summary.json) the table for `config`'s fields."""
     contexts = [int(c) for c in config.contexts]
-    names = list(config.policies)
+    names = config.policies
+    names = names.split(",") if isinstance(names, str) else list(names)
     for name in names:
         if name not in POLICIES:
             raise ValueError(f"policies: {name!r}; expected names from {list(POLICIES)}")

@@ -121,7 +121,8 @@ def run(config, workdir: str) -> dict:
     """Prints and writes (results.md, summary.json) the table for `config`'s fields."""
     contexts = [int(c) for c in config.contexts]
     names = config.policies
-    names = names.split(",") if isinstance(names, str) else list(names)
+    names = [n for item in ([names] if isinstance(names, str) else names)
+             for n in str(item).split(",") if n]  # "--config.policies=a,b" arrives as one item
     for name in names:
         if name not in POLICIES:
             raise ValueError(f"policies: {name!r}; expected names from {list(POLICIES)}")

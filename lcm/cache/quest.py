@@ -14,7 +14,8 @@ selected pages. Budgets follow Quest: max(3, token_budget // page_size) pages, t
 the newest token always among them (Quest's kernels) unless `keep_last_page=False` (Quest's
 evaluation code), and the first `dense_layers` layers (and prefill) read every page.
 `impl="gather"` instead copies the selected pages out of the cache and attends densely over
-them: the same result, and on a CPU faster than the blockwise loop over page-sized blocks.
+them: the same result without the blockwise loop (on this CPU about as fast: see
+experiments/bench_cache.py).
 """
 
 from __future__ import annotations

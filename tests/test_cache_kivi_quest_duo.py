@@ -456,3 +456,27 @@ def test_policy_cache_validation():
         policy_prefill(params, PROMPTS, CFG, policy=KIVI())
     with pytest.raises(ValueError, match="policy="):
         policy_prefill(params, PROMPTS, CFG, policy="kivi")
+
+
+@pytest.mark.slow
+def test_core_entry_points_run_kivi_quest_and_duo():
+    """prefill / decode_step / generate take the PolicyCache policies like any other."""
+    from lcm.cache import generate, H2O
+    params = init_params(CFG, jax.random.key(3))[0]
+    full, _ = generate(params, CFG, PROMPTS, lengths=LENGTHS, max_new_tokens=4)
+    exact = (Quest(token_budget=1024, page_size=4, dense_layers=0),
+             DuoAttention(head_scores=np.ones((2, 2)), sink_size=2, recent_size=4))
+    for policy in exact:  # full budget / all retrieval heads: the full cache's tokens
+        got, n = generate(params, CFG, PROMPTS, lengths=LENGTHS, max_new_tokens=4, policy=policy)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(full))
+    logits, cache = prefill(params, PROMPTS, CFG, lengths=LENGTHS, policy=KIVI(bits=2, group_size=8,
+                                                                               residual_length=8),
+                            max_new_tokens=2)
+    logits, cache = decode_step(params, cache, jnp.argmax(logits, -1), CFG)
+    assert bool(jnp.isfinite(logits).all())
+    with pytest.raises(ValueError, match="decode policies need a KVCache"):
+        decode_step(params, cache, jnp.argmax(logits, -1), CFG, policy=H2O(hh_size=4,
+                                                                           recent_size=4))
+    with pytest.raises(ValueError, match="needs a KVCache"):
+        generate(params, CFG, PROMPTS, lengths=LENGTHS, max_new_tokens=4, policy=exact[0],
+                 decode_policy=H2O(hh_size=4, recent_size=4))

@@ -78,10 +78,15 @@ def needs(policy):
 
 def check_policy(policy, cfg: ModelConfig, prompt_len: int):
     """Raises ValueError for anything but a prefill policy; returns it."""
+    from lcm.cache.formats import check_format_policy, owns_cache  # formats imports this module
+    if owns_cache(policy):  # KIVI, Quest, DuoAttention keep their own PolicyCache
+        check_format_policy(policy, cfg)
+        return policy
     if not isinstance(policy, PREFILL_POLICIES):
         raise ValueError(f"policy={policy!r}; expected a policy from lcm.cache (Knorm, "
                          f"StreamingLLM, SnapKV, PyramidKV, TOVA, ObservedAttention, "
-                         f"ExpectedAttention, H2O, AdaKV, Merging) or None")
+                         f"ExpectedAttention, H2O, AdaKV, Merging, KIVI, Quest, "
+                         f"DuoAttention) or None")
     return policy
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from lcm.cache.compress import cache_heads, capacity, check_policy
 from lcm.cache.decoding import check_decode_policy, decode_room, with_query_buffer
+from lcm.cache.formats import owns_cache
 from lcm.cache.policies import H2O
 from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
 from lcm.config import ModelConfig
@@ -41,6 +42,9 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     if policy is not None:
         check_policy(policy, cfg, prompts.shape[1])
     room = max_new_tokens - 1  # the last token is returned, never fed back
+    if decode_policy is not None and owns_cache(policy):
+        raise ValueError(f"decode_policy={decode_policy!r} needs a KVCache; policy="
+                         f"{type(policy).__name__} keeps its own cache format")
     if decode_policy is not None:
         kept = (prompts.shape[1] if policy is None else
                 capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg)))

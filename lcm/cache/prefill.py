@@ -77,6 +77,12 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     cache with `prefill(..., max_new_tokens=n)` to avoid that.
     """
     _check_model(cfg)
+    from lcm.cache.formats import PolicyCache, policy_decode_step
+    if isinstance(cache, PolicyCache):  # KIVI, Quest, DuoAttention
+        if policy is not None:
+            raise ValueError(f"policy={policy!r}: decode policies need a KVCache; the "
+                             f"{type(cache.policy).__name__} cache keeps its own format")
+        return policy_decode_step(params, cache, tokens, cfg)
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a KVCache from prefill")
     tokens = jnp.asarray(tokens)
@@ -100,6 +106,10 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
                                              "observe"))
 def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None):
     """observe: None, or (window, colsum, n_sink) to keep (and return) Observations."""
+    from lcm.cache.formats import format_prefill, owns_cache  # formats imports this module
+    if owns_cache(policy):  # KIVI, Quest, DuoAttention: their own PolicyCache
+        return format_prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
+                              room=room, all_logits=all_logits)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     real = positions < lengths[:, None]
@@ -160,6 +170,9 @@ def _prompt_entries(k, v, real, lengths):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"))
 def _decode_step(params, cache, tokens, *, cfg, policy):
+    from lcm.cache.formats import PolicyCache, format_decode_step
+    if isinstance(cache, PolicyCache):  # generate's loop with a KIVI / Quest / Duo cache
+        return format_decode_step(params, cache, tokens, cfg=cfg)
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)

@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 
 from lcm.cache import (TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging, ObservedAttention,
-                       PyramidKV, SnapKV, StreamingLLM, compress, decode_step, prefill,
-                       prefill_observed)
+                       PyramidKV, SnapKV, StreamingLLM, compress, decode_step, generate,
+                       prefill, prefill_observed)
 from lcm.cache.compress import capacity
 from lcm.io import load_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kvpress"
 META = json.loads((FIXTURES / "meta.json").read_text())
-NAMES = sorted(n for n in META["configurations"] if not n.startswith("decoding_"))
+NAMES = sorted(n for n in META["configurations"] if not n.startswith(("decoding_", "greedy_")))
 DECODING = {"decoding_knorm": Decoding(Knorm(), compression_interval=8, target_size=100),
             "decoding_tova": Decoding(TOVA(), compression_interval=8, target_size=100)}
+GREEDY = {"greedy_snapkv_50": SnapKV(0.5), "greedy_streamingllm_50": StreamingLLM(0.5),
+          "greedy_knorm_50": Knorm(0.5), "greedy_pyramidkv_50": PyramidKV(0.5)}
 
 
 def policy_for(name):
@@ -49,7 +51,7 @@ def reference():
 
 def test_every_fixture_has_a_policy():
     assert len(NAMES) == 22 and all(policy_for(n) is not None for n in NAMES)
-    assert set(META["configurations"]) == set(NAMES) | set(DECODING)
+    assert set(META["configurations"]) == set(NAMES) | set(DECODING) | set(GREEDY)
     assert {META["configurations"][n]["compression_ratio"] for n in NAMES} == {0.3, 0.45}
 
 
@@ -108,3 +110,36 @@ def test_decoding_press_matches_kvpress_step_by_step(reference, name):
         for head in range(cfg.num_kv_heads):
             assert set(got[head][got[head] >= 0].tolist()) == set(
                 np.flatnonzero(kept[layer, head]).tolist()), (layer, head)
+
+
+@pytest.mark.parametrize("name", sorted(GREEDY))
+def test_greedy_decoding_after_prefill_compression_matches_kvpress(reference, name):
+    """The press compresses the prompt at prefill, then 8 greedy steps as kvpress's pipeline
+    decodes (original positions 250, 251, ...): a scattered kept set, then appended entries.
+    Logits of every step (teacher-forced with kvpress's tokens) and `generate`'s tokens."""
+    cfg, params, data, _, _ = reference
+    policy = GREEDY[name]
+    tokens = jnp.asarray(data["input_ids"])
+    want_tokens, want = data[f"{name}/tokens"], data[f"{name}/logits"]
+    steps = len(want_tokens)
+    logits, cache = prefill(params, tokens, cfg, policy=policy, max_new_tokens=steps)
+    assert int(cache.length.max()) < tokens.shape[1]
+    np.testing.assert_allclose(logits[0], want[0], atol=1e-4, rtol=1e-4)
+    for step in range(1, steps):
+        logits, cache = decode_step(params, cache, jnp.asarray(want_tokens[step - 1:step]), cfg)
+        np.testing.assert_allclose(logits[0], want[step], atol=1e-4, rtol=1e-4, err_msg=str(step))
+    assert int(cache.next_pos[0]) == tokens.shape[1] + steps - 1
+    # no greedy choice is a near tie (smallest margin 9.5e-4), so generate picks kvpress's tokens
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] > 5e-4)
+    out, count = generate(params, cfg, tokens, max_new_tokens=steps, policy=policy)
+    np.testing.assert_array_equal(np.asarray(out[0]), want_tokens)
+    assert int(count[0]) == steps
+    # batched beside a shorter right-padded prompt: each row as alone
+    short = 180
+    batch = jnp.concatenate([tokens, jnp.pad(tokens[:, 40:40 + short], ((0, 0), (0, 70)))])
+    out2, _ = generate(params, cfg, batch, lengths=jnp.asarray([250, short]),
+                       max_new_tokens=steps, policy=policy)
+    alone, _ = generate(params, cfg, tokens[:, 40:40 + short], max_new_tokens=steps,
+                        policy=policy)
+    np.testing.assert_array_equal(np.asarray(out2), np.stack([want_tokens, alone[0]]))

@@ -7,25 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcm.config import AttentionConfig, ModelConfig
 from lcm.memory import (NoMemory, TransformerXL, init_memory_state, run_segments,
                         segment_scan)
-from lcm.model import forward, init_params
+from lcm.model import forward
 
-CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, intermediate_size=48,
-                  attention=AttentionConfig(impl="xla", block_q=8, block_k=8))
-run = jax.jit(run_segments, static_argnames=("cfg", "memory", "segment_len", "bptt_segments",
-                                             "remat", "shard"))
-
-
-def tokens_of(key, batch, seq):
-    return jax.random.randint(key, (batch, seq), 0, CFG.vocab_size, dtype=jnp.int32)
+from memory_common import CFG, run, tiny_params, tokens_of
 
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(0))[0]
+    return tiny_params()
 
 
 # ------------------------------------------------------------------------------ segment_scan

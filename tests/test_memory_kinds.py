@@ -8,26 +8,18 @@ import numpy as np
 import pytest
 
 from lcm.attention import Document, attend
-from lcm.config import AttentionConfig, ModelConfig, PositionConfig
+from lcm.config import PositionConfig
 from lcm.memory import (CompressiveMemory, KNNMemory, LinearRecurrence, RecurrentMemory,
                         chunked_linear_attention, init_memory_params, knn_attention,
                         linear_attention_step, quadratic_linear_attention, run_segments)
-from lcm.model import forward, init_params
+from lcm.model import forward
 
-CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, intermediate_size=48,
-                  attention=AttentionConfig(impl="xla", block_q=8, block_k=8))
-run = jax.jit(run_segments, static_argnames=("cfg", "memory", "segment_len", "bptt_segments",
-                                             "remat", "shard"))
-
-
-def tokens_of(key, batch, seq):
-    return jax.random.randint(key, (batch, seq), 0, CFG.vocab_size, dtype=jnp.int32)
+from memory_common import CFG, run, tiny_params, tokens_of
 
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(0))[0]
+    return tiny_params()
 
 
 def _reach(params, memory, memory_params, seq=24, segment_len=8):

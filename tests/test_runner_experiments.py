@@ -36,14 +36,29 @@ def test_finetune_experiment_runs_and_writes_its_table(tmp_path):
     config = load_config_file(os.path.join(ROOT, "configs", "finetune_longctx.py"))
     config.model.update(hidden_size=16, num_heads=2, num_kv_heads=1, head_dim=8,
                         intermediate_size=32, attention_impl="reference", num_layers=1)
-    config.update(length=16, eval_lengths=(16, 32), methods=("none", "yarn"), pretrain_steps=3,
+    config.update(length=16, eval_lengths=(16, 32),
+                  methods=("none", "dynamic", "self_extend", "rerope"), pretrain_steps=3,
                   finetune_steps=2, batch_size=4, eval_samples=4, eval_batch_size=4)
     summary = finetune_longctx.run(config, str(tmp_path))
-    assert len(summary["rows"]) == 2 * 2 * 2  # methods x (as is, fine-tuned) x lengths
-    assert all(0 <= r["accuracy"] <= 1 and r["answer_nll"] > 0 for r in summary["rows"])
+    assert len(summary["rows"]) == 4 * 2 * 2  # methods x (as is, fine-tuned) x lengths
+    assert all(0 <= r["accuracy"] <= 1 and r["answer_nll"] > 0 and r["perplexity"] > 1
+               for r in summary["rows"])
+    by = {(r["method"], r["variant"], r["length"]): r for r in summary["rows"]}
+    # Self-Extend and ReRoPE differ from plain RoPE only past their window (8 tokens here),
+    # and their fine-tuned weights are plain RoPE's.
+    for method in ("self_extend", "rerope"):
+        for variant in ("as is", "+ PoSE fine-tune"):
+            assert by[(method, variant, 16)]["perplexity"] != by[("none", variant, 16)][
+                "perplexity"]
+    # Dynamic NTK leaves RoPE unchanged up to the original window.
+    assert by[("dynamic", "as is", 16)]["perplexity"] == pytest.approx(
+        by[("none", "as is", 16)]["perplexity"], rel=1e-5)
     table = (tmp_path / "results.md").read_text()
-    assert "| YaRN ×4 + PoSE fine-tune |" in table and (tmp_path / "accuracy.png").exists()
-    assert (tmp_path / "results.csv").read_text().startswith("method,variant,length,accuracy")
+    assert "| Self-Extend (w 8, g 3) + PoSE fine-tune |" in table
+    assert "| NTK dynamic ×8 as is |" in table and "Perplexity" in table
+    assert (tmp_path / "accuracy.png").exists()
+    assert (tmp_path / "results.csv").read_text().startswith(
+        "method,variant,length,accuracy,perplexity")
 
 
 def test_bench_model_prompts_match_the_peer_and_ratios_are_lcm_over_peer():

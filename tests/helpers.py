@@ -33,3 +33,32 @@ def block_kinds(vis, block_q, block_k):
     any_ = blocks.any((0, 2, 4))
     all_ = (blocks | ~real.reshape(1, nq, block_q, nk, block_k)).all((0, 2, 4))
     return np.where(any_, np.where(all_, FULL, PARTIAL), SKIP).astype(np.int32)[None]
+
+
+def merged_two_pass(fwd, bwd, q, k, v, d_out, near, far, *, block_q, block_k, alibi_slopes):
+    """Self-Extend-style merge of two kernel passes (near and far mask_fns) by their logsumexp,
+    through a kernel's `*_fwd` (out, lse) and `*_bwd` (given the merged out and lse); returns
+    (out, dq, dk, dv) for comparison with one reference pass over near | far."""
+    from kernels.block_sparse.layout import layout_from_kinds
+    from kernels.block_sparse.reference import dense_mask
+    T, S = q.shape[1], k.shape[1]
+
+    def options(fn):
+        kinds = block_kinds(dense_mask(fn, T, S), block_q, block_k)
+        kv_blocks, counts = layout_from_kinds(kinds)
+        return dict(kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=fn, scale=0.2,
+                    block_q=block_q, block_k=block_k, interpret=True, alibi_slopes=alibi_slopes)
+
+    passes = (options(near), options(far))  # layouts in NumPy, outside jit
+
+    @jax.jit
+    def merged(q, k, v, d_out):
+        (o1, l1), (o2, l2) = (fwd(q, k, v, **o) for o in passes)
+        # Rows a pass does not reach have lse = +inf (so its backward gives 0): -inf to merge.
+        l1, l2 = (jnp.where(jnp.isposinf(x), -jnp.inf, x) for x in (l1, l2))
+        lse = jnp.logaddexp(l1, l2)
+        out = jnp.exp(l1 - lse)[..., None] * o1 + jnp.exp(l2 - lse)[..., None] * o2
+        g1, g2 = (bwd(q, k, v, out, lse, d_out, **o) for o in passes)
+        return (out, *(a + b for a, b in zip(g1, g2)))
+
+    return merged(q, k, v, d_out)

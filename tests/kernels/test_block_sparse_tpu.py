@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from helpers import block_kinds
+from helpers import block_kinds, merged_two_pass
 from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from kernels.block_sparse.reference import attention_reference, dense_mask
 from kernels.block_sparse.tpu import _make_specs, block_sparse_attention_tpu
@@ -287,26 +287,9 @@ def test_forward_lse_and_backward_merge_two_passes():
     q, k, v, d_out = _qkv(jax.random.key(4), B, T, S, K, G, D, jnp.float32)
     slopes = _slopes(K * G)
 
-    def options(fn):
-        kinds = block_kinds(dense_mask(fn, T, S), bq, bk)
-        kv_blocks, counts = layout_from_kinds(kinds)
-        return dict(kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=fn, scale=0.2,
-                    block_q=bq, block_k=bk, interpret=True, alibi_slopes=slopes)
-
-    passes = (options(near), options(far))  # layouts in NumPy, outside jit
-
-    @jax.jit
-    def merged(q, k, v, d_out):
-        (o1, l1), (o2, l2) = (block_sparse_attention_tpu_fwd(q, k, v, **o) for o in passes)
-        # Rows a pass does not reach have lse = +inf (so its backward gives 0): -inf to merge.
-        l1, l2 = (jnp.where(jnp.isposinf(x), -jnp.inf, x) for x in (l1, l2))
-        lse = jnp.logaddexp(l1, l2)
-        out = (jnp.exp(l1 - lse)[..., None] * o1 + jnp.exp(l2 - lse)[..., None] * o2)
-        g1, g2 = (block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **o)
-                  for o in passes)
-        return (out, *(a + b for a, b in zip(g1, g2)))
-
-    got = merged(q, k, v, d_out)
+    got = merged_two_pass(block_sparse_attention_tpu_fwd, block_sparse_attention_tpu_bwd,
+                          q, k, v, d_out, near, far,
+                          block_q=bq, block_k=bk, alibi_slopes=slopes)
     want = jax.jit(lambda *a: _value_and_grads(
         lambda q, k, v: attention_reference(q, k, v, mask_fn=causal, scale=0.2,
                                             alibi_slopes=slopes), *a))(q, k, v, d_out)

@@ -100,11 +100,8 @@ def policy_decode_step(params, cache: PolicyCache, tokens, cfg: ModelConfig):
     """Feeds one token per row, tokens [B] int -> (logits float32 [B, vocab], cache)."""
     if not isinstance(cache, PolicyCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a PolicyCache")
-    tokens = jnp.asarray(tokens)
-    if tokens.shape != cache.next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
-                         f"[batch={cache.next_pos.shape[0]}]")
-    return format_decode_step(params, cache, tokens.astype(jnp.int32), cfg=cfg)
+    from lcm.cache.prefill import _check_tokens
+    return format_decode_step(params, cache, _check_tokens(tokens, cache.next_pos), cfg=cfg)
 
 
 # ---------------------------------------------------------------------------- per-policy layers

@@ -85,10 +85,7 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
         return policy_decode_step(params, cache, tokens, cfg)
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a KVCache from prefill")
-    tokens = jnp.asarray(tokens)
-    if tokens.shape != cache.next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
-                         f"[batch={cache.next_pos.shape[0]}]")
+    tokens = _check_tokens(tokens, cache.next_pos)
     if cache.k.shape[2] not in (cfg.num_kv_heads, cfg.num_heads) or (
             cache.num_layers != cfg.num_layers):
         raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg (num_layers="
@@ -97,7 +94,7 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     if policy is not None:
         cache = with_query_buffer(cache, policy, cfg)
         check_decode_policy(policy, cache)
-    return _decode_step(params, cache, tokens.astype(jnp.int32), cfg=cfg, policy=policy)
+    return _decode_step(params, cache, tokens, cfg=cfg, policy=policy)
 
 
 # ---------------------------------------------------------------------------- implementations
@@ -245,6 +242,15 @@ def _check_model(cfg):
 def _check_count(name, value, *, minimum):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}={value!r}; expected an int >= {minimum}")
+
+
+def _check_tokens(tokens, next_pos):
+    """One decode token per row: int [B] matching the cache's batch -> int32 array."""
+    tokens = jnp.asarray(tokens)
+    if tokens.shape != next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
+                         f"[batch={next_pos.shape[0]}]")
+    return tokens.astype(jnp.int32)
 
 
 def _check_chunk(chunk_size, cfg):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ class SegmentContext:
     inv_freq: jax.Array
     attention_factor: float
     shard: Callable
+    layer: Any = None  # inside the layer scan: this layer's index (a traced int32)
 
     def rope(self, x):
         return apply_rope(x, self.positions, self.inv_freq, self.attention_factor)
@@ -57,6 +58,7 @@ class Memory:
     """Base of the memory kinds (see the module docstring)."""
 
     level = "layer"
+    needs_next_tokens = False  # True: run_segments calls end_segment with the next tokens
 
     def check(self, cfg: ModelConfig) -> None:
         """Raises ValueError naming the memory and the config when they do not fit."""
@@ -83,6 +85,18 @@ class Memory:
         """(attention output [B, T, H, D], next layer state): read, then write."""
         return self.read(state, params, h, q, k, v, ctx), self.write(state, params, h, q, k, v,
                                                                       ctx)
+
+    def carried_layer(self, state, carried, params, h, q, k, v, ctx: SegmentContext):
+        """`layer` with the state under "carried" (not sliced per layer) passed along:
+        (attention output, next layer state, next carried state)."""
+        out, state = self.layer(state, params, h, q, k, v, ctx)
+        return out, state, carried
+
+    def end_segment(self, state, logits, next_tokens, next_valid, ctx: SegmentContext):
+        """The next state once the segment's logits [B, T, vocab] are known (kinds with
+        `needs_next_tokens`); next_tokens [B, T] int: the token after each position, next_valid
+        [B, T] bool: whether it is known (False past the input's end and on padding)."""
+        return state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ can be sharded, saved with Orbax mid-sequence and resumed exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -127,8 +129,15 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
                              f"{getattr(targets, 'dtype', None)}; expected int {(B, T)}")
         targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, N, segment_len).transpose(1, 0,
                                                                                            2)
+    next_tokens = None
+    if memory.needs_next_tokens:  # e.g. EM-LLM's surprise: -log p(next token) at each position
+        nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+        next_valid = jnp.broadcast_to(jnp.arange(N * segment_len) < T - 1, (B, N * segment_len))
+        next_tokens = tuple(x.reshape(B, N, segment_len).transpose(1, 0, 2)
+                            for x in (nxt, next_valid))
     segments = (tokens.reshape(B, N, segment_len).transpose(1, 0, 2),
-                jnp.broadcast_to(valid.reshape(N, 1, segment_len), (N, B, segment_len)), targets)
+                jnp.broadcast_to(valid.reshape(N, 1, segment_len), (N, B, segment_len)), targets,
+                next_tokens)
     if start_of_sequence is not None:
         sos = jnp.asarray(start_of_sequence)
         if sos.shape != (B, N) or sos.dtype != jnp.bool_:
@@ -143,9 +152,9 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
                          f"{jax.tree.map(jnp.shape, memory0)}")
 
     def step(carry, segment):
-        seg_tokens, seg_valid, seg_targets = segment
+        seg_tokens, seg_valid, seg_targets, seg_next = segment
         carry, logits = segment_forward(params, memory_params, cfg, memory, carry, seg_tokens,
-                                        seg_valid, shard)
+                                        seg_valid, shard, next_tokens=seg_next)
         if seg_targets is None:
             return carry, logits
         logp = jax.nn.log_softmax(logits, -1)
@@ -159,8 +168,10 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
 
 
 def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, valid,
-                    shard=_identity):
-    """One segment: (next carry, logits [B, T, vocab]). tokens [B, T]; valid [B, T] bool."""
+                    shard=_identity, *, next_tokens=None):
+    """One segment: (next carry, logits [B, T, vocab]). tokens [B, T]; valid [B, T] bool;
+    next_tokens: (the token after each position [B, T], whether it is known [B, T]) for kinds
+    that read it at the segment's end (`Memory.end_segment`)."""
     T = tokens.shape[1]
     positions = carry["position"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     x = shard(embed(params, tokens, cfg), ("batch", "seq", "embed"))
@@ -175,23 +186,32 @@ def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, v
     layer_states = jax.tree.map(lambda s: jnp.moveaxis(s, 1, 0), mstate.get("layers", {}))
     layer_params = memory_params.get("layers", {})
 
-    def layer(x, xs):
-        p, mp, ls = xs
+    def layer(carry, xs):
+        x, carried = carry
+        p, mp, ls, index = xs
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         q, k, v = project_qkv(h, p, shard=shard)
-        out, ls = memory.layer(ls, mp, h, q, k, v, ctx)
+        out, ls, carried = memory.carried_layer(ls, carried, mp, h, q, k, v,
+                                                dataclasses.replace(ctx, layer=index))
         x = x + project_out(out.astype(x.dtype), p, shard=shard)
         h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
         x = x + swiglu_mlp(h, p, shard=shard)
-        return shard(x, ("batch", "seq", "embed")), ls
+        return (shard(x, ("batch", "seq", "embed")), carried), ls
 
-    x, layer_states = lax.scan(layer, x, (params["layers"], layer_params, layer_states))
+    # "carried": state that is not one slice per layer (e.g. kNN memory in a few layers only).
+    (x, carried), layer_states = lax.scan(
+        layer, (x, mstate.get("carried")),
+        (params["layers"], layer_params, layer_states, jnp.arange(cfg.num_layers)))
     new_memory = dict(mstate)
     if "layers" in mstate:
         new_memory["layers"] = jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1), layer_states)
+    if "carried" in mstate:
+        new_memory["carried"] = carried
     if memory.level == "token":
         x, new_memory = memory.write(new_memory, memory_params, x, params, cfg)
     logits = shard(unembed(params, x, cfg), ("batch", "seq", "vocab"))
+    if next_tokens is not None:
+        new_memory = memory.end_segment(new_memory, logits, *next_tokens, ctx)
     # Padding does not advance positions: a resumed call continues where the real tokens ended.
     advance = seg_valid.sum(1).astype(jnp.int32)
     return {"position": carry["position"] + advance, "memory": new_memory}, logits

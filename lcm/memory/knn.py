@@ -10,16 +10,22 @@ The store's capacity axis carries the logical name "seq", so `shard` (e.g.
 `LogicalSharding(mesh)`, "seq" -> "context") spreads it over a mesh axis: with `shards` equal to
 that axis' size, top-k runs per shard, then over the shards' candidates (exact, and the
 score matrix is never gathered onto one device).
+
+`layers=(i,)` gives the kNN memory to layer i only, as the Memorizing Transformer does (one
+layer near the top); the other layers attend within the segment alone. The stores then sit in
+the state's "carried" part, one per memory layer, not one per layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from lcm.memory.base import Memory, default_scale, f32, grouped, softmax_parts
+from lcm.memory.base import Memory, NoMemory, default_scale, f32, grouped, softmax_parts
 
 _STORE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
@@ -34,15 +40,18 @@ class KNNMemory(Memory):
     """A per-layer (key, value) store of `capacity` past tokens; each query attends to its
     top-`k` stored keys and to its segment. `approx`: `jax.lax.approx_max_k` (TPU-friendly)
     instead of exact top-k. `shards`: the store is searched in that many slices (the size of
-    the mesh axis its capacity is sharded over; must divide capacity).
+    the mesh axis its capacity is sharded over; must divide capacity). `layers`: the layers
+    that have the memory (None: all of them); the others attend within their segment.
 
-    State "layers": k, v [B, layers, capacity, kv_heads, head_dim], valid [B, layers, capacity].
+    State "layers": k, v [B, layers, capacity, kv_heads, head_dim], valid [B, layers, capacity];
+    with `layers` given, the same under "carried" with len(layers) in place of all the layers.
     """
 
     capacity: int
     k: int
     approx: bool = False
     shards: int = 1
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("capacity", "k", "shards"):
@@ -55,6 +64,19 @@ class KNNMemory(Memory):
                              f"{self.capacity}")
         if not isinstance(self.approx, bool):
             raise ValueError(f"KNNMemory(approx={self.approx!r}); expected a bool")
+        if self.layers is not None and (
+                not isinstance(self.layers, tuple) or not self.layers
+                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers)
+                or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"KNNMemory(layers={self.layers!r}); expected None (every layer) or "
+                             f"a non-empty tuple of distinct layer indices >= 0")
+
+    def check(self, cfg):
+        super().check(cfg)
+        if self.layers is not None and max(self.layers) >= cfg.num_layers:
+            raise ValueError(f"KNNMemory(layers={self.layers}) names a layer the model lacks: "
+                             f"cfg.num_layers={cfg.num_layers}; expected indices in "
+                             f"0..{cfg.num_layers - 1}")
 
     def check_segment(self, segment_len):
         if segment_len > self.capacity:
@@ -62,10 +84,33 @@ class KNNMemory(Memory):
                              f"a segment must fit in the store")
 
     def init(self, cfg, batch, memory_params):
-        shape = (batch, cfg.num_layers, self.capacity, cfg.num_kv_heads, cfg.head_dim)
-        return {"layers": {"k": jnp.zeros(shape, cfg.compute_dtype),
-                           "v": jnp.zeros(shape, cfg.compute_dtype),
-                           "valid": jnp.zeros(shape[:3], bool)}}
+        n = cfg.num_layers if self.layers is None else len(self.layers)
+        shape = (batch, n, self.capacity, cfg.num_kv_heads, cfg.head_dim)
+        store = {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype),
+                 "valid": jnp.zeros(shape[:3], bool)}
+        return {"layers": store} if self.layers is None else {"carried": store}
+
+    def carried_layer(self, state, carried, params, h, q, k, v, ctx):
+        if self.layers is None:
+            return super().carried_layer(state, carried, params, h, q, k, v, ctx)
+        table = np.full(ctx.cfg.num_layers, -1, np.int32)
+        table[list(self.layers)] = np.arange(len(self.layers))
+        slot = jnp.asarray(table)[ctx.layer]  # this layer's store, or -1: no memory here
+        index = jnp.maximum(slot, 0)
+
+        def with_memory(carried):
+            mine = jax.tree.map(lambda s: lax.dynamic_index_in_dim(s, index, 1, keepdims=False),
+                                carried)
+            out = self.read(mine, params, h, q, k, v, ctx)
+            new = self.write(mine, params, h, q, k, v, ctx)
+            return out, jax.tree.map(lambda s, n: lax.dynamic_update_index_in_dim(s, n, index, 1),
+                                     carried, new)
+
+        def local(carried):
+            return NoMemory().read(None, params, h, q, k, v, ctx).astype(q.dtype), carried
+
+        out, carried = lax.cond(slot >= 0, with_memory, local, carried)
+        return out, state, carried
 
     def read(self, state, params, h, q, k, v, ctx):
         qr, kr = ctx.rope(q), ctx.rope(k)

@@ -102,8 +102,22 @@ def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int) ->
     return max(budget(decode_policy) + 1 - prompt_kept, 1)
 
 
+def per_query_head(policy) -> bool:
+    """Whether a decode policy selects per query head (gqa="query_head")."""
+    inner = _inner(policy) if isinstance(policy, Decoding) else policy
+    return getattr(inner, "gqa", None) == "query_head"
+
+
 def with_query_buffer(cache: KVCache, policy, cfg) -> KVCache:
-    """The cache with an empty query buffer sized for `policy` (unchanged when it has one)."""
+    """The cache made ready for `policy`: an empty query buffer sized for it (unchanged when it
+    has one) and, for a per-query-head policy on a cache of kv heads, one entry set per query
+    head (each kv head's entries repeated for its group, as prefill does for such a policy), so
+    that query heads select their own entries instead of voting by the group's mean."""
+    if per_query_head(policy) and cfg.group_size > 1 and cache.length.shape[2] == (
+            cfg.num_kv_heads):
+        cache = cache.replace(**{
+            name: jnp.repeat(getattr(cache, name), cfg.group_size, axis=2)
+            for name in ("k", "v", "pos", "length", "score") if getattr(cache, name) is not None})
     size = buffer_size(policy)
     if size == 0 or (cache.queries is not None and cache.queries.shape[2] == size):
         return cache

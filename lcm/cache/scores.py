@@ -132,7 +132,7 @@ def expected(policy: ExpectedAttention, keys, v, pos, valid, obs, inv_freq, fact
     m = jnp.max(logits, -1, keepdims=True)
     p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
     p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    scores = p.mean(2)
+    scores = _group(p, policy.gqa)
     if policy.use_vnorm:
         scores = (scores + policy.epsilon) * jnp.sqrt(jnp.sum(jnp.square(v.astype(f32)), -1))
     return _finish(scores, valid, ~scored)

@@ -157,14 +157,16 @@ def run(config, workdir: str) -> dict:
     if jax.device_count() < P:
         sys.exit(f"bench_ring needs {P} devices, have {jax.device_count()}: run with "
                  f"XLA_FLAGS=--xla_force_host_platform_device_count={P}")
-    unknown = set(config.impls) - set(IMPLS)
+    # "--config.impls=ring,xla" arrives as one item: split it.
+    impls_all = [n for item in config.impls for n in str(item).split(",") if n]
+    unknown = set(impls_all) - set(IMPLS)
     if unknown:
         raise ValueError(f"config.impls has {sorted(unknown)}; expected some of {list(IMPLS)}")
     mesh = make_mesh((1, 1, 1, P), devices=jax.devices()[:P])
     cells, errors = {}, {}
     skipped = set()
     for length in config.lengths:
-        impls = [i for i in config.impls if i not in skipped
+        impls = [i for i in impls_all if i not in skipped
                  and not (i == "tokamax_ring" and length > config.tokamax_max_length)]
         fns = make_fns(mesh, config.block, length, impls)
         sharded = inputs(length, mesh, True)
@@ -200,25 +202,25 @@ def run(config, workdir: str) -> dict:
               if "mem_bytes" in cells.get((impl, n), {})]
         reach[impl] = longest([n for n, _ in ok], [m for _, m in ok], budget)
     ratio = (reach["ring"] / reach["xla"]) if reach["ring"] and reach["xla"] else None
-    markdown = _table(config, cells, reach, ratio)
+    markdown = _table(config, impls_all, cells, reach, ratio)
     print(markdown)
     summary = dict(cells={f"{i}@{n}": c for (i, n), c in cells.items()},
                    longest_causal_length=reach, ring_vs_single_device=ratio,
                    devices=P, device_memory_gib=config.device_memory_gib,
-                   block=config.block, lengths=list(config.lengths), impls=list(config.impls))
+                   block=config.block, lengths=list(config.lengths), impls=impls_all)
     return write_summary(workdir, summary, markdown=markdown)
 
 
-def _table(config, cells, reach, ratio) -> str:
-    head = "| length | " + " | ".join(config.impls) + " |"
+def _table(config, impls, cells, reach, ratio) -> str:
+    head = "| length | " + " | ".join(impls) + " |"
     lines = [f"Causal, batch 1, {HEADS} heads, head_dim {HEAD_DIM}, float32, "
              f"{config.num_devices} CPU devices; time (s) / compiled memory per device (MiB) / "
              f"time relative to lcm ring", "", head,
-             "|" + "---|" * (len(config.impls) + 1)]
+             "|" + "---|" * (len(impls) + 1)]
     for n in config.lengths:
         base = cells.get(("ring", n), {}).get("seconds")
         row = []
-        for impl in config.impls:
+        for impl in impls:
             c = cells.get((impl, n))
             if c is None:
                 row.append("-")

@@ -1,15 +1,18 @@
 """Ring attention: context parallelism over one mesh axis, K/V passed around a ring.
 
 Each of the P devices of `axis_name` keeps its query shard; K/V shards travel device d -> d + 1
-with `ppermute`. At ring step s device d holds the keys of device (d - s) mod P and computes that
-block pair with the `xla` backend's blockwise computation (`attention_with_lse`) over the slice
-of the global block layout for (d, s), then merges with float32 online-softmax statistics. The
-next shard's transfer is issued before the current block's compute so the two can overlap.
-Steps whose block pair is fully masked skip the compute (per device, `lax.cond`), and steps no
-device needs (e.g. Local(w) with w shorter than a shard) are not run, nor their transfers.
+with `ppermute`. At ring step s device d holds the keys of device (d - s) mod P and runs the
+`xla` backend's blockwise computation (`lcm.attention.blockwise.blocked_forward_step`) over the
+slice of the global block layout for (d, s). q, k, v are blocked once (a reshape), K/V travel
+blocked, and the float32 online-softmax statistics are carried across steps and updated in place:
+no step re-lays out its inputs or allocates a partial output to merge. The next shard's transfer
+is issued before the current block's compute so the two can overlap. A fully masked block pair
+visits no block (no compute), and steps no device needs (e.g. Local(w) with w shorter than a
+shard) are not run, nor their transfers.
 
 Backward is a custom VJP: residuals are the local q, k, v, output and logsumexp only; K/V go
-around the ring again together with float32 dK/dV accumulators, which end on their home device.
+around the ring again (blocked) together with float32 dK/dV accumulators, which end on their
+home device; dQ accumulates in place.
 GQA sends only the K KV heads.
 """
 
@@ -23,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcm.attention.blockwise import attention_backward, attention_with_lse, blockwise_attention
+from lcm.attention.blockwise import (blocked_backward_step, blocked_delta, blocked_finish,
+                                     blocked_forward_step, blocked_init, blockwise_attention,
+                                     from_blocks, to_blocks)
 from lcm.attention.masks import Mask
 from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
                                       placed_mask, static_kinds, step_layout)
@@ -59,11 +64,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; expected one of {list(STRATEGIES)}")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if axis_name not in getattr(mesh, "axis_names", ()):
-        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh (axes "
-                         f"{tuple(getattr(mesh, 'axis_names', ()))}); pass mesh= or set one with "
-                         f"jax.set_mesh, with a context-parallel axis")
-    P = mesh.shape[axis_name]
+    P = context_axis_size(mesh, axis_name)
     B, L, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if isinstance(load_balance, RingOrder):
@@ -85,17 +86,12 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     mask, scale, softcap, length = check_and_prepare(q, k, v, mask, scale, softcap, block_q,
                                                      block_k, order)
     if order is None:
-        chunks = P if load_balance == "none" else 2 * P
         if load_balance == "mask_aware" and not _concrete(mask):
             raise ValueError("load_balance='mask_aware' needs a mask with concrete arrays; inside "
                              "jit build the order outside with make_ring_order(mask=...) and "
                              "pass it as load_balance")
-        # Blocks no longer than a chunk; chunks a multiple of both blocks.
-        raw = _round_up(-(-length // chunks), 8)
-        bq, bk = min(block_q, raw), min(block_k, raw)
-        if math.lcm(bq, bk) > raw:
-            bq = bk = min(bq, bk)
-        order = make_ring_order(length, P, load_balance, block=math.lcm(bq, bk), mask=mask)
+        order = ring_order_for(length, P, load_balance, block_q=block_q, block_k=block_k,
+                               mask=mask)
     if strategy == "pallas":
         if softcap is not None:
             raise ValueError("softcap with strategy='pallas': not in the kernel; use 'ring'")
@@ -124,6 +120,29 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     out = jax.shard_map(body, mesh=mesh, in_specs=(qspec, kspec, kspec, mask_spec),
                         out_specs=qspec, check_vma=False)(q, k, v, mask)
     return _constrain(order.from_ring(out), mesh, qspec) if permute else out
+
+
+def ring_order_for(length: int, num_devices: int, load_balance: str = "zigzag", *,
+                   block_q: int = 512, block_k: int = 512, mask: Mask | None = None) -> RingOrder:
+    """The RingOrder `ring_attention` builds for `length` tokens: blocks clipped to a chunk,
+    chunks a multiple of both blocks. A model applies it once to its inputs (`to_ring`) and
+    passes it as `load_balance`, so its layers attend in ring order without reshuffling."""
+    chunks = num_devices if load_balance == "none" else 2 * num_devices
+    raw = _round_up(-(-length // chunks), 8)
+    bq, bk = min(block_q, raw), min(block_k, raw)
+    if math.lcm(bq, bk) > raw:
+        bq = bk = min(bq, bk)
+    return make_ring_order(length, num_devices, load_balance, block=math.lcm(bq, bk), mask=mask)
+
+
+def context_axis_size(mesh=None, axis_name: str = "context") -> int:
+    """Size of the context-parallel axis of `mesh` (default: the mesh of `jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if axis_name not in getattr(mesh, "axis_names", ()):
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh (axes "
+                         f"{tuple(getattr(mesh, 'axis_names', ()))}); pass mesh= or set one with "
+                         f"jax.set_mesh, with a context-parallel axis")
+    return mesh.shape[axis_name]
 
 
 def _constrain(x, mesh, spec):
@@ -173,47 +192,44 @@ def _shift(x, axis_name, P, hops=1):
     return lax.ppermute(x, axis_name, [(i, (i + hops) % P) for i in range(P)])
 
 
-def _step_forward(st, q, k, v, mask, kinds_g, device, step):
+def _blocks(st, q, k, v):
+    """The blocked views (reshapes, no copies) the local steps consume."""
+    K = k.shape[2]
+    return (to_blocks(q, st.plan.block_q, K), to_blocks(k, st.plan.block_k),
+            to_blocks(v, st.plan.block_k))
+
+
+def _step_layout(st, mask, kinds_g, device, step):
     source = (device - step) % st.num_devices
-    layout = step_layout(kinds_g, st.plan, device, source)
-    local_mask = placed_mask(mask, st.plan, device, source)
-
-    def run(_):
-        out, lse = attention_with_lse(q, k, v, local_mask, layout, scale=st.scale,
-                                      softcap=st.softcap)
-        return out.astype(f32), jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
-
-    def skip(_):
-        return (jnp.zeros(q.shape, f32), jnp.full(q.shape[:3] + (1,), -jnp.inf, f32))
-
-    return lax.cond(layout.counts.sum() > 0, run, skip, None)
-
-
-def _merge(out, lse, out_s, lse_s):
-    """Online-softmax merge of two partial results (lse -inf: nothing seen)."""
-    new = jnp.logaddexp(lse, lse_s)
-    safe = jnp.where(jnp.isneginf(new), 0.0, new)
-    return out * jnp.exp(lse - safe) + out_s * jnp.exp(lse_s - safe), new
+    return (step_layout(kinds_g, st.plan, device, source),
+            placed_mask(mask, st.plan, device, source))
 
 
 def _forward(st, q, k, v, mask):
+    """Local output [B, T, H, D] and lse [B, nq, bq, K, G] float32 (+inf: nothing seen).
+
+    q stays blocked and K/V travel blocked; the float32 statistics are carried through every
+    step and updated in place, so no step allocates a partial output to merge.
+    """
     P, n = st.num_devices, st.plan.num_steps
     device = lax.axis_index(st.axis_name)
     kinds_g = st.kinds(mask)
+    qb, kb, vb = _blocks(st, q, k, v)
+
+    def step_fn(step, kb, vb, stats):
+        layout, local_mask = _step_layout(st, mask, kinds_g, device, step)
+        return blocked_forward_step(qb, kb, vb, local_mask, layout, stats, scale=st.scale,
+                                    softcap=st.softcap)
 
     def body(step, carry):
-        k, v, out, lse = carry
+        kb, vb, stats = carry
         # Issue the next shard's transfer first: it does not wait for this step's compute.
-        k_next, v_next = _shift((k, v), st.axis_name, P)
-        out_s, lse_s = _step_forward(st, q, k, v, mask, kinds_g, device, step)
-        out, lse = _merge(out, lse, out_s, lse_s)
-        return k_next, v_next, out, lse
+        k_next, v_next = _shift((kb, vb), st.axis_name, P)
+        return k_next, v_next, step_fn(step, kb, vb, stats)
 
-    init = (k, v, jnp.zeros(q.shape, f32), jnp.full(q.shape[:3] + (1,), -jnp.inf, f32))
-    k, v, out, lse = lax.fori_loop(0, n - 1, body, init)
-    out_s, lse_s = _step_forward(st, q, k, v, mask, kinds_g, device, n - 1)
-    out, lse = _merge(out, lse, out_s, lse_s)
-    return out.astype(q.dtype), lse
+    kb, vb, stats = lax.fori_loop(0, n - 1, body, (kb, vb, blocked_init(qb)))
+    out, lse = blocked_finish(step_fn(n - 1, kb, vb, stats), q.dtype)
+    return from_blocks(out), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -227,41 +243,36 @@ def _ring_local_fwd(st, q, k, v, mask):
 
 
 def _ring_local_bwd(st, residuals, d_out):
+    """residuals: q, k, v, mask, out and lse [B, nq, bq, K, G] float32 (+inf: nothing seen)."""
     q, k, v, mask, out, lse = residuals
     P, n = st.num_devices, st.plan.num_steps
     device = lax.axis_index(st.axis_name)
     kinds_g = st.kinds(mask)
-    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # attention_backward's "saw nothing"
+    qb, kb, vb = _blocks(st, q, k, v)
+    dob = to_blocks(d_out, st.plan.block_q, k.shape[2])
+    delta = blocked_delta(to_blocks(out, st.plan.block_q, k.shape[2]), dob)
 
-    def grads(k, v, step):
-        source = (device - step) % P
-        layout = step_layout(kinds_g, st.plan, device, source)
-        local_mask = placed_mask(mask, st.plan, device, source)
-
-        def run(_):
-            dq, dk, dv = attention_backward(q, k, v, local_mask, layout, out, lse, d_out,
-                                            scale=st.scale, softcap=st.softcap)
-            return dq.astype(f32), dk.astype(f32), dv.astype(f32)
-
-        def skip(_):
-            return jnp.zeros(q.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-
-        return lax.cond(layout.counts.sum() > 0, run, skip, None)
+    def grads(step, kb, vb, acc):
+        layout, local_mask = _step_layout(st, mask, kinds_g, device, step)
+        return blocked_backward_step(qb, kb, vb, dob, lse, delta, local_mask, layout, acc,
+                                     scale=st.scale, softcap=st.softcap)
 
     def body(step, carry):
-        k, v, dk_acc, dv_acc, dq = carry
-        k_next, v_next = _shift((k, v), st.axis_name, P)
-        dq_s, dk_s, dv_s = grads(k, v, step)
+        kb, vb, dq, dk_acc, dv_acc = carry
+        k_next, v_next = _shift((kb, vb), st.axis_name, P)
+        dq, dk_acc, dv_acc = grads(step, kb, vb, (dq, dk_acc, dv_acc))
         # dK/dV of the shard held now travel on with it, one hop behind its K/V.
-        dk_acc, dv_acc = _shift((dk_acc + dk_s, dv_acc + dv_s), st.axis_name, P)
-        return k_next, v_next, dk_acc, dv_acc, dq + dq_s
+        dk_acc, dv_acc = _shift((dk_acc, dv_acc), st.axis_name, P)
+        return k_next, v_next, dq, dk_acc, dv_acc
 
-    init = (k, v, jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32), jnp.zeros(q.shape, f32))
-    k_last, v_last, dk_acc, dv_acc, dq = lax.fori_loop(0, n - 1, body, init)
-    dq_s, dk_s, dv_s = grads(k_last, v_last, n - 1)
+    zeros = functools.partial(jnp.zeros, dtype=f32)
+    init = (kb, vb, zeros(qb.shape), zeros(kb.shape), zeros(vb.shape))
+    kb, vb, dq, dk_acc, dv_acc = lax.fori_loop(0, n - 1, body, init)
+    dq, dk_acc, dv_acc = grads(n - 1, kb, vb, (dq, dk_acc, dv_acc))
     # The accumulators now sit n - 1 hops from home: one direct transfer brings them back.
-    dk, dv = _shift((dk_acc + dk_s, dv_acc + dv_s), st.axis_name, P, hops=1 - n)
-    return (dq + dq_s).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    dk, dv = _shift((dk_acc, dv_acc), st.axis_name, P, hops=1 - n)
+    return (from_blocks(dq).astype(q.dtype), from_blocks(dk).astype(k.dtype),
+            from_blocks(dv).astype(v.dtype), None)
 
 
 _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)

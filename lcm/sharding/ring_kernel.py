@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.ring import ring_attention_tpu
+from lcm.attention.blockwise import to_blocks
 from lcm.attention.masks import And, IndexMask, Or
 from lcm.attention.pallas import default_platform
 
@@ -75,7 +76,10 @@ def _fwd(st, mask_fn, q, k, v, mask):
 def _bwd(st, mask_fn, residuals, d_out):
     from lcm.sharding.ring import _ring_local_bwd
 
-    return _ring_local_bwd(st, residuals, d_out)
+    q, k, v, mask, out, lse = residuals
+    # The XLA ring's residual lse: blocked [B, nq, bq, K, G], +inf where nothing was seen.
+    lse = to_blocks(jnp.where(jnp.isneginf(lse), jnp.inf, lse), st.plan.block_q, k.shape[2])
+    return _ring_local_bwd(st, (q, k, v, mask, out, lse[..., 0]), d_out)
 
 
 pallas_ring_local.defvjp(_fwd, _bwd)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
+# Orders a model can apply at its input inside jit ("mask_aware" needs a concrete mask).
+MODEL_LOAD_BALANCE = ("none", "zigzag", "striped")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 POSITION_TYPES = ("rope", "nope", "alibi", "self_extend", "rerope", "leaky_rerope")
@@ -312,15 +314,32 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
-    """How attention runs: the backend of `lcm.attention.attend` and its block sizes."""
+    """How attention runs: the backend of `lcm.attention.attend` and its block sizes.
+
+    `load_balance` (read by impl "ring" and "allgather" only): the order in which the sequence
+    is split over the mesh's `context` axis, "zigzag" (balanced causal), "striped" or "none"
+    (contiguous shards); see `lcm.sharding.make_ring_order`. The decoder permutes its tokens,
+    positions and segment ids into that order once at its input and its logits back once at its
+    output, so no layer reshuffles activations.
+    """
 
     impl: str = "auto"
     block_q: int = 512
     block_k: int = 512
+    load_balance: str = "zigzag"
 
     def __post_init__(self):
         _choice(self, "impl", ATTENTION_IMPLS)
         _positive(self, "block_q", "block_k")
+        _choice(self, "load_balance", MODEL_LOAD_BALANCE)
+        if self.load_balance != "zigzag" and self.impl not in ("ring", "allgather"):
+            raise ValueError(f"AttentionConfig.load_balance={self.load_balance!r} is read only by "
+                             f"impl 'ring' or 'allgather', not impl={self.impl!r}")
+
+    @property
+    def context_parallel(self) -> bool:
+        """Whether the sequence is split over the mesh's context axis."""
+        return self.impl in ("ring", "allgather")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import jax.extend
+
+from lcm.attention import Causal, attend
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import forward, init_params
 from lcm.sharding import LogicalSharding, make_mesh, shard_params
@@ -39,16 +42,79 @@ def _sharded_inputs(params, axes, tokens, segs, mesh):
     return sharded, jax.device_put(tokens, spec), jax.device_put(segs, spec)
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 1, 1, 8)])
-def test_forward_with_context_axis_matches_unsharded(devices, model, shape):
+def _assert_grads_close(got, want):
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = want
+        for key in path:
+            w = w[key.key]
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("shape,load_balance", [((2, 1, 1, 4), "zigzag"),
+                                                ((1, 1, 1, 8), "striped"),
+                                                ((1, 1, 1, 8), "none")])
+def test_balanced_model_matches_unsharded(devices, model, shape, load_balance):
+    """Forward and gradients of the model balanced once at its input (AttentionConfig's
+    load_balance) on 2x4 and 1x8 (data x context) meshes equal the unsharded ones."""
     params, axes, tokens, segs = model
+    cfg = dataclasses.replace(RING, attention=dataclasses.replace(
+        RING.attention, load_balance=load_balance))
     want = jax.jit(forward, static_argnames="cfg")(params, tokens, CFG, segment_ids=segs)
+    want_g = jax.jit(jax.grad(loss), static_argnums=3)(params, tokens, segs, CFG)
     mesh = make_mesh(shape)
     p, t, s = _sharded_inputs(params, axes, tokens, segs, mesh)
     with jax.set_mesh(mesh):
         got = jax.jit(forward, static_argnames=("cfg", "shard"))(
-            p, t, RING, segment_ids=s, shard=LogicalSharding(mesh))
+            p, t, cfg, segment_ids=s, shard=LogicalSharding(mesh))
+        got_g = jax.jit(jax.grad(loss), static_argnums=(3, 4))(p, t, s, cfg,
+                                                               LogicalSharding(mesh))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+    _assert_grads_close(got_g, want_g)
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for x in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(x, jax.extend.core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, jax.extend.core.Jaxpr):
+                yield x
+
+
+def _float_gathers(jaxpr):
+    """Gathers of float arrays (permuted activations) outside shard_map bodies."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        n += name == "gather" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating)
+        if name != "shard_map":
+            n += sum(_float_gathers(j) for j in _sub_jaxprs(eqn))
+    return n
+
+
+def test_layers_do_not_permute_activations(devices, model):
+    """The ring order is applied at the model's input and output only: the layer scan's body
+    permutes no activation, while attention called without the order permutes q, k, v and out."""
+    params, _, tokens, segs = model
+    mesh = make_mesh((2, 1, 1, 4))
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda p, t, s: forward(p, t, RING, segment_ids=s))(
+            params, tokens, segs).jaxpr
+        layer = next(e for e in jaxpr.eqns if e.primitive.name == "scan").params["jaxpr"].jaxpr
+        assert _float_gathers(layer) == 0
+        assert _float_gathers(jaxpr) == 2  # the embedding lookup; the logits back to order
+        q = jnp.zeros((2, 48, CFG.num_heads, CFG.head_dim))
+        per_call = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, Causal(), impl="ring"))(
+            q, q[:, :, :2], q[:, :, :2]).jaxpr
+    assert _float_gathers(per_call) == 4  # q, k, v into the ring order, the output back
+
+
+def test_load_balance_field_is_checked():
+    with pytest.raises(ValueError, match="load_balance='mask_aware'.*expected one of"):
+        AttentionConfig(impl="ring", load_balance="mask_aware")
+    with pytest.raises(ValueError, match="read only by impl 'ring' or 'allgather'"):
+        AttentionConfig(impl="xla", load_balance="striped")
 
 
 def test_training_gradients_with_data_fsdp_tensor_context(devices, model):
@@ -59,12 +125,7 @@ def test_training_gradients_with_data_fsdp_tensor_context(devices, model):
     p, t, s = _sharded_inputs(params, axes, tokens, segs, mesh)
     with jax.set_mesh(mesh):
         got = jax.jit(jax.grad(loss), static_argnums=(3, 4))(p, t, s, RING, LogicalSharding(mesh))
-    for path, g in jax.tree_util.tree_leaves_with_path(got):
-        w = want
-        for key in path:
-            w = w[key.key]
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+    _assert_grads_close(got, want)
 
 
 def test_ring_without_a_mesh_names_the_fix(model):

@@ -10,6 +10,7 @@ from lcm.attention import Causal, Document, Local
 from lcm.config import ModelConfig
 from lcm.model.layers import _identity, attention_block, rms_norm, swiglu_mlp
 from lcm.positions import rope_frequencies
+from lcm.sharding.ring import context_axis_size, ring_order_for
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in backward
@@ -47,9 +48,14 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     _check_forward_inputs(tokens, cfg, positions, segment_ids)
     shard = _identity if shard is None else shard
     B, T = tokens.shape
+    order = _context_order(T, cfg)
     if positions is None:
         positions = (segment_positions(segment_ids) if segment_ids is not None
                      else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+    if order is not None:
+        # Context parallelism: into the ring order once here, logits back once at the end.
+        tokens, positions = order.to_ring(tokens), order.to_ring(positions)
+        segment_ids = None if segment_ids is None else order.to_ring(segment_ids)
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
     if segment_ids is not None:
         mask = mask & Document(segment_ids)
@@ -63,7 +69,8 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         x = x + attention_block(h, p, positions=positions, inv_freq=inv_freq,
                                 attention_factor=attention_factor, mask=mask,
-                                attention=cfg.attention, shard=shard, position=cfg.positions)
+                                attention=cfg.attention, shard=shard, position=cfg.positions,
+                                ring_order=order)
         h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
         x = x + swiglu_mlp(h, p, shard=shard)
         return shard(x, ("batch", "seq", "embed")), None
@@ -71,7 +78,22 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
     x, _ = jax.lax.scan(layer, x, params["layers"])
-    return shard(unembed(params, x, cfg), ("batch", "seq", "vocab"))
+    logits = unembed(params, x, cfg)
+    if order is not None:
+        logits = order.from_ring(shard(logits, ("batch", "seq", "vocab")))
+    return shard(logits, ("batch", "seq", "vocab"))
+
+
+def _context_order(length, cfg: ModelConfig):
+    """The RingOrder of a context-parallel model over the mesh's `context` axis, else None."""
+    if not cfg.attention.context_parallel:
+        return None
+    if cfg.positions is not None and cfg.positions.type != "rope":
+        raise ValueError(f"PositionConfig(type={cfg.positions.type!r}) with attention impl="
+                         f"{cfg.attention.impl!r}: context parallelism runs with type 'rope' "
+                         f"only; use impl 'xla' or 'pallas'")
+    return ring_order_for(length, context_axis_size(), cfg.attention.load_balance,
+                          block_q=cfg.attention.block_q, block_k=cfg.attention.block_k)
 
 
 def embed(params, tokens, cfg: ModelConfig):

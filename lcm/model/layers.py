@@ -55,19 +55,24 @@ def project_out(out, p, *, shard=_identity):
 
 
 def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attention,
-                    shard=_identity, position=None):
+                    shard=_identity, position=None, ring_order=None):
     """Grouped-query self-attention with RoPE. x [B, T, E]; positions [B, T]; returns [B, T, E].
 
     `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask;
     `position` a PositionConfig (None or type "rope": RoPE as trained; others see
-    `lcm.positions.position_attention`).
+    `lcm.positions.position_attention`). `ring_order`: for impl "ring" / "allgather", the
+    RingOrder x, positions and the mask's segment ids are already in (the decoder applies it once
+    at its input); None lets each call permute by `attention.load_balance`.
     """
     q, k, v = project_qkv(x, p, shard=shard)
     if position is None or position.type == "rope":
         q = apply_rope(q, positions, inv_freq, attention_factor)
         k = apply_rope(k, positions, inv_freq, attention_factor)
+        balance = {}
+        if attention.context_parallel:
+            balance["load_balance"] = attention.load_balance if ring_order is None else ring_order
         out = attend(q, k, v, mask, impl=attention.impl, block_q=attention.block_q,
-                     block_k=attention.block_k)
+                     block_k=attention.block_k, **balance)
     else:
         out = position_attention(q, k, v, positions=positions, inv_freq=inv_freq,
                                  attention_factor=attention_factor, mask=mask,

@@ -105,8 +105,9 @@ def test_stepwise_tova_holds_its_budget_and_keeps_the_newest():
 
 
 @pytest.mark.parametrize("decode_policy", [
-    Decoding(Knorm(), compression_interval=3, target_size=10), H2O(hh_size=4, recent_size=6)],
-    ids=["Decoding", "H2O"])
+    Decoding(Knorm(), compression_interval=3, target_size=10), H2O(hh_size=4, recent_size=6),
+    Decoding(SnapKV(window_size=2, gqa="query_head"), compression_interval=3, target_size=10)],
+    ids=["Decoding", "H2O", "Decoding-query_head"])
 def test_generate_with_decode_policy_equals_decode_steps(decode_policy):
     policy = decode_policy if isinstance(decode_policy, H2O) else None
     tokens, count = generate(PARAMS, CFG, TOKENS, lengths=LENGTHS, max_new_tokens=6,

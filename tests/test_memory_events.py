@@ -92,6 +92,7 @@ def test_boundaries_follow_em_llm_rule_on_given_surprise():
         assert streamed == blocks[:len(streamed)] and len(streamed) >= len(blocks) - 1
 
 
+@pytest.mark.slow
 def test_event_blocks_end_to_end():
     params = tiny_params()
     tokens = tokens_of(jax.random.key(1), 2, 40)
@@ -141,10 +142,9 @@ def test_representatives_are_infllm_top_scored_keys():
     score = rng.random((B, C, K)).astype(np.float32)
     ids = np.sort(rng.integers(0, n, (B, C)), axis=1)
     valid = rng.random((B, C)) < 0.8
-    got = np.asarray(block_representatives(jnp.asarray(keys), jnp.asarray(valid),
-                                           jnp.asarray(ids), n, jnp.asarray(score), r))
-    mean = np.asarray(block_representatives(jnp.asarray(keys), jnp.asarray(valid),
-                                            jnp.asarray(ids), n))
+    reps = jax.jit(block_representatives, static_argnums=(3, 5))
+    got = np.asarray(reps(keys, valid, ids, n, score, r))
+    mean = np.asarray(reps(keys, valid, ids, n, None, None))
     for b in range(B):
         for j in range(n):
             members = np.flatnonzero((ids[b] == j) & valid[b])
@@ -170,7 +170,8 @@ def test_representative_scores_are_attention_received_in_the_local_window():
     positions = past + jnp.arange(T)[None]
     ctx = SegmentContext(cfg=CFG, positions=positions, valid=jnp.ones((B, T), bool),
                          inv_freq=inv_freq, attention_factor=factor, shard=lambda x, a: x)
-    _, new, _ = memory.carried_layer(state, None, {}, None, q, k, v, ctx)
+    layer = jax.jit(lambda s, q, k, v: memory.carried_layer(s, None, {}, None, q, k, v, ctx))
+    _, new, _ = layer(state, q, k, v)
     # NumPy: each query head's softmax over the 8 stored keys and the segment's causal keys.
     rot = lambda x, p: np.asarray(apply_rope(x, p, inv_freq, factor))  # noqa: E731
     keys = np.concatenate([rot(store_k[:, :past], jnp.arange(past)[None]), rot(k, positions)], 1)

@@ -1,8 +1,10 @@
 """Segment recurrence: a decoder runs a long sequence segment by segment, carrying a memory.
 
 Memory kinds (values passed as `run_segments(..., memory=...)`): TransformerXL, RecurrentMemory,
-CompressiveMemory (Infini-attention), KNNMemory (Memorizing Transformer), LinearRecurrence
-(gated linear attention), NoMemory.
+CompressiveMemory (Infini-attention), KNNMemory (Memorizing Transformer; `layers=(i,)` for one
+memory layer), RetrievedBlocks (InfLLM; `repr_tokens=r` for its representative tokens,
+`boundaries="surprise"` for EM-LLM's events), LinearRecurrence (gated linear attention),
+NoMemory.
 """
 
 from lcm.memory.base import Memory, NoMemory

@@ -10,9 +10,23 @@ independent pure functions of (seed, index)).
 
 The record's `context` is LRA's `Source` string and `answers` its `Target`; the prompt asks a
 language model for the value (one digit, exact match).
+
+`ListOpsEncoder` gives LRA's integer inputs for the classifiers of the LRA papers, restating
+`lra_benchmarks/listops/input_pipeline.py`: `rename_close_brackets` (']' -> 'X', parentheses
+dropped), a `tfds.deprecated.text.TokenTextEncoder` over the vocabulary (ids 1..15 in vocabulary
+order, 0 = padding, 16 = the one OOV bucket; the operators are mixed alphanumeric, so its
+Tokenizer keeps them whole and splits the rest on non-alphanumerics), truncation to max_length
+(2000) and zero padding (`padded_batch`). LRA's vocabulary order is `list(set(...))` over bytes
+tokens, which Python salts per process: its ids are fixed only under a fixed PYTHONHASHSEED.
+`LRA_VOCAB` is the order its code gives with PYTHONHASHSEED=0 (checked against TensorFlow
+Datasets' encoder by `tests/fixtures/listops_lra/make_fixture.py`); pass the vocabulary of a
+run you need to match.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 import numpy as np
 
@@ -23,6 +37,10 @@ from lcm.data.tokenizers import tokenizer_name
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
 VALUE_P = 0.25
+# The 15 symbols of LRA's inputs after rename_close_brackets, in the order LRA's
+# `list(set(vocab_set))` gives under PYTHONHASHSEED=0 (see the module docstring).
+LRA_VOCAB = ("7", "[MED", "X", "9", "[MAX", "2", "0", "8", "5", "4", "6", "[MIN", "1", "3", "[SM")
+PAD_ID = 0
 INSTRUCTION = ("Evaluate the ListOps expression. [MIN, [MAX, [MED and [SM (sum modulo 10) apply to "
                "the values up to their closing ']'; the answer is one digit.\n\n")
 
@@ -103,3 +121,59 @@ def make_listops(index: int, *, seed: int, length: int = 2000, tokenizer=None,
     return Record(id=record_id(task, length, index, seed), task=task, context=source,
                   question="", prompt=prompt, answers=(str(to_value(tree)),), length=length,
                   max_new_tokens=2, metric="exact_match", meta=meta)
+
+
+def lra_source(source: str) -> str:
+    """LRA's rename_close_brackets: ']' becomes 'X' and parentheses are dropped."""
+    return source.replace("]", "X").replace("(", "").replace(")", "")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ListOpsEncoder:
+    """LRA ListOps ids: `encode(source)` -> list of ids (1.., no padding, at most max_length);
+    `encode_batch(sources)` -> int32 [N, max_length], 0-padded. vocab: the token order (LRA's
+    ids are 1 + the index); tokens outside it get the OOV id len(vocab) + 1."""
+
+    vocab: tuple[str, ...] = LRA_VOCAB
+    max_length: int = 2000
+
+    def __post_init__(self):
+        if (not isinstance(self.vocab, tuple) or not self.vocab
+                or len(set(self.vocab)) != len(self.vocab)
+                or any(not isinstance(t, str) or not t.strip() for t in self.vocab)):
+            raise ValueError(f"ListOpsEncoder(vocab={self.vocab!r}); expected a tuple of "
+                             f"distinct non-empty tokens")
+        if (not isinstance(self.max_length, int) or isinstance(self.max_length, bool)
+                or self.max_length <= 0):
+            raise ValueError(f"ListOpsEncoder(max_length={self.max_length!r}); expected a "
+                             f"positive int")
+
+    @property
+    def vocab_size(self) -> int:
+        """Padding, the vocabulary and one OOV bucket, as TokenTextEncoder.vocab_size."""
+        return len(self.vocab) + 2
+
+    def tokenize(self, text: str) -> list[str]:
+        """TokenTextEncoder's Tokenizer: vocabulary tokens that mix alphanumeric and other
+        characters (the operators) are kept whole; the rest is split on non-alphanumerics."""
+        words = [t.strip() for t in self.vocab]
+        reserved = [t for t in words if len([p for p in re.split(r"(\W+)", t) if p]) > 1]
+        parts = (re.split("(" + "|".join(re.escape(t) for t in reserved) + ")", text)
+                 if reserved else [text])
+        tokens = []
+        for part in parts:
+            tokens.extend([part] if part in reserved else re.split(r"\W+", part))
+        return [t for t in tokens if t]
+
+    def encode(self, source: str) -> list[int]:
+        """The ids of an LRA `Source` string (as make_listops's record.context)."""
+        ids = {t.strip(): i + 1 for i, t in enumerate(self.vocab)}
+        oov = len(self.vocab) + 1
+        return [ids.get(t, oov) for t in self.tokenize(lra_source(source))][:self.max_length]
+
+    def encode_batch(self, sources) -> np.ndarray:
+        out = np.full((len(sources), self.max_length), PAD_ID, np.int32)
+        for row, source in enumerate(sources):
+            ids = self.encode(source)
+            out[row, :len(ids)] = ids
+        return out

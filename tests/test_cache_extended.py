@@ -39,8 +39,7 @@ def tokens_of(seed, batch, seq):
 
 @pytest.mark.parametrize("kind,changes", [
     ("self_extend", {}), ("self_extend_frac", {}), ("rerope_log", {}), ("leaky_rerope", {}),
-    ("self_extend", {"sliding_window": 9, "qkv_bias": True}),
-    ("rerope_log", {"attention": AttentionConfig(impl="reference")})])
+    ("self_extend", {"sliding_window": 9, "qkv_bias": True})])
 def test_prefill_and_decode_steps_equal_forward(kind, changes):
     cfg, params = setup(kind, **changes)
     seq = tokens_of(1, 2, 24)
@@ -86,15 +85,24 @@ def test_generate_equals_forward_greedy(kind):
     want, want_count = greedy_generate(params, cfg, prompts, lengths=lengths, max_new_tokens=9)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(count, want_count)
-    # A stop token emitted mid-way by one row: that row stops and pads, the others go on.
-    stop = int(want[1, 3])
-    got, count = generate(params, cfg, prompts, lengths=lengths, max_new_tokens=9,
+
+
+def test_generate_stops_per_row_and_pads():
+    cfg, params = setup("self_extend")
+    prompts = tokens_of(8, 2, 12)
+    lengths = jnp.array([12, 8], jnp.int32)
+    free, _ = generate(params, cfg, prompts, lengths=lengths, max_new_tokens=8)
+    # A token row 1 emits mid-way and row 0 never: row 1 stops there and pads, row 0 goes on.
+    stop = next(int(t) for t in np.asarray(free[1, 2:]) if t not in np.asarray(free[0]))
+    got, count = generate(params, cfg, prompts, lengths=lengths, max_new_tokens=8,
                           stop_tokens=(stop,), pad_token=60)
-    want, want_count = greedy_generate(params, cfg, prompts, lengths=lengths, max_new_tokens=9,
+    want, want_count = greedy_generate(params, cfg, prompts, lengths=lengths, max_new_tokens=8,
                                        stop_tokens=(stop,), pad_token=60)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(count, want_count)
-    assert int(count[1]) <= 4 and (np.asarray(got[1, int(count[1]):]) == 60).all()
+    n = int(count[1])
+    assert 3 <= n < 8 and int(got[1, n - 1]) == stop and (np.asarray(got[1, n:]) == 60).all()
+    assert int(count[0]) == 8
 
 
 def test_sampled_generate_is_reproducible_and_varies_with_key():

@@ -4,7 +4,15 @@
   `compression_interval` steps each head is compressed back to `target_size` entries with the
   base policy's scores. Attention scorers observe the queries decoded since the last
   compression, kept in the cache's query buffer (un-rotated, [L, B, W, H, D]), as kvpress
-  buffers hidden states; SnapKV's window is the last `window_size` of them.
+  buffers hidden states; SnapKV's window is the last `window_size` of them. Each scorer keeps
+  its prefill definition over those queries, each at its own position: what kvpress 0.5.5's
+  scorers compute when given position-correct inputs (tests/test_cache_parity_decoding.py).
+  kvpress itself keeps compressed caches in score order (SnapKV then pools over score-order
+  neighbours), rotates SnapKV's buffered queries at the newest position, scores
+  ObservedAttention by the current query alone divided by (length - slot), and averages
+  ExpectedAttention's RoPE from the buffer length instead of the next position.
+  A per-query-head base press (gqa="query_head") first gives each query head its own copy of
+  its kv head's entries, as prefill does.
 - `H2O(hh_size, recent_size)`, `TOVA(budget=n)`, `StreamingLLM(budget=n)` update their scores
   at every step (H2O accumulates each step's attention in `cache.score`, TOVA takes the current
   query's attention averaged over heads, StreamingLLM the position) and evict down to their

@@ -123,19 +123,29 @@ def _biased(s, alibi, i, j, geom, head, num_kv_heads):
 
 def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
     """Hides invisible pairs of a PARTIAL block with -inf; FULL blocks pass through untouched."""
+    return lax.cond(kind == FULL, lambda s: s,
+                    lambda s: _apply_mask(s, mask, i, j, geom, head, num_kv_heads), s)
 
-    def apply(s):
-        q_idx = i * geom.block_q + jnp.arange(geom.block_q)
-        k_idx = j * geom.block_k + jnp.arange(geom.block_k)
-        vis = (k_idx < geom.kv_len)[None, None, None, None, :]
-        if mask is not None:
-            m = group_heads(mask.visible(q_idx, k_idx, geom.offset), num_kv_heads)
-            if head is not None and m.shape[1] > 1:  # keep this KV head's row of the mask
-                m = lax.dynamic_slice_in_dim(m, head, 1, axis=1)
-            vis = vis & m
-        return jnp.where(vis, s, -jnp.inf)
 
-    return lax.cond(kind == FULL, lambda s: s, apply, s)
+def _apply_mask(s, mask, i, j, geom, head, num_kv_heads):
+    """s [B, K, G, bq, bk] with the invisible pairs of block (i, j) set to -inf."""
+    q_idx = i * geom.block_q + jnp.arange(geom.block_q)
+    k_idx = j * geom.block_k + jnp.arange(geom.block_k)
+    vis = (k_idx < geom.kv_len)[None, None, None, None, :]
+    if mask is not None:
+        m = group_heads(mask.visible(q_idx, k_idx, geom.offset), num_kv_heads)
+        if head is not None and m.shape[1] > 1:  # keep this KV head's row of the mask
+            m = lax.dynamic_slice_in_dim(m, head, 1, axis=1)
+        vis = vis & m
+    return jnp.where(vis, s, -jnp.inf)
+
+
+def _on_visible(fn, kind, mask, i, j, geom, num_kv_heads):
+    """fn(masked) where masked(s) sets a PARTIAL block's invisible logits to -inf (FULL blocks:
+    identity). fn computes the logits inside the branch: a block-sized cond operand would be
+    copied into the branch, a third block-sized buffer next to the logits and probabilities."""
+    return lax.cond(kind == FULL, lambda: fn(lambda s: s),
+                    lambda: fn(lambda s: _apply_mask(s, mask, i, j, geom, None, num_kv_heads)))
 
 
 def _kv_block(x, j, geom):
@@ -319,12 +329,16 @@ def blocked_forward_step(q, k, v, mask: Mask | None, layout: BlockLayout, carry,
         def visit(t, c):
             m, l, acc = c
             j = layout.kv_blocks[0, i, t]
-            s, _ = _scores_blocked(q_blk, lax.dynamic_index_in_dim(k, j, 1, False), scale,
-                                   softcap)
-            s = _masked(s, layout.visit_kinds[0, i, t], mask, i, j, geom, None, K)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no inf - inf on empty rows
-            p = jnp.exp(s - m_safe[..., None])
+            k_blk = lax.dynamic_index_in_dim(k, j, 1, False)
+
+            def probs(masked):
+                s = masked(_scores_blocked(q_blk, k_blk, scale, softcap)[0])
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # no inf - inf, empty rows
+                return m_new, m_safe, jnp.exp(s - m_safe[..., None])
+
+            m_new, m_safe, p = _on_visible(probs, layout.visit_kinds[0, i, t], mask, i, j, geom,
+                                           K)
             alpha = jnp.exp(m - m_safe)
             pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype),
                             lax.dynamic_index_in_dim(v, j, 1, False), preferred_element_type=f32)
@@ -363,9 +377,12 @@ def blocked_backward_step(q, k, v, d_out, lse, delta, mask: Mask | None, layout:
             dq, dk_all, dv_all = c
             j = layout.kv_blocks[0, i, t]
             k_blk, v_blk = (lax.dynamic_index_in_dim(x, j, 1, False) for x in (k, v))
-            s, tanh = _scores_blocked(q_blk, k_blk, scale, softcap)
-            s = _masked(s, layout.visit_kinds[0, i, t], mask, i, j, geom, None, K)
-            p = jnp.exp(s - lse_blk[..., None])
+
+            def probs(masked):
+                s, tanh = _scores_blocked(q_blk, k_blk, scale, softcap)
+                return jnp.exp(masked(s) - lse_blk[..., None]), tanh
+
+            p, tanh = _on_visible(probs, layout.visit_kinds[0, i, t], mask, i, j, geom, K)
             dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_blk.dtype), do_blk,
                             preferred_element_type=f32)
             dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=f32)

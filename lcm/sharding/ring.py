@@ -57,8 +57,9 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     this axis size: q, k, v and per-token mask arrays are already in that ring order and padded
     (`order.to_ring`), as a model does once for its inputs; the output stays in ring order.
     strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
-    "pallas" (the ring's forward as one Pallas TPU kernel moving K/V by remote DMA; index masks,
-    "none"/"zigzag" orders, no softcap; interpreted off TPU; see lcm.sharding.ring_kernel).
+    "pallas" (forward and backward as fused Pallas TPU kernels moving K/V, and dK/dV, by remote
+    DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see
+    lcm.sharding.ring_kernel).
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
     if strategy not in STRATEGIES:

@@ -1,5 +1,5 @@
-"""strategy="pallas": ring attention's forward as one Pallas TPU kernel (kernels/ring), K/V
-moved by in-kernel remote DMA; backward is the XLA ring's (K/V and dK/dV around the ring).
+"""strategy="pallas": ring attention's forward and backward as fused Pallas TPU kernels
+(kernels/ring): K/V, and in the backward the dK/dV accumulators, move by in-kernel remote DMA.
 
 The kernel evaluates index masks (Causal, Local, SinkWindow, Chunked, PrefixLM and their & / |)
 at original positions, for the "none" and "zigzag" orders without padding; other masks and
@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.ring import ring_attention_tpu
-from lcm.attention.blockwise import to_blocks
+from kernels.ring import ring_attention_tpu, ring_attention_tpu_bwd
 from lcm.attention.masks import And, IndexMask, Or
 from lcm.attention.pallas import default_platform
 
@@ -74,12 +73,15 @@ def _fwd(st, mask_fn, q, k, v, mask):
 
 
 def _bwd(st, mask_fn, residuals, d_out):
-    from lcm.sharding.ring import _ring_local_bwd
-
+    """The fused backward kernel: dK/dV travel around the ring with K/V by remote DMA."""
     q, k, v, mask, out, lse = residuals
-    # The XLA ring's residual lse: blocked [B, nq, bq, K, G], +inf where nothing was seen.
-    lse = to_blocks(jnp.where(jnp.isneginf(lse), jnp.inf, lse), st.plan.block_q, k.shape[2])
-    return _ring_local_bwd(st, (q, k, v, mask, out, lse[..., 0]), d_out)
+    lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)  # the kernel's "saw nothing"
+    t = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
+    dq, dk, dv = ring_attention_tpu_bwd(
+        t(q), t(k), t(v), t(out), t(lse), t(d_out), axis_name=st.axis_name,
+        num_devices=st.plan.order.num_devices, order=st.plan.order.load_balance,
+        mask_fn=mask_fn, scale=st.scale, interpret=_interpret())
+    return t(dq), t(dk), t(dv), None
 
 
 pallas_ring_local.defvjp(_fwd, _bwd)

@@ -1,6 +1,8 @@
 """EM-LLM event boundaries and InfLLM representative tokens for RetrievedBlocks, against NumPy
 statements of the two methods' rules."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,5 +198,10 @@ def test_event_options_are_checked():
     with pytest.raises(ValueError, match="surprise_window=None"):
         RetrievedBlocks(capacity=16, block_size=4, local_blocks=0, boundaries="surprise",
                         min_block_size=2)
+    pallas = dataclasses.replace(CFG, attention=dataclasses.replace(CFG.attention, impl="pallas"))
+    events = RetrievedBlocks(capacity=16, block_size=4, boundaries="surprise", min_block_size=2)
+    with pytest.raises(ValueError, match="impl='pallas'"):
+        run(tiny_params(), tokens_of(jax.random.key(0), 1, 8), pallas, memory=events,
+            segment_len=4)
     with pytest.raises(ValueError, match="surprise_gamma"):
         RetrievedBlocks(capacity=16, block_size=4, surprise_gamma="high")

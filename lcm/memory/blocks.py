@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcm.attention import BlockMask, Causal, mask_layout
+from lcm.attention import BlockMask, Causal, attend, mask_layout
 from lcm.attention.blockwise import attention_with_lse
 from lcm.memory.base import Memory, default_scale, f32, grouped, key_validity
 from lcm.memory.events import (TokenRows, block_representatives, event_starts, last_valid,
@@ -121,6 +121,14 @@ class RetrievedBlocks(Memory):
     def max_events(self) -> int:
         """Events the store can hold: every closed event has >= min_block_size tokens."""
         return self.capacity // self.min_block_size + 1
+
+    def check(self, cfg):
+        super().check(cfg)
+        if self.boundaries == "surprise" and cfg.attention.impl == "pallas":
+            raise ValueError("RetrievedBlocks(boundaries='surprise') attends through a "
+                             "token-level mask the Pallas kernels cannot evaluate; "
+                             "cfg.attention.impl='pallas': set AttentionConfig(impl='xla') or "
+                             "'auto' (which uses xla for it)")
 
     def check_segment(self, segment_len):
         if segment_len % self.block_size:
@@ -216,14 +224,18 @@ class RetrievedBlocks(Memory):
         values = jnp.concatenate([state["v"].astype(v.dtype), v], 1)
         kv_valid = jnp.concatenate([state["valid"], jnp.ones_like(ctx.valid)], 1)
 
+        a = ctx.cfg.attention
+        # A token-level mask: on "auto", the blockwise XLA path (the kernels cannot take it).
+        impl = "xla" if events and a.impl == "auto" else a.impl
+
         def one(q1, k1, v1, sel1, valid1):
             mask = self._mask(sel1, valid1, T, events)
-            return ctx.attend(q1[None], k1[None], v1[None], mask)[0]
+            return attend(q1[None], k1[None], v1[None], mask, impl=impl, block_q=a.block_q,
+                          block_k=a.block_k)[0]
 
         out = jax.vmap(one)(qr, keys, values, selection, kv_valid)
         if not with_lse:
             return out, None
-        a = ctx.cfg.attention
 
         def lse_one(q1, k1, v1, sel1, valid1):
             mask = self._mask(sel1, valid1, T, events)

@@ -86,34 +86,93 @@ def test_pallas_bfloat16_forward():
                                atol=3e-2, rtol=3e-2)
 
 
-def test_pallas_rejects_masks_it_cannot_evaluate():
-    q, k, v, _ = inputs()
-    vs = VerticalSlash(jnp.zeros((H, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32))
-    with pytest.raises(ValueError, match="VerticalSlash"):
-        attend(q, k, v, vs, impl="pallas", block_q=16, block_k=16)
-    per_head = BlockMask(np.ones((H, 3, 4), bool), 16)
-    with pytest.raises(ValueError, match="grouped query heads"):
-        attend(q, k, v, per_head, impl="pallas", block_q=16, block_k=16)
-    unaligned = BlockMask(np.ones((6, 8), bool), 8)
-    with pytest.raises(ValueError, match="whole kernel blocks"):
-        attend(q, k, v, unaligned, impl="pallas", block_q=16, block_k=16)
+def vertical_slash(rng, heads, S, nv=3, ns=4):
+    return VerticalSlash(jnp.asarray(rng.integers(0, S, (heads, nv)), jnp.int32),
+                         jnp.asarray(rng.integers(0, S, (heads, ns)), jnp.int32))
+
+
+HEAD_AWARE = {
+    # per-head VerticalSlash under GQA, OR'd with a per-head BlockMask of 8-token cells
+    # (not whole 16-token kernel blocks): both go through the kernels' head-aware tables
+    "verticalslash|blockmask_per_head": lambda rng, doc: vertical_slash(rng, H, S) | BlockMask(
+        rng.random((H, 6, 8)) < 0.2, 8),
+    # a runtime (jnp) grid under |, and Document, under & Causal
+    "(blockmask_runtime|document)&causal": lambda rng, doc: (BlockMask(
+        jnp.asarray(rng.random((4, 6)) < 0.3), 12) | doc) & Causal(),
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_AWARE))
+def test_pallas_head_aware_masks_match_reference(name):
+    """Masks evaluated in-kernel from per-head tables: values and gradients vs reference."""
+    q, k, v, doc = inputs()
+    mask = HEAD_AWARE[name](np.random.default_rng(3), doc)
+    cot = jnp.cos(jnp.arange(D, dtype=jnp.float32))[None, None, None]
+
+    def run(impl):
+        fn = lambda q, k, v: jnp.sum(  # noqa: E731
+            attend(q, k, v, mask, impl=impl, block_q=16, block_k=16) * cot)
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
+
+    want, want_grads = run("reference")
+    causal = jnp.sum(attend(q, k, v, Causal(), impl="reference") * cot)
+    assert abs(float(want) - float(causal)) > 1e-3  # the mask is not plain causal
+    got, got_grads = run("pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
+
+
+def test_gpu_kernel_evaluates_vertical_slash():
+    """The GPU kernel (interpreted) from the same lowering: VerticalSlash with one shared slash
+    list and per-head columns, GQA, T < S; values and gradients vs the reference."""
+    from kernels.block_sparse.gpu import block_sparse_attention_gpu
+    from lcm.attention.kernel_masks import kernel_mask
+    from lcm.attention.layout import mask_layout
+
+    q, k, v, _ = inputs(1)
+    rng = np.random.default_rng(4)
+    mask = VerticalSlash(jnp.asarray(rng.integers(0, S, (H, 3)), jnp.int32),
+                         jnp.asarray(rng.integers(0, 20, (1, 3)), jnp.int32))
+    fn, _, _, tables = kernel_mask(mask, offset=S - T, block_q=16, block_k=16, grouped=True)
+    layout = mask_layout(mask, T, S, 16, 16, num_heads=H, num_kv_heads=K)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def gpu(q, k, v):
+        return block_sparse_attention_gpu(
+            q, k, v, kinds=layout.kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
+            mask_fn=fn, mask_tables=tables, scale=D ** -0.5, block_q=16, block_k=16,
+            interpret=True)
+
+    want_out, want_vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask, impl="reference"),
+                                 q, k, v)
+    got_out, got_vjp = jax.vjp(gpu, q, k, v)
+    np.testing.assert_allclose(got_out, want_out, atol=2e-5, rtol=2e-5)
+    for g, w in zip(got_vjp(d_out), want_vjp(d_out)):
+        np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
 
 
 # ------------------------------------------------------------------ attend-level sweep
 
 SWEEP_MASKS = ["none", "causal", "local", "sinkwindow", "chunked", "prefixlm", "document",
                "causal&document", "local|document", "sinkwindow|document", "prefixlm&document",
-               "blockmask", "blockmask_runtime&causal", "blockmask_per_head"]
+               "blockmask", "blockmask_runtime&causal", "blockmask_per_head", "verticalslash",
+               "blockmask_cells|local", "verticalslash|document"]
 
 
 def sweep_mask(kind, window, block, seg_q, seg_kv, num_heads, group, rng):
-    """A mask the pallas backend evaluates: every index mask, Document under & and |, and
-    BlockMask grids whose cells are whole kernel blocks (per head only without grouping)."""
+    """Every mask kind: index masks, Document under & and |, BlockMask grids of whole kernel
+    blocks (shared or per head, also under GQA) or of smaller cells under |, and per-head
+    VerticalSlash (head-aware in-kernel tables)."""
+    del group
     T, S = seg_q.shape[1], seg_kv.shape[1]
     doc = Document(seg_q, seg_kv)
     grid_shape = (-(-T // block), -(-S // block))
-    heads = num_heads if group == 1 else 1
-    grid = rng.random((heads, *grid_shape)) < 0.5
+    grid = rng.random((num_heads, *grid_shape)) < 0.5
+    cell = max(1, window // 3)
+    cells = rng.random((num_heads, -(-T // cell), -(-S // cell))) < 0.3
+    vs = VerticalSlash(jnp.asarray(rng.integers(0, S, (num_heads, 3)), jnp.int32),
+                       jnp.asarray(rng.integers(0, window + 1, (1, 2)), jnp.int32))
     return {"none": None, "causal": Causal(), "local": Local(window),
             "sinkwindow": SinkWindow(window % 5, window), "chunked": Chunked(window),
             "prefixlm": PrefixLM(window), "document": doc, "causal&document": Causal() & doc,
@@ -122,7 +181,9 @@ def sweep_mask(kind, window, block, seg_q, seg_kv, num_heads, group, rng):
             "prefixlm&document": PrefixLM(window) & doc,
             "blockmask": BlockMask(grid[0], block),
             "blockmask_runtime&causal": BlockMask(jnp.asarray(grid[0]), block) & Causal(),
-            "blockmask_per_head": BlockMask(grid, block)}[kind]
+            "blockmask_per_head": BlockMask(grid, block), "verticalslash": vs,
+            "blockmask_cells|local": BlockMask(cells, cell) | Local(window),
+            "verticalslash|document": vs | doc}[kind]
 
 
 @st.composite

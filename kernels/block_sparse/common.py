@@ -63,6 +63,27 @@ def check_alibi_slopes(alibi_slopes, num_heads: int):
     return tuple(float(s) for s in slopes.astype(np.float32))
 
 
+def check_mask_tables(mask_tables, mask_fn):
+    """The tables of a head-aware mask_fn (reference.py) as a tuple of 1-D int32 arrays (empty
+    for None), else ValueError."""
+    if mask_tables is None:
+        return ()
+    if mask_fn is None:
+        raise ValueError("mask_tables were given without a mask_fn to read them")
+    if not isinstance(mask_tables, (tuple, list)) or not mask_tables:
+        raise ValueError(f"mask_tables={type(mask_tables).__name__}; expected a non-empty tuple "
+                         f"of 1-D integer arrays (or None)")
+    tables = []
+    for n, t in enumerate(mask_tables):
+        shape, dtype = getattr(t, "shape", None), getattr(t, "dtype", None)
+        if shape is None or len(shape) != 1 or shape[0] < 1 or not jnp.issubdtype(
+                dtype, jnp.integer):
+            raise ValueError(f"mask_tables[{n}] has shape {shape} and dtype {dtype}; expected a "
+                             f"non-empty 1-D integer array")
+        tables.append(jnp.asarray(t, jnp.int32))
+    return tuple(tables)
+
+
 def cap_logits(s, softcap: float | None):
     """(softcap * tanh(s / softcap), tanh(s / softcap)), or (s, None) without soft-capping."""
     if softcap is None:

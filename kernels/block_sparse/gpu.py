@@ -36,7 +36,7 @@ f32 = jnp.float32
 def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=64, block_k=64, num_warps=None, num_stages=None,
-                               interpret=False, alibi_slopes=None):
+                               interpret=False, alibi_slopes=None, mask_tables=None):
     """softmax(q k^T * scale) v over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kinds int32 [Lh, nq, nk], kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] (see
@@ -45,19 +45,22 @@ def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=Non
     reference.py's protocol; segment ids [B, T] / [B, S] only reach mask_fn. Returns [B, T, H, D] in
     q's dtype; rows with no visible key are zeros. alibi_slopes: None or H concrete floats, the
     bias -slope_h * (i + S - T - j) after soft-capping (reference.py); not differentiated.
+    mask_tables: None or a tuple of 1-D int arrays (may be traced) read by a head-aware mask_fn
+    (reference.py); each program passes its own query head.
     """
-    p, segs, layout = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids,
-                               kv_segment_ids, scale, softcap, block_q, block_k, num_warps,
-                               num_stages, interpret, alibi_slopes)
-    return _attention(p, q, k, v, segs, layout)
+    p, segs, layout, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+                                       q_segment_ids, kv_segment_ids, scale, softcap, block_q,
+                                       block_k, num_warps, num_stages, interpret, alibi_slopes,
+                                       mask_tables)
+    return _attention(p, q, k, v, segs, layout, tables)
 
 
 def block_sparse_attention_gpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
     `block_sparse_attention_gpu`. Differentiate merged results with `..._gpu_bwd`."""
-    p, segs, layout = _prepare(q, k, v, **_defaults(kwargs))
-    out, lse = _forward(p, q, k, v, segs, layout)
+    p, segs, layout, tables = _prepare(q, k, v, **_defaults(kwargs))
+    out, lse = _forward(p, q, k, v, segs, layout, tables)
     return out, lse[:, :, :q.shape[1]].transpose(0, 2, 1)
 
 
@@ -65,11 +68,11 @@ def block_sparse_attention_gpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
     pass's backward gives its share of the merged softmax's gradient."""
-    p, segs, layout = _prepare(q, k, v, **_defaults(kwargs))
+    p, segs, layout, tables = _prepare(q, k, v, **_defaults(kwargs))
     Tp = -(-p.q_len // p.block_q) * p.block_q
     lse = jnp.pad(jnp.asarray(lse, f32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, Tp - p.q_len)),
                   constant_values=jnp.inf)
-    return _backward(p, q, k, v, segs, layout, out, lse, d_out)
+    return _backward(p, q, k, v, segs, layout, tables, out, lse, d_out)
 
 
 
@@ -102,21 +105,25 @@ def _biased(s, slopes_ref, head, i, j, p: _Params):
 
 
 def _optional_refs(refs, p: _Params, num_out):
-    """(q_seg_ref, kv_seg_ref, slopes_ref, outputs) from the refs after the fixed inputs."""
+    """(q_seg_ref, kv_seg_ref, slopes_ref, mask tables, outputs) from the refs after the fixed
+    inputs."""
     segs, rest = ((refs[0], refs[1]), refs[2:]) if p.segments else ((None, None), refs)
     slopes, rest = (rest[0], rest[1:]) if p.alibi is not None else (None, rest)
+    tables, rest = tuple(rest[:p.n_tables]), rest[p.n_tables:]
     assert len(rest) == num_out  # internal invariant of the pallas_call wiring
-    return (*segs, slopes, rest)
+    return (*segs, slopes, tables, rest)
 
 
-def _masked(s, kind, i, j, q_seg, k_seg, p: _Params):
-    """Hides invisible pairs with -inf: mask_fn on non-FULL blocks, keys >= kv_len always."""
+def _masked(s, kind, i, j, q_seg, k_seg, p: _Params, head, tables):
+    """Hides invisible pairs with -inf: mask_fn on non-FULL blocks, keys >= kv_len always.
+    A head-aware mask_fn (p.n_tables > 0) gets the query head, the tables and the block origin."""
     bq, bk = p.block_q, p.block_k
     k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     if p.mask_fn is not None:
         def apply(s):
             q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-            vis = jnp.broadcast_to(p.mask_fn(q_idx, k_idx, q_seg, k_seg), (bq, bk))
+            extra = (head, tables, i * bq, j * bk) if p.n_tables else ()
+            vis = jnp.broadcast_to(p.mask_fn(q_idx, k_idx, q_seg, k_seg, *extra), (bq, bk))
             return jnp.where(vis, s, -jnp.inf)
 
         # FULL blocks skip the mask work; a listed SKIP block is masked like PARTIAL.
@@ -127,7 +134,7 @@ def _masked(s, kind, i, j, q_seg, k_seg, p: _Params):
 
 
 def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: _Params):
-    q_seg_ref, kv_seg_ref, slopes_ref, (out_ref, lse_ref) = _optional_refs(refs, p, 2)
+    q_seg_ref, kv_seg_ref, slopes_ref, tables, (out_ref, lse_ref) = _optional_refs(refs, p, 2)
     bq, bk = p.block_q, p.block_k
     i, h = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]                                             # [bq, D]
@@ -140,7 +147,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
         k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
         s, _ = _logits(q, k_ref[keys, :], p)
         s = _biased(s, slopes_ref, h, i, j, p)
-        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
+        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p, h, tables)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -161,7 +168,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
 
 def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, *refs, p: _Params):
-    q_seg_ref, kv_seg_ref, slopes_ref, (dq_ref,) = _optional_refs(refs, p, 1)
+    q_seg_ref, kv_seg_ref, slopes_ref, tables, (dq_ref,) = _optional_refs(refs, p, 1)
     bk = p.block_k
     i, h = pl.program_id(0), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
@@ -175,7 +182,7 @@ def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
         k, v = k_ref[keys, :], v_ref[keys, :]
         s, tanh = _logits(q, k, p)
         s = _biased(s, slopes_ref, h, i, j, p)
-        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p)
+        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p, h, tables)
         ds = _dlogits(s, tanh, lse, delta, _dot(do, v, ((1,), (1,))), p)
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
 
@@ -193,7 +200,7 @@ def _dlogits(s, tanh, lse, delta, dp, p: _Params):
 
 def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                  delta_ref, *refs, p: _Params):
-    q_seg_ref, kv_seg_ref, slopes_ref, (dk_ref, dv_ref) = _optional_refs(refs, p, 2)
+    q_seg_ref, kv_seg_ref, slopes_ref, tables, (dk_ref, dv_ref) = _optional_refs(refs, p, 2)
     bq = p.block_q
     j, kv_head = pl.program_id(0), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]                              # [bk, D]
@@ -209,7 +216,8 @@ def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, d
             q_seg = None if q_seg_ref is None else q_seg_ref[rows][:, None]
             s, tanh = _logits(q, k, p)
             s = _biased(s, slopes_ref, kv_head * p.group + g, i, j, p)
-            s = _masked(s, kinds_t_ref[j, i], i, j, q_seg, k_seg, p)
+            s = _masked(s, kinds_t_ref[j, i], i, j, q_seg, k_seg, p, kv_head * p.group + g,
+                        tables)
             lse, delta = lse_ref[g, rows][:, None], delta_ref[g, rows][:, None]
             pr = jnp.exp(s - lse)
             dv = dv + _dot(pr.astype(do.dtype), do, ((0,), (0,)))
@@ -260,6 +268,16 @@ def _row_specs(p: _Params, Sp, Dp):
     return q_spec, kv_spec, row_spec, seg_specs + _slopes_specs(p)
 
 
+def _table_specs(tables):
+    """Each (power-of-two padded) mask table whole, for every program."""
+    return [pl.BlockSpec(t.shape, lambda *_: (0,)) for t in tables]
+
+
+def _padded_tables(tables):
+    """Triton blocks are powers of two: pad each table (its padding is never read)."""
+    return [pad_axis(t, 0, max(16, pl.next_power_of_2(t.shape[0]))) for t in tables]
+
+
 def _slopes_specs(p: _Params):
     """The whole (padded) slopes vector for every program, when ALiBi is on."""
     if p.alibi is None:
@@ -296,9 +314,10 @@ def _padded_inputs(p: _Params, q, k, v, segs):
     return q, k, v, seg_args
 
 
-def _forward(p: _Params, q, k, v, segs, layout):
+def _forward(p: _Params, q, k, v, segs, layout, tables):
     """(out [B, T, H, D], lse float32 [B, H, Tp])."""
     kinds, kv_blocks, counts = _clipped(layout)
+    tables = _padded_tables(tables)
     B, T, H, D = q.shape
     qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
     Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
@@ -308,14 +327,14 @@ def _forward(p: _Params, q, k, v, segs, layout):
         functools.partial(_fwd_kernel, p=p),
         grid=(nq, B, H),
         in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
-                  *seg_specs],
+                  *seg_specs, *_table_specs(tables)],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, H, Tp), f32)],
         compiler_params=_compiler_params(p, Dp),
         interpret=p.interpret,
         name="block_sparse_fwd",
-    )(kinds, kv_blocks, counts, qp, kp, vp, *seg_args)
+    )(kinds, kv_blocks, counts, qp, kp, vp, *seg_args, *tables)
     return out[:, :T, :, :D], lse
 
 
@@ -332,8 +351,9 @@ def _visited_kinds(kinds, kv_blocks, counts):
     return jnp.where(visited, jnp.maximum(kinds, PARTIAL), SKIP)
 
 
-def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
+def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
     kinds, kv_blocks, counts = _clipped(layout)
+    tables = _padded_tables(tables)
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
@@ -351,13 +371,13 @@ def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
         functools.partial(_dq_kernel, p=p),
         grid=(nq, B, H),
         in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
-                  q_spec, row_spec, row_spec, *seg_specs],
+                  q_spec, row_spec, row_spec, *seg_specs, *_table_specs(tables)],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         compiler_params=params,
         interpret=p.interpret,
         name="block_sparse_dq",
-    )(kinds, kv_blocks, counts, qp, kp, vp, dop, lse, delta, *seg_args)
+    )(kinds, kv_blocks, counts, qp, kp, vp, dop, lse, delta, *seg_args, *tables)
 
     # dK/dV: per key block j and KV head, the query blocks (of all G heads) that visit it.
     kinds_t, q_blocks, counts_t = transpose_layout(_visited_kinds(kinds, kv_blocks, counts))
@@ -373,7 +393,7 @@ def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
         # transposed layouts are per KV head already, so the head map is the identity
         in_specs=[*_layout_specs(dataclasses.replace(p, group=1), nk, nq, q_blocks.shape[-1]),
                   heads_spec, kblock_spec, kblock_spec, heads_spec, stats_spec, stats_spec,
-                  *seg_specs],
+                  *seg_specs, *_table_specs(tables)],
         out_specs=[kblock_spec, kblock_spec],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
                    jax.ShapeDtypeStruct(vp.shape, v.dtype)],
@@ -382,24 +402,24 @@ def _backward(p: _Params, q, k, v, segs, layout, out, lse, d_out):
         name="block_sparse_dkdv",
     )(kinds_t, q_blocks, counts_t, qp.reshape(B, Tp, K, G, Dp), kp, vp,
       dop.reshape(B, Tp, K, G, Dp), lse.reshape(B, K, G, Tp), delta.reshape(B, K, G, Tp),
-      *seg_args)
+      *seg_args, *tables)
     return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(p, q, k, v, segs, layout):
-    return _forward(p, q, k, v, segs, layout)[0]
+def _flash(p, q, k, v, segs, layout, tables):
+    return _forward(p, q, k, v, segs, layout, tables)[0]
 
 
-def _flash_fwd(p, q, k, v, segs, layout):
-    out, lse = _forward(p, q, k, v, segs, layout)
-    return out, (q, k, v, segs, layout, out, lse)
+def _flash_fwd(p, q, k, v, segs, layout, tables):
+    out, lse = _forward(p, q, k, v, segs, layout, tables)
+    return out, (q, k, v, segs, layout, tables, out, lse)
 
 
 def _flash_bwd(p, residuals, d_out):
-    q, k, v, segs, layout, out, lse = residuals
-    dq, dk, dv = _backward(p, q, k, v, segs, layout, out, lse, d_out)
-    return dq, dk, dv, None, None
+    q, k, v, segs, layout, tables, out, lse = residuals
+    dq, dk, dv = _backward(p, q, k, v, segs, layout, tables, out, lse, d_out)
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kernels.block_sparse.common import check_alibi_slopes
+from kernels.block_sparse.common import check_alibi_slopes, check_mask_tables
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -35,11 +35,13 @@ class _Params:
     num_stages: int | None
     interpret: Any
     alibi: tuple[float, ...] | None = None  # one slope per query head
+    n_tables: int = 0  # > 0: mask_fn is head-aware and reads this many tables
 
 
 
 _OPTIONS = dict(mask_fn=None, q_segment_ids=None, kv_segment_ids=None, softcap=None, block_q=64,
-                block_k=64, num_warps=None, num_stages=None, interpret=False, alibi_slopes=None)
+                block_k=64, num_warps=None, num_stages=None, interpret=False, alibi_slopes=None,
+                mask_tables=None)
 
 
 def _defaults(kwargs):
@@ -51,17 +53,21 @@ def _defaults(kwargs):
 
 
 def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
-             softcap, block_q, block_k, num_warps, num_stages, interpret, alibi_slopes):
-    """(static parameters, segment ids or None, layout arrays), validated before tracing."""
+             softcap, block_q, block_k, num_warps, num_stages, interpret, alibi_slopes,
+             mask_tables=None):
+    """(static parameters, segment ids or None, layout arrays, mask tables: a tuple of 1-D int32
+    arrays, empty unless mask_fn is head-aware), validated before tracing."""
     p = _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids,
                scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
-    p = dataclasses.replace(p, alibi=check_alibi_slopes(alibi_slopes, q.shape[2]))
+    tables = check_mask_tables(mask_tables, mask_fn)
+    p = dataclasses.replace(p, alibi=check_alibi_slopes(alibi_slopes, q.shape[2]),
+                            n_tables=len(tables))
     segs = None
     if p.segments:
         segs = (jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32))
     layout = (jnp.asarray(kinds, jnp.int32), jnp.asarray(kv_blocks, jnp.int32),
               jnp.asarray(counts, jnp.int32))
-    return p, segs, layout
+    return p, segs, layout, tables
 
 
 def _is_pow2_block(b):

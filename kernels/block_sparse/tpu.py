@@ -52,7 +52,7 @@ _PARALLEL4 = (pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
 def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=128, block_k=128, interpret=False, max_q_visits=None,
-                               alibi_slopes=None):
+                               alibi_slopes=None, mask_tables=None):
     """Attention over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kinds [Lh, nq, nk], kv_blocks [Lh, nq, max_visits], counts [Lh, nq] int32 (layout.py), with
@@ -70,19 +70,25 @@ def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=Non
 
     alibi_slopes: None or H concrete floats; adds -slope_h * (i + S - T - j) to the logits of
     query row i and key j after soft-capping (reference.py). Slopes are not differentiated.
+
+    mask_tables: None, or a tuple of 1-D int arrays (may be traced) for a head-aware mask_fn
+    (reference.py): they are scalar-prefetched into SMEM after the layout, and mask_fn runs once
+    per query head of the group on PARTIAL blocks, so each head applies its own mask while the
+    group shares the K/V fetch (the layout must then be the union over each group's heads).
     """
-    st, layout, segs = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids,
-                                kv_segment_ids, scale, softcap, block_q, block_k, interpret,
-                                max_q_visits, alibi_slopes)
-    return _attention(st, q, k, v, layout, segs)
+    st, layout, segs, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+                                        q_segment_ids, kv_segment_ids, scale, softcap, block_q,
+                                        block_k, interpret, max_q_visits, alibi_slopes,
+                                        mask_tables)
+    return _attention(st, q, k, v, layout, segs, tables)
 
 
 def block_sparse_attention_tpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
     `block_sparse_attention_tpu`. Differentiate merged results with `..._tpu_bwd`."""
-    st, layout, segs = _prepare(q, k, v, **_defaults(kwargs))
-    out, lse = _forward(st, q, k, v, layout, segs)
+    st, layout, segs, tables = _prepare(q, k, v, **_defaults(kwargs))
+    out, lse = _forward(st, q, k, v, layout, segs, tables)
     return out, _from_heads_major(lse, q.shape[1])[..., 0]
 
 
@@ -90,13 +96,13 @@ def block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
     pass's backward gives its share of the merged softmax's gradient."""
-    st, layout, segs = _prepare(q, k, v, **_defaults(kwargs))
+    st, layout, segs, tables = _prepare(q, k, v, **_defaults(kwargs))
     B, T, H, _ = q.shape
     K = k.shape[2]
     Tp = num_blocks(T, st.block_q) * st.block_q
     lse = jnp.pad(jnp.asarray(lse, f32), ((0, 0), (0, Tp - T), (0, 0)), constant_values=jnp.inf)
     lse5 = lse.reshape(B, Tp, K, H // K).transpose(0, 2, 3, 1)[..., None]
-    return _backward(st, q, k, v, out, lse5, layout, segs, d_out)
+    return _backward(st, q, k, v, out, lse5, layout, segs, tables, d_out)
 
 
 
@@ -142,21 +148,26 @@ def _visit(t, row, counts_ref, width):
     return row * width + jnp.minimum(t, last)
 
 
-def _visible(st, i, j, qs_ref, ks_ref):
-    """bool [bq, bk]: which pairs of query block i x key block j may attend."""
+def _visible(st, i, j, qs_ref, ks_ref, tables, h, G):
+    """bool [G or 1, bq, bk]: which pairs of query block i x key block j may attend, for the G
+    query heads of KV head h (one shared plane unless the mask is head-aware)."""
     bq, bk = st.block_q, st.block_k
     q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     k_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     vis = jnp.broadcast_to(k_idx < st.kv_len, (bq, bk))
-    if st.mask_fn is not None:
-        q_seg = None if qs_ref is None else qs_ref[...]
-        k_seg = None if ks_ref is None else ks_ref[...]
-        vis = jnp.logical_and(vis, jnp.broadcast_to(st.mask_fn(q_idx, k_idx, q_seg, k_seg),
-                                                    (bq, bk)))
-    return vis
+    if st.mask_fn is None:
+        return vis[None]
+    q_seg = None if qs_ref is None else qs_ref[...]
+    k_seg = None if ks_ref is None else ks_ref[...]
+    if not st.n_tables:
+        return jnp.logical_and(vis, jnp.broadcast_to(st.mask_fn(q_idx, k_idx, q_seg, k_seg),
+                                                     (bq, bk)))[None]
+    planes = [jnp.broadcast_to(st.mask_fn(q_idx, k_idx, q_seg, k_seg, h * G + g, tables,
+                                          i * bq, j * bk), (bq, bk)) for g in range(G)]
+    return jnp.logical_and(vis[None], jnp.stack(planes))
 
 
-def _logits(st, q_ref, k_ref, i, j, qs_ref, ks_ref, slopes_ref, masked):
+def _logits(st, q_ref, k_ref, i, j, qs_ref, ks_ref, slopes_ref, tables, h, masked):
     """(s [G, bq, bk] float32, capped, biased and hidden with -inf, tanh or None) for one
     block pair."""
     G, bq, D = q_ref.shape
@@ -168,7 +179,7 @@ def _logits(st, q_ref, k_ref, i, j, qs_ref, ks_ref, slopes_ref, masked):
         k_pos = j * st.block_k + lax.broadcasted_iota(jnp.int32, (1, st.block_k), 1)
         s = s + alibi_bias(slopes_ref[...], q_pos, k_pos)  # [G, 1, 1] slopes
     if masked:
-        s = jnp.where(_visible(st, i, j, qs_ref, ks_ref)[None], s, -jnp.inf)
+        s = jnp.where(_visible(st, i, j, qs_ref, ks_ref, tables, h, G), s, -jnp.inf)
     return s, tanh
 
 
@@ -209,9 +220,11 @@ def _split(refs, n_in, segmented, alibi):
 
 
 def _fwd_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
+    tables, refs = refs[:st.n_tables], refs[st.n_tables:]
     (q_ref, k_ref, v_ref), segs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split(
         refs, 3, segmented, st.alibi is not None)
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    segs = (*segs, tables, h)
     row = _row(h, i, rows, st.per_head)
 
     @pl.when(t == 0)
@@ -242,9 +255,11 @@ def _fwd_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
 
 
 def _dq_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
+    tables, refs = refs[:st.n_tables], refs[st.n_tables:]
     ins, segs, (dq_ref, acc_ref) = _split(refs, 6, segmented, st.alibi is not None)
     k_ref = ins[1]
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    segs = (*segs, tables, h)
     row = _row(h, i, rows, st.per_head)
 
     @pl.when(t == 0)
@@ -266,10 +281,12 @@ def _dq_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
 
 
 def _dkv_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
+    tables, refs = refs[:st.n_tables], refs[st.n_tables:]
     ins, segs, (dk_ref, dv_ref, dk_acc, dv_acc) = _split(refs, 6, segmented,
                                                          st.alibi is not None)
     q_ref = ins[0]
     h, j, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    segs = (*segs, tables, h)
     row = _row(h, j, rows, st.per_head)
 
     @pl.when(t == 0)
@@ -309,7 +326,7 @@ class _Specs:
 def _make_specs(st, G, D, rows, width, *, q_major):
     bq, bk = st.block_q, st.block_k
 
-    def visited(b, h, x, t, visits_ref, counts_ref):
+    def visited(b, h, x, t, visits_ref, counts_ref, *tables):
         del b
         return _unpack(visits_ref[_visit(t, _row(h, x, rows, st.per_head), counts_ref, width)])[0]
 
@@ -346,7 +363,7 @@ def _pallas(kernel, st, *, name, grid, prefetch, inputs, in_specs, segs, specs, 
     )(*prefetch, *inputs)
 
 
-def _forward(st, q, k, v, layout, segs):
+def _forward(st, q, k, v, layout, segs, tables):
     """(out [B, T, H, D], lse [B, K, G, Tp, 1] float32)."""
     B, T, H, D, S, K = _check_inputs(q, k, v)
     G, nq, nk = H // K, num_blocks(T, st.block_q), num_blocks(S, st.block_k)
@@ -358,7 +375,7 @@ def _forward(st, q, k, v, layout, segs):
                                segmented=segs is not None)
     out5, lse = _pallas(
         kernel, st, name="block_sparse_fwd", grid=(B, K, nq, width),
-        prefetch=_flat_layout(kinds, kv_blocks, counts),
+        prefetch=(*_flat_layout(kinds, kv_blocks, counts), *tables),
         inputs=[q5, _kv_heads_major(k, nk * st.block_k), _kv_heads_major(v, nk * st.block_k)],
         in_specs=[specs.q, specs.kv, specs.kv], segs=segs, specs=specs,
         out_shape=[jax.ShapeDtypeStruct(q5.shape, q.dtype),
@@ -370,7 +387,7 @@ def _forward(st, q, k, v, layout, segs):
     return _from_heads_major(out5, T), lse
 
 
-def _backward(st, q, k, v, out, lse, layout, segs, d_out):
+def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
     B, T, H, D, S, K = _check_inputs(q, k, v)
     G, nq, nk = H // K, num_blocks(T, st.block_q), num_blocks(S, st.block_k)
     Tp, Sp = nq * st.block_q, nk * st.block_k
@@ -387,7 +404,7 @@ def _backward(st, q, k, v, out, lse, layout, segs, d_out):
     dq5 = _pallas(
         functools.partial(_dq_kernel, st=st, rows=nq, width=width, segmented=segmented), st,
         name="block_sparse_dq", grid=(B, K, nq, width),
-        prefetch=_flat_layout(kinds, kv_blocks, counts), inputs=inputs,
+        prefetch=(*_flat_layout(kinds, kv_blocks, counts), *tables), inputs=inputs,
         in_specs=[specs.q, specs.kv, specs.kv, specs.q, specs.stat, specs.stat], segs=segs,
         specs=specs, out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype), out_specs=specs.q,
         scratch=[pltpu.VMEM((G, st.block_q, D), f32)])
@@ -398,7 +415,7 @@ def _backward(st, q, k, v, out, lse, layout, segs, d_out):
     dk4, dv4 = _pallas(
         functools.partial(_dkv_kernel, st=st, rows=nk, width=width_t, segmented=segmented), st,
         name="block_sparse_dkv", grid=(B, K, nk, width_t),
-        prefetch=_flat_layout(kinds_t, q_blocks, counts_t), inputs=inputs,
+        prefetch=(*_flat_layout(kinds_t, q_blocks, counts_t), *tables), inputs=inputs,
         in_specs=[specs.q, specs.kv, specs.kv, specs.q, specs.stat, specs.stat], segs=segs,
         specs=specs,
         out_shape=[jax.ShapeDtypeStruct(k4.shape, k.dtype),
@@ -411,18 +428,18 @@ def _backward(st, q, k, v, out, lse, layout, segs, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, layout, segs):
-    return _forward(st, q, k, v, layout, segs)[0]
+def _attention(st, q, k, v, layout, segs, tables):
+    return _forward(st, q, k, v, layout, segs, tables)[0]
 
 
-def _attention_fwd(st, q, k, v, layout, segs):
-    out, lse = _forward(st, q, k, v, layout, segs)
-    return out, (q, k, v, out, lse, layout, segs)
+def _attention_fwd(st, q, k, v, layout, segs, tables):
+    out, lse = _forward(st, q, k, v, layout, segs, tables)
+    return out, (q, k, v, out, lse, layout, segs, tables)
 
 
 def _attention_bwd(st, residuals, d_out):
     dq, dk, dv = _backward(st, *residuals, d_out)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

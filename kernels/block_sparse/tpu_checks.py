@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse.common import check_alibi_slopes, num_blocks, pad_axis
+from kernels.block_sparse.common import (check_alibi_slopes, check_mask_tables, num_blocks,
+                                         pad_axis)
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile
 
@@ -33,10 +34,12 @@ class _Static:
     max_q_visits: int
     interpret: Any
     alibi: tuple[float, ...] | None = None  # one slope per query head
+    n_tables: int = 0  # > 0: mask_fn is head-aware and reads this many SMEM tables
 
 
 _OPTIONS = dict(mask_fn=None, q_segment_ids=None, kv_segment_ids=None, softcap=None,
-                block_q=128, block_k=128, interpret=False, max_q_visits=None, alibi_slopes=None)
+                block_q=128, block_k=128, interpret=False, max_q_visits=None, alibi_slopes=None,
+                mask_tables=None)
 
 
 def _defaults(kwargs):
@@ -48,8 +51,9 @@ def _defaults(kwargs):
 
 
 def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
-             softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes):
-    """Validates everything static; returns (static config, layout arrays, segment ids)."""
+             softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes, mask_tables=None):
+    """Validates everything static; returns (static config, layout arrays, segment ids, mask
+    tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware)."""
     B, T, H, _, S, K = _check_inputs(q, k, v)
     segmented = mask_fn is not None and q_segment_ids is not None
     _check_blocks(block_q, block_k, interpret, segmented)
@@ -62,12 +66,13 @@ def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segme
     segs = _prepare_segments(q_segment_ids, kv_segment_ids, B, T, S, nq * block_q, nk * block_k)
     if mask_fn is None:
         segs = None  # segment ids only ever reach the mask through mask_fn
+    tables = check_mask_tables(mask_tables, mask_fn)
     st = _Static(mask_fn, float(scale), None if softcap is None else float(softcap), block_q,
                  block_k, T, S, per_head, _q_visit_bound(kinds, nq, max_q_visits), interpret,
-                 check_alibi_slopes(alibi_slopes, H))
+                 check_alibi_slopes(alibi_slopes, H), len(tables))
     layout = (jnp.asarray(kinds, jnp.int32), jnp.clip(jnp.asarray(kv_blocks, jnp.int32), 0, nk - 1),
               jnp.asarray(counts, jnp.int32))
-    return st, layout, segs
+    return st, layout, segs, tables
 
 
 def _check_inputs(q, k, v):

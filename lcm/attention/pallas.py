@@ -72,8 +72,8 @@ def _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform, alibi
         raise ValueError(f"platform={platform!r}; expected one of {list(PLATFORMS)}")
     B, T, H, _ = q.shape
     S, K = k.shape[1], k.shape[2]
-    mask_fn, q_seg, kv_seg = kernel_mask(mask, offset=S - T, block_q=block_q, block_k=block_k,
-                                         grouped=H != K)
+    mask_fn, q_seg, kv_seg, tables = kernel_mask(mask, offset=S - T, block_q=block_q,
+                                                 block_k=block_k, grouped=H != K)
     layout = mask_layout(mask, T, S, block_q, block_k, num_heads=H, num_kv_heads=K)
     max_q_visits = None
     if isinstance(layout.counts, np.ndarray):
@@ -82,8 +82,9 @@ def _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform, alibi
         max_q_visits = max(int((layout.kinds != 0).sum(-2).max()), 1)
     dense_kinds = jax.tree.map(jnp.asarray, layout).kinds
     return platform, dict(kinds=dense_kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
-                          mask_fn=mask_fn, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                          scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
+                          mask_fn=mask_fn, mask_tables=tables, q_segment_ids=q_seg,
+                          kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
+                          block_q=block_q, block_k=block_k,
                           alibi_slopes=alibi_slopes, **_q_visits(platform, max_q_visits))
 
 

@@ -54,7 +54,7 @@ def test_prefill_and_decode_steps_equal_forward(kind, changes):
     rows = np.arange(2)
     np.testing.assert_allclose(logits, want[rows, lengths - 1], atol=1e-5, rtol=1e-5)
     assert isinstance(cache, ExtendedCache) and cache.capacity == 24
-    assert cache.k.shape == (2, 2, 24, 2, 8)
+    assert cache.k.shape == (2, 2, 2, 24, 8)
     # Row 1 starts 5 tokens behind: the rows cross the window and group boundaries at
     # different steps, and both reach distances of 2-4 windows.
     for i in range(11):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.attention import Causal, Local
-from lcm.cache.extended_attention import SUPPORTED, decode_attention
+from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_tables
 from lcm.cache.generate import _check_sampling, sample_logits
 from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens
 from lcm.config import ModelConfig, PositionConfig
@@ -40,7 +40,7 @@ from lcm.positions import position_attention, rope_frequencies
 class ExtendedCache:
     """Un-rotated keys and values of every token, for Self-Extend / ReRoPE decoding.
 
-        k, v      [L, B, C, K, D]  un-rotated keys and values (compute dtype); slot n holds
+        k, v      [L, B, K, C, D]  un-rotated keys and values (compute dtype); slot n holds
                                    position n, zeros in empty slots
         pos       [B, C]           int32 position of each slot's entry, -1 where empty
         next_pos  [B]              int32 position (and slot) of each row's next token
@@ -63,7 +63,7 @@ class ExtendedCache:
     @property
     def capacity(self) -> int:
         """Static slots per row."""
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def nbytes(self) -> int:
         """Bytes held by the arrays of the cache."""
@@ -102,11 +102,11 @@ def decode_step(params, cache: ExtendedCache, tokens, cfg: ModelConfig):
     if cache.position != cfg.positions:
         raise ValueError(f"cfg.positions={cfg.positions} but the cache was filled under "
                          f"{cache.position}; decode with the cfg that ran prefill")
-    expected = (cfg.num_layers, cache.next_pos.shape[0], cache.capacity, cfg.num_kv_heads,
+    expected = (cfg.num_layers, cache.next_pos.shape[0], cfg.num_kv_heads, cache.capacity,
                 cfg.head_dim)
     if cache.k.shape != expected:
         raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg; expected "
-                         f"[num_layers, batch, capacity, num_kv_heads, head_dim] = {expected}")
+                         f"[num_layers, batch, num_kv_heads, capacity, head_dim] = {expected}")
     tokens = _check_tokens(tokens, cache.next_pos)
     if not isinstance(cache.next_pos, jax.core.Tracer):
         top = int(np.max(np.asarray(cache.next_pos)))
@@ -157,9 +157,9 @@ def _prefill(params, tokens, lengths, *, cfg, chunk, room, all_logits):
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
     x = embed(params, tokens, cfg)
 
-    def store(y):  # [B, T, K, D] -> [B, T + room, K, D], zeros at padding and free slots
-        y = jnp.where(real[:, :, None, None], y, 0).astype(y.dtype)
-        return jnp.pad(y, ((0, 0), (0, room), (0, 0), (0, 0)))
+    def store(y):  # [B, T, K, D] -> [B, K, T + room, D], zeros at padding and free slots
+        y = jnp.where(real[:, :, None, None], y, 0).astype(y.dtype).transpose(0, 2, 1, 3)
+        return jnp.pad(y, ((0, 0), (0, 0), (0, room), (0, 0)))
 
     def layer(x, p):
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -186,26 +186,30 @@ def _prefill(params, tokens, lengths, *, cfg, chunk, room, all_logits):
 def _decode_step(params, cache, tokens, *, cfg):
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+    tables = step_tables(cache.pos, position, inv_freq=inv_freq, factor=factor,
+                         position=cfg.positions, sliding_window=cfg.sliding_window)
     x = embed(params, tokens[:, None], cfg)
 
     def layer(x, xs):
         p, k_cache, v_cache = xs
         h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
         q, k, v = project_qkv(h, p)
-        out = decode_attention(q, k, v, k_cache, v_cache, cache.pos, position,
-                               inv_freq=inv_freq, factor=factor, position=cfg.positions,
-                               sliding_window=cfg.sliding_window)
+        k, v = k[:, 0], v[:, 0]  # [B, K, D]
+        out = decode_attention(q, k, v, k_cache, v_cache, tables, position=cfg.positions)
         x = x + project_out(out.astype(x.dtype), p)
         x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        return x, (k[:, 0], v[:, 0])
+        return x, (k, v)
 
     # The cache is only read inside the scan; the new entries are written after it, one
     # scatter per array, so a decode loop updates the cache in place.
     x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v))
     logits = unembed(params, x, cfg)[:, 0]
     rows = jnp.arange(position.shape[0])
-    return logits, cache.replace(k=cache.k.at[:, rows, position].set(k_new.astype(cache.k.dtype)),
-                                 v=cache.v.at[:, rows, position].set(v_new.astype(cache.v.dtype)),
+
+    def write(store, new):  # new [L, B, K, D] into slot `position` of each row
+        return store.at[:, rows, :, position].set(new.transpose(1, 0, 2, 3).astype(store.dtype))
+
+    return logits, cache.replace(k=write(cache.k, k_new), v=write(cache.v, v_new),
                                  pos=cache.pos.at[rows, position].set(position),
                                  next_pos=position + 1)
 

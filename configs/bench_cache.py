@@ -4,8 +4,9 @@ The default (contexts 1k, 2k, 4k) runs in a few minutes here; the README table i
 --config.contexts=1024,2048,4096,8192,16384,32768. Overrides:
 
     --config.contexts=1024,4096          prompt lengths (batch 1)
-    --config.policies=full,snapkv,kivi2  from full, streaming_llm, snapkv, adakv, duo, quest,
-                                         quest_gather, kivi2, kivi4 (full is always run: the
+    --config.policies=full,snapkv,kivi2  from full, full_mapped, streaming_llm, snapkv,
+                                         pyramidkv, adakv, duo, quest, quest_gather, kivi2,
+                                         kivi4, kivi2_snapkv (full is always run: the
                                          ratios' base)
     --config.budget=256                  tokens kept (Quest: read) per kv head
     --config.decode_steps=32             greedy decode steps timed per cell
@@ -25,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.experiment = "bench_cache"
     config.contexts = (1024, 2048, 4096)
-    config.policies = ("full", "streaming_llm", "snapkv", "adakv", "duo", "quest", "quest_gather",
-                       "kivi2", "kivi4")
+    config.policies = ("full", "full_mapped", "streaming_llm", "snapkv", "pyramidkv", "adakv",
+                       "duo", "quest", "quest_gather", "kivi2", "kivi4", "kivi2_snapkv")
     config.budget = 256
     config.decode_steps = 32
     config.repeats = 3

@@ -6,11 +6,20 @@ decode steps (one jitted `lax.fori_loop`, after a warm-up run that compiles; the
 `repeats` runs, since the machine may be shared). Policies, all at the same token budget per
 kv head (`budget`):
 
-  full            no policy: every prompt token kept
+  full            no policy: every prompt token kept (decode writes the new entries in place)
+  full_mapped     the same cache through the step decode policies use, which maps every
+                  layer to a new one (the full-cache decode path before in-place writes)
   streaming_llm   StreamingLLM(budget=budget)              (4 sinks + recent)
   snapkv          SnapKV(budget=budget)                    (window 64, avg pool 5)
-  adakv           AdaKV(SnapKV(budget=budget))             (head-wise budgets, real per-head
-                                                            lengths in a shared capacity)
+  pyramidkv       PyramidKV(budget=budget, beta=4)         (SnapKV scores, layer budgets
+                                                            falling with depth, mean = budget,
+                                                            a capacity per layer; beta 4: with
+                                                            kvpress's 20 the smallest budget
+                                                            falls under the window and every
+                                                            layer keeps `budget`)
+  adakv           AdaKV(SnapKV(budget=budget))             (head-wise budgets: each layer's
+                                                            heads share a pool of heads *
+                                                            budget entries)
   duo             DuoAttention(head_compression_ratio=duo_ratio) with random head scores:
                   streaming heads keep 64 sinks + (budget - 64) recent, retrieval heads all
   quest           Quest(token_budget=budget, page_size=16): reads budget tokens per step,
@@ -18,12 +27,14 @@ kv head (`budget`):
                   blockwise xla path as a runtime BlockMask
   quest_gather    the same selection, read with impl="gather" (pages copied out, dense)
   kivi2 / kivi4   KIVI(bits=2 / 4, group_size=32, residual_length=32): keeps every token
+  kivi2_snapkv    KIVI(bits=2, ..., evict=SnapKV(budget=budget)): SnapKV's entries, 2-bit
 
 Cache bytes are those of the cache pytree (`nbytes()`: what the device holds after prefill,
 including room for the decoded tokens). Ratios are against the full cache at the same context.
-Targets: eviction policies' bytes and decode time flat in the context; head-wise policies'
-bytes <= budget / context of full (AdaKV; DuoAttention's retrieval heads keep every token by
-design, so its check is against the split's own size); KIVI 2-bit <= 0.2x full.
+Targets: eviction policies' bytes and decode time flat in the context; head-wise and
+layer-wise policies' bytes <= budget / context of full (AdaKV, PyramidKV; DuoAttention's
+retrieval heads keep every token by design, so its check is against the split's own size);
+KIVI 2-bit <= 0.2x full.
 
 The peer figures (transformers + kvpress, same model shape and settings, CPU torch) come from
 experiments/bench_cache_peer.py, run in the side environment.
@@ -40,17 +51,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.workdir import write_summary
-from lcm.cache import AdaKV, SnapKV, StreamingLLM, decode_step, prefill
+from lcm.cache import AdaKV, PyramidKV, SnapKV, StreamingLLM, decode_step, prefill
 from lcm.cache.duo import DuoAttention
 from lcm.cache.formats import policy_decode_step, policy_prefill
 from lcm.cache.kivi import KIVI
+from lcm.cache.prefill import mapped_decode_step
 from lcm.cache.quest import Quest
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 
-POLICIES = ("full", "streaming_llm", "snapkv", "adakv", "duo", "quest", "quest_gather", "kivi2",
-            "kivi4")
-EVICTION = ("streaming_llm", "snapkv", "adakv", "duo")
+POLICIES = ("full", "full_mapped", "streaming_llm", "snapkv", "pyramidkv", "adakv", "duo",
+            "quest", "quest_gather", "kivi2", "kivi4", "kivi2_snapkv")
+EVICTION = ("streaming_llm", "snapkv", "pyramidkv", "adakv", "duo")
 DUO_SINKS = 64
 
 
@@ -65,12 +77,14 @@ def model_config(config) -> ModelConfig:
 
 def make_policy(name: str, budget: int, cfg: ModelConfig, duo_ratio: float):
     """The policy object of `name` at `budget` tokens per kv head (None for full)."""
-    if name == "full":
+    if name in ("full", "full_mapped"):
         return None
     if name == "streaming_llm":
         return StreamingLLM(budget=budget)
     if name == "snapkv":
         return SnapKV(budget=budget)
+    if name == "pyramidkv":
+        return PyramidKV(budget=budget, beta=4)
     if name == "adakv":
         return AdaKV(SnapKV(budget=budget))
     if name == "duo":
@@ -83,6 +97,8 @@ def make_policy(name: str, budget: int, cfg: ModelConfig, duo_ratio: float):
         return Quest(token_budget=budget, page_size=16, impl="gather")
     if name in ("kivi2", "kivi4"):
         return KIVI(bits=int(name[-1]), group_size=32, residual_length=32)
+    if name == "kivi2_snapkv":
+        return KIVI(bits=2, group_size=32, residual_length=32, evict=SnapKV(budget=budget))
     raise ValueError(f"policy={name!r}; expected one of {list(POLICIES)}")
 
 
@@ -99,13 +115,17 @@ def _decode_loop(step_fn, cfg, steps):
 
 def measure(params, cfg, prompt, name, policy, steps, repeats):
     """(cache bytes after prefill, decode seconds per step)."""
-    owned = name in ("duo", "quest", "quest_gather", "kivi2", "kivi4")
+    owned = name in ("duo", "quest", "quest_gather", "kivi2", "kivi4", "kivi2_snapkv")
     if owned:
         logits, cache = policy_prefill(params, prompt, cfg, policy=policy, max_new_tokens=steps)
         loop = _decode_loop(policy_decode_step, cfg, steps)
     else:
         logits, cache = prefill(params, prompt, cfg, policy=policy, max_new_tokens=steps)
-        loop = _decode_loop(decode_step, cfg, steps)
+        step = decode_step
+        if name == "full_mapped":
+            def step(params, cache, token, cfg):
+                return mapped_decode_step(params, cache, token, cfg=cfg, policy=None)
+        loop = _decode_loop(step, cfg, steps)
     nbytes = cache.nbytes()
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     jax.block_until_ready(loop(params, cache, token))  # compile + warm up
@@ -188,12 +208,14 @@ def _checks(rows, names, budget, steps, duo_ratio) -> list:
         t = max(1 / r["tokens_per_s"] for r in rs) / min(1 / r["tokens_per_s"] for r in rs)
         out.append(f"{name}: bytes max/min over contexts {b:.3f} (flat: 1.000), decode time "
                    f"max/min {t:.2f} (flat: ~1)")
-    for r in by.get("adakv", []):
+    for r in by.get("adakv", []) + by.get("pyramidkv", []):
         bound = (budget + steps) / (r["context"] + steps)
         verdict = "ok" if r["bytes_vs_full"] <= bound * 1.01 else "over"
-        out.append(f"adakv @ {r['context']}: bytes {r['bytes_vs_full']:.3f}x full vs "
-                   f"(budget + steps) / (context + steps) {bound:.3f} -> {verdict} (the "
-                   f"capacity is the most one head can win)")
+        out.append(f"{r['policy']} @ {r['context']}: bytes {r['bytes_vs_full']:.3f}x full vs "
+                   f"(budget + steps) / (context + steps) {bound:.3f} -> {verdict}")
+    for r in by.get("full_mapped", []):
+        out.append(f"full decode @ {r['context']}: in-place step {1 / r['speed_vs_full']:.2f}x "
+                   f"the speed of the layer-mapping step")
     for r in by.get("duo", []):
         # Retrieval heads keep every token; streaming heads keep sinks + recent = budget.
         ideal = (1 - duo_ratio) + duo_ratio * budget / (r["context"] + steps)
@@ -201,6 +223,11 @@ def _checks(rows, names, budget, steps, duo_ratio) -> list:
         out.append(f"duo @ {r['context']}: bytes {r['bytes_vs_full']:.3f}x full vs the split's "
                    f"own size {1 - duo_ratio:.2f} + {duo_ratio:.2f} * budget / (context + "
                    f"steps) = {ideal:.3f} -> {verdict}")
+    snap = {r["context"]: r["cache_bytes"] for r in by.get("snapkv", [])}
+    for r in by.get("kivi2_snapkv", []):
+        vs = (f", {r['cache_bytes'] / snap[r['context']]:.3f}x snapkv" if r["context"] in snap
+              else "")
+        out.append(f"kivi2_snapkv @ {r['context']}: bytes {r['bytes_vs_full']:.4f}x full{vs}")
     for r in by.get("kivi2", []):
         out.append(f"kivi2 @ {r['context']}: bytes {r['bytes_vs_full']:.3f}x full (target <= 0.2)"
                    f" -> {'ok' if r['bytes_vs_full'] <= 0.2 else 'over'}")

@@ -62,3 +62,17 @@ def merged_two_pass(fwd, bwd, q, k, v, d_out, near, far, *, block_q, block_k, al
         return (out, *(a + b for a, b in zip(g1, g2)))
 
     return merged(q, k, v, d_out)
+
+
+def cache_entries(cache, layer, row):
+    """One (layer, row) of an `lcm.cache.KVCache` in any layout, per head: a list of
+    {original position: (key, value)} dicts."""
+    entries = cache.layer(layer)
+    length = np.asarray(entries["length"][row])
+    pos, k, v = (np.asarray(entries[n][row]) for n in ("pos", "k", "v"))
+    if "head" in entries:  # pooled: the row's first sum(length) slots, each with its head
+        head = np.asarray(entries["head"][row])[:length.sum()]
+        return [{int(p): (k[i], v[i]) for i, p in enumerate(pos[:length.sum()]) if head[i] == h}
+                for h in range(len(length))]
+    return [{int(p): (k[h, i], v[h, i]) for i, p in enumerate(pos[h, :length[h]])}
+            for h in range(len(length))]

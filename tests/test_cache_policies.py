@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cache_entries
 
 from lcm.cache import (H2O, TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging,
                        ObservedAttention, PyramidKV, SnapKV, StreamingLLM, compress, decode_step,
@@ -38,7 +39,11 @@ def test_padded_rows_keep_only_real_tokens_and_equal_single_rows(policy):
         assert all(max(s) < 19 for s in kept_sets(cache, layer, 1))
         assert kept_sets(cache, layer, 1) == kept_sets(one, layer, 0)
     np.testing.assert_allclose(logits[1], one_logits[0], atol=2e-5, rtol=2e-5)
-    np.testing.assert_allclose(cache.v[:, 1, :, :one.capacity], one.v[:, 0], atol=2e-5)
+    for layer in range(CFG.num_layers):
+        for got, want in zip(cache_entries(cache, layer, 1), cache_entries(one, layer, 0)):
+            assert got.keys() == want.keys()
+            for p in got:
+                np.testing.assert_allclose(got[p][1], want[p][1], atol=2e-5)
 
 
 def test_budgets_ratio_and_token_count():
@@ -70,16 +75,28 @@ def test_h2o_prefill_keeps_recent_window_and_accumulates_scores():
     assert (np.asarray(cache.score) > 0).all()
 
 
-def test_adakv_heads_really_hold_different_lengths_within_a_bounded_capacity():
-    policy = AdaKV(Knorm(0.5), capacity_factor=1.25)
-    _, cache = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS)
-    assert cache.capacity == 20  # ceil(1.25 * 16) slots per head, not the prompt's 32
+def test_adakv_heads_hold_different_lengths_in_a_pool_of_the_budget():
+    _, cache = prefill(PARAMS, TOKENS, CFG, policy=AdaKV(Knorm(0.5)), lengths=LENGTHS)
+    assert cache.layout == "pooled" and cache.k.shape == (2, 2, 32, 8)  # 2 heads * 16 kept
+    assert cache.capacity == 16
     lengths = np.asarray(cache.length)
     np.testing.assert_array_equal(lengths.sum(-1), [[32, 18], [32, 18]])  # 2 heads * n_kept
-    assert (lengths <= 20).all() and (lengths[..., 0] != lengths[..., 1]).any()
-    exact = AdaKV(Knorm(0.5))
-    _, full_cap = prefill(PARAMS, TOKENS, CFG, policy=exact, lengths=LENGTHS)
-    assert full_cap.capacity == 29  # 2 * 16 - 1 * int(0.2 * 16): the most one head can win
+    assert (lengths[..., 0] != lengths[..., 1]).any()
+    # layout="uniform": every head gets the most one head can win, 2 * 16 - 1 * int(0.2 * 16)
+    _, uniform = prefill(PARAMS, TOKENS, CFG, policy=AdaKV(Knorm(0.5)), lengths=LENGTHS,
+                         layout="uniform")
+    assert uniform.capacity == 29 and uniform.nbytes() > 1.5 * cache.nbytes()
+    for layer in range(CFG.num_layers):
+        for row in range(2):
+            assert kept_sets(uniform, layer, row) == kept_sets(cache, layer, row)
+    # capacity_factor bounds what one head may win, in both layouts
+    policy = AdaKV(Knorm(0.5), capacity_factor=1.25)
+    _, capped = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS, layout="uniform")
+    assert capped.capacity == 20  # ceil(1.25 * 16) slots per head, not the prompt's 32
+    _, pooled = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS)
+    for c in (capped, pooled):
+        np.testing.assert_array_equal(np.asarray(c.length).sum(-1), [[32, 18], [32, 18]])
+        assert (np.asarray(c.length) <= 20).all()
 
 
 def test_fully_evicted_heads_give_finite_outputs():

@@ -7,7 +7,10 @@
                                      policy=SnapKV(0.5))
 
 `KVCache` is a pytree (see `lcm.cache.kv`): static capacity, per-(layer, batch, kv-head)
-lengths, original positions of every kept entry, optional per-entry scores. Policies are
+lengths, original positions of every kept entry, optional per-entry scores. PyramidKV's cache
+has a capacity per layer and AdaKV's heads share one pool per layer, so their bytes are the
+sum of their budgets (`lcm.cache.layouts`; `layout="uniform"` for decode-time policies).
+`KIVI(bits=2, evict=SnapKV(0.5))` quantizes what an eviction policy keeps. Policies are
 frozen dataclasses with kvpress's names and defaults (`lcm.cache.policies`), run as
 score -> select(static budget) -> apply (`lcm.cache.compress`). One prefill can be compressed
 by several policies: `prefill_observed` then `compress`. While decoding, `decode_step(...,

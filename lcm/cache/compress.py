@@ -23,6 +23,7 @@ import numpy as np
 from lcm.cache import attention as cattn
 from lcm.cache import scores as S
 from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity
+from lcm.cache.layouts import check_layout, make_cache, pool_layer, storage
 from lcm.cache.merge import merge_values
 from lcm.cache.policies import (H2O, TOVA, AdaKV, ExpectedAttention, Merging, ObservedAttention,
                                 PyramidKV, Scorer, SnapKV)
@@ -126,16 +127,49 @@ def budget_table(policy, length: int, num_layers: int) -> np.ndarray:
     return np.minimum(np.asarray(rows, np.int32), np.arange(length + 1, dtype=np.int32)[None])
 
 
-def capacity(policy, length: int, num_layers: int, num_kv_heads: int) -> int:
-    """The static slots per head a policy needs for a prompt of `length` tokens."""
+def capacity(policy, length: int, num_layers: int, num_kv_heads: int, *,
+             layout: str = "compact") -> int:
+    """The static slots per head a policy needs for a prompt of `length` tokens (the cache's
+    `capacity` before room for decoding): the largest budget; with layout="uniform", AdaKV's
+    heads each get the most one head can win."""
     most = int(budget_table(policy, length, num_layers).max())
-    if isinstance(policy, AdaKV):
+    if isinstance(policy, AdaKV) and storage(policy, layout) == "uniform":
         safe = _n_safe(most, policy.alpha_safeguard)
         most = min(length, num_kv_heads * most - (num_kv_heads - 1) * safe)
         if policy.capacity_factor is not None:
             most = min(most, int(np.ceil(policy.capacity_factor * budget_table(
                 policy, length, num_layers).max())))
     return max(most, 1)
+
+
+def layer_slots(policy, kind: str, length: int, cfg: ModelConfig, room: int, full_rows: bool):
+    """Per-layer capacities of a "layered" cache (None for other layouts): each layer's largest
+    budget over the row lengths possible, just the prompt length's when `full_rows` (no row is
+    padded), else any length up to it."""
+    if kind != "layered":
+        return None
+    table = budget_table(policy, length, cfg.num_layers)
+    if full_rows:
+        table = table[:, -1:]
+    return tuple(max(int(row.max()), 1) + room for row in table)
+
+
+def all_full(lengths, length: int) -> bool:
+    """Whether concrete row lengths (None: unpadded) all equal `length` (False when traced)."""
+    if lengths is None:
+        return True
+    if isinstance(lengths, jax.core.Tracer):
+        return False
+    return bool(np.all(np.asarray(lengths) == length))
+
+
+def store_layer(policy, entries, kind: str, *, room: int, length: int, cfg: ModelConfig):
+    """One compressed layer as its layout stores it, with `room` free slots per head for
+    decoding (pooled: a pool of heads * (budget + room) slots)."""
+    if kind == "pooled":
+        kept = capacity(policy, length, cfg.num_layers, entries["pos"].shape[1])
+        return pool_layer(entries, kept, room)
+    return pad_capacity(entries, entries["pos"].shape[-1] + room)
 
 
 def _n_safe(n_kept, alpha):
@@ -204,7 +238,7 @@ def compress_layer(policy, entries, obs, *, layer, cfg, inv_freq, factor, score_
     else:
         table = jnp.asarray(budget_table(policy, Sn, cfg.num_layers))
         n_keep = table[layer][n]
-        cap = min(capacity(policy, Sn, cfg.num_layers, K), Sn)
+        cap = min(capacity(policy, Sn, cfg.num_layers, K, layout="uniform"), Sn)
     accumulated = None
     if isinstance(inner, H2O):
         scores, accumulated = S.h2o(inner, **inputs)
@@ -243,16 +277,17 @@ def observations_for(policies):
 
 
 def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfig, *,
-             max_new_tokens: int = 0):
+             max_new_tokens: int = 0, layout: str = "compact"):
     """Compresses a full prefill cache (from `prefill_observed`) with `policy`.
 
-    Gives what `prefill(..., policy=policy, max_new_tokens=max_new_tokens)` gives, without
-    running the prompt again; the cache and observations are left unchanged, so several
-    policies can compress one prefill.
+    Gives what `prefill(..., policy=policy, max_new_tokens=max_new_tokens, layout=layout)`
+    gives, without running the prompt again; the cache and observations are left unchanged,
+    so several policies can compress one prefill.
     """
+    check_layout(layout)
     check_policy(policy, cfg, cache.capacity)
     if not isinstance(cache, KVCache) or cache.rotation != "original" or (
-            cache.score is not None):
+            cache.score is not None) or cache.layout != "uniform":
         raise ValueError("cache: expected the uncompressed KVCache of prefill_observed")
     if not isinstance(observations, Observations):
         raise ValueError(f"observations={type(observations).__name__}; expected the "
@@ -267,7 +302,8 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
             max_new_tokens < 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
-    return _compress(cache, policy, observations, cfg=cfg, room=max_new_tokens)
+    return _compress(cache, policy, observations, cfg=cfg, room=max_new_tokens, layout=layout,
+                     full_rows=all_full(cache.next_pos, cache.capacity))
 
 
 def to_rotation(entries, rotation, inv_freq, factor):
@@ -283,8 +319,8 @@ def to_rotation(entries, rotation, inv_freq, factor):
         entries["k"].dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "cfg", "room"))
-def _compress(cache, policy, observations, *, cfg, room):
+@functools.partial(jax.jit, static_argnames=("policy", "cfg", "room", "layout", "full_rows"))
+def _compress(cache, policy, observations, *, cfg, room, layout, full_rows):
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(cache.next_pos))
     obs_all = {name: getattr(observations, name) for name in
                ("q_win", "q_pos", "colsum", "q_mean", "q_cov")
@@ -297,10 +333,10 @@ def _compress(cache, policy, observations, *, cfg, room):
         out = compress_layer(policy, entries, obs, layer=index, cfg=cfg, inv_freq=inv_freq,
                              factor=factor, next_pos=cache.next_pos)
         out = to_rotation(out, policy.positions, inv_freq, factor)
-        return None, pad_capacity(out, out["pos"].shape[-1] + room)
+        return None, store_layer(policy, out, kind, room=room, length=T, cfg=cfg)
 
+    kind, T = storage(policy, layout), cache.capacity
     layers = {"k": cache.k, "v": cache.v, "pos": cache.pos, "length": cache.length}
     _, out = jax.lax.scan(layer, None, (layers, obs_all, jnp.arange(cfg.num_layers)))
-    return KVCache(k=out["k"], v=out["v"], pos=out["pos"], length=out["length"],
-                   next_pos=cache.next_pos, score=out.get("score"), step=cache.step,
-                   rotation=policy.positions)
+    return make_cache(out, next_pos=cache.next_pos, step=cache.step, rotation=policy.positions,
+                      slots=layer_slots(policy, kind, T, cfg, room, full_rows))

@@ -157,12 +157,28 @@ def _run_layers(body, x, params, states, num_layers, unrolled):
     return jax.lax.scan(step, x, (params["layers"], states, jnp.arange(num_layers)))
 
 
+def _evict(evict, q, qr, kr, v, lengths, layer, cfg, chunk, inv_freq, factor):
+    """One layer's entries kept by `evict` (as `prefill(..., policy=evict)` keeps them), in
+    position order: {k, v [B, K, kept, D], pos [B, K, kept], length [B, K]}."""
+    from lcm.cache.compress import compress_layer, observe_layer
+    from lcm.cache.prefill import _prompt_entries
+    real = jnp.arange(kr.shape[1], dtype=jnp.int32)[None] < lengths[:, None]
+    entries = _prompt_entries(kr, v, real, lengths)
+    obs = observe_layer(evict, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
+    return compress_layer(evict, entries, obs, layer=layer, cfg=cfg, inv_freq=inv_freq,
+                          factor=factor, next_pos=lengths)
+
+
 # ---------------------------------------------------------------------------- implementations
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits"))
 def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
     B, T = tokens.shape
     capacity = T + room
+    evict = getattr(policy, "evict", None)  # KIVI after an eviction policy's selection
+    if evict is not None:
+        from lcm.cache.compress import capacity as kept_slots
+        capacity = min(kept_slots(evict, T, cfg.num_layers, cfg.num_kv_heads), T) + room
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
 
@@ -174,6 +190,11 @@ def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_log
         out = _layer_prefill_attention(policy, qr, kr, v, layer, cfg, chunk)
         x = x + project_out(out.astype(x.dtype), p)
         x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        if evict is not None:
+            kept = _evict(evict, q, qr, kr, v, lengths, layer, cfg, chunk, inv_freq, factor)
+            return x, kivi.kivi_prefill(policy, kept["k"].transpose(0, 2, 1, 3),
+                                        kept["v"].transpose(0, 2, 1, 3),
+                                        kept["length"][:, 0], capacity=capacity)
         return x, _layer_store(policy, kr, v, lengths, capacity, layer)
 
     x = embed(params, tokens, cfg)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm.cache.compress import cache_heads, capacity, check_policy
+from lcm.cache.compress import all_full, cache_heads, capacity, check_policy
 from lcm.cache.decoding import check_decode_policy, decode_room, with_query_buffer
 from lcm.cache.formats import owns_cache
 from lcm.cache.policies import H2O
@@ -35,6 +35,7 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     the top_k most likely tokens and to the smallest set whose probability reaches top_p; `key`
     (a jax PRNG key) is then required. chunk_size: prefill's attention block.
     """
+    full_rows = all_full(lengths, prompts.shape[1])
     lengths = _check_prompt(prompts, cfg, lengths)
     chunk = _check_chunk(chunk_size, cfg)
     _check_count("max_new_tokens", max_new_tokens, minimum=1)
@@ -47,7 +48,8 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
                          f"{type(policy).__name__} keeps its own cache format")
     if decode_policy is not None:
         kept = (prompts.shape[1] if policy is None else
-                capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg)))
+                capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg),
+                         layout="uniform"))
         room = decode_room(decode_policy, policy, kept, max_new_tokens)
     if key is None:
         key = jax.random.key(0)  # unused when greedy
@@ -55,17 +57,21 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
                      decode_policy=decode_policy, chunk=chunk, room=room,
                      max_new_tokens=int(max_new_tokens), stop=stop,
                      temperature=float(temperature), top_k=top_k,
-                     top_p=None if top_p is None else float(top_p), pad_token=int(pad_token))
+                     top_p=None if top_p is None else float(top_p), pad_token=int(pad_token),
+                     full_rows=full_rows)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "policy", "decode_policy", "chunk", "room", "max_new_tokens", "stop", "temperature",
-    "top_k", "top_p", "pad_token"))
+    "top_k", "top_p", "pad_token", "full_rows"))
 def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chunk, room,
-              max_new_tokens, stop, temperature, top_k, top_p, pad_token):
+              max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows):
     B = prompts.shape[0]
+    # Decode-time policies compress every head to one capacity: the uniform layout.
     logits, cache = _prefill(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
-                             room=room, all_logits=False)
+                             room=room, all_logits=False,
+                             layout="compact" if decode_policy is None else "uniform",
+                             full_rows=full_rows)
     if decode_policy is not None:
         if isinstance(decode_policy, H2O) and cache.score is None:
             cache = cache.replace(score=jnp.zeros(cache.pos.shape, jnp.float32))

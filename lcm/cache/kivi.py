@@ -17,6 +17,11 @@ nothing is dequantized and requantized.
     state = kivi_prefill(KIVI(bits=2), k, v, lengths, capacity=4096)
     state = kivi_append(state, k_new, v_new)          # one token per example
     out = kivi_attention(q, state)                    # q [B, 1, H, D]
+
+Composed with eviction, `KIVI(bits=2, evict=SnapKV(0.5))` first lets the scorer choose each
+kv head's entries at prefill, then quantizes what it kept: each head's kept entries, in
+position order, are the token sequence KIVI groups (keys carry their RoPE rotation, so attention
+needs no positions), and the cache is sized by the scorer's budget, not the prompt.
 """
 
 from __future__ import annotations
@@ -43,8 +48,18 @@ class KIVI:
     group_size: int = 32
     residual_length: int = 32
     scale_dtype: str | None = None
+    evict: object = None
 
     def __post_init__(self):
+        if self.evict is not None:
+            from lcm.cache.policies import AdaKV, Merging, Scorer  # policies never import kivi
+            if (not isinstance(self.evict, Scorer) or isinstance(self.evict, (AdaKV, Merging))
+                    or self.evict.positions != "original" or self.evict.gqa == "query_head"):
+                raise ValueError(f"KIVI(evict={self.evict!r}); expected None or a scoring "
+                                 f"policy (Knorm, StreamingLLM, SnapKV, PyramidKV, TOVA, "
+                                 f"ObservedAttention, ExpectedAttention) with positions="
+                                 f"'original' and gqa 'mean' or 'max': every kv head keeps as "
+                                 f"many entries, which KIVI quantizes in position order")
         if self.bits not in BITS or isinstance(self.bits, bool):
             raise ValueError(f"KIVI(bits={self.bits!r}); expected one of {list(BITS)}")
         for name in ("group_size", "residual_length"):

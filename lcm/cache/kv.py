@@ -3,7 +3,7 @@
     k, v      [L, B, K, C, D]  keys (RoPE applied at `pos`, or un-rotated when
                                rotation == "cache") and values, compute dtype
     pos       [L, B, K, C]     int32 original position of each entry, -1 in empty slots
-    length    [L, B, K]        int32: slots [0, length) of each head hold entries
+    length    [L, B, K]        int32: entries held by each (layer, batch, kv-head)
     next_pos  [B]              int32 position of each row's next token
     score     [L, B, K, C]     float32 per-entry accumulators (H2O at decode), or None
     step      []               int32 decode steps since the last compression
@@ -12,9 +12,18 @@
     query_pos [B, W]           their positions, -1 in empty buffer slots, or None
 
 Slots past `length` are empty (zero K/V, pos -1); entries inside are in no particular order
-(`kept_positions` sorts). Every (layer, batch, kv-head) has its own length, so policies with
-per-layer (PyramidKV) or per-head (AdaKV) budgets share one static capacity C sized from the
-largest budget, and C, not the prompt length, sets the memory. `rotation` is static: "original"
+(`kept_positions` sorts). That is the "uniform" layout: one static capacity C for every layer
+and head. Policies whose budgets differ by layer or head store just their budgets instead
+(`lcm.cache.layouts`), so memory is the sum of the budgets, not the largest one times heads:
+
+- "layered" (PyramidKV): `layer_slots` (static) holds each layer's capacity C_l; k, v
+  [B, K, N, D] and pos [B, K, N] (score too) hold the layers one after another along the slot
+  axis (N = sum C_l; layer l owns slots [sum C_<l, sum C_<=l)).
+- "pooled" (AdaKV): each layer is one pool of P = K * (budget + room) slots shared by its kv
+  heads; k, v [L, B, P, D], pos [L, B, P] and `head` [L, B, P] (int32 kv head of each entry,
+  -1 when empty). The first sum(length[l, b]) slots of row b hold entries.
+
+`rotation` is static: "original"
 caches keys rotated at their original positions (as transformers and kvpress); "cache" keeps
 keys un-rotated and rotates them at attention time by their rank in the cache, StreamingLLM's
 position handling after eviction.
@@ -35,8 +44,8 @@ ROTATIONS = ("original", "cache")
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "pos", "length", "next_pos", "score", "step",
-                                "queries", "query_pos"],
-                   meta_fields=["rotation"])
+                                "queries", "query_pos", "head"],
+                   meta_fields=["rotation", "layer_slots"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """A batched, layered KV cache with static capacity; see the module docstring."""
@@ -51,6 +60,8 @@ class KVCache:
     rotation: str = "original"
     queries: jax.Array | None = None
     query_pos: jax.Array | None = None
+    head: jax.Array | None = None
+    layer_slots: tuple[int, ...] | None = None
 
     @classmethod
     def empty(cls, *, num_layers: int, batch: int, num_kv_heads: int, capacity: int,
@@ -74,24 +85,71 @@ class KVCache:
                    step=jnp.zeros((), jnp.int32), rotation=rotation)
 
     @property
+    def layout(self) -> str:
+        """"uniform", "layered" (per-layer capacities) or "pooled" (per-layer pools of heads)."""
+        if self.layer_slots is not None:
+            return "layered"
+        return "uniform" if self.head is None else "pooled"
+
+    @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return self.length.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        """Heads of the cache (kv heads; query heads for per-query-head policies)."""
+        return self.length.shape[2]
 
     @property
     def capacity(self) -> int:
-        """Static slots per (layer, batch, kv-head)."""
+        """Static slots per (layer, batch, kv-head): the largest layer's for "layered", the
+        pool per head (P / K) for "pooled"."""
+        if self.layer_slots is not None:
+            return max(self.layer_slots)
+        if self.head is not None:
+            return self.k.shape[2] // self.num_heads
         return self.k.shape[3]
 
+    def layer_offset(self, layer: int) -> int:
+        """First slot of `layer` in a "layered" cache."""
+        return sum(self.layer_slots[:layer])
+
+    def layer(self, layer: int) -> dict:
+        """One layer's arrays (a static index): k, v, pos[, score] ([B, K, C_l, ...] or the
+        pool's [B, P, ...] with head), and length [B, K]."""
+        names = [n for n in ("k", "v", "pos", "score", "head") if getattr(self, n) is not None]
+        if self.layer_slots is not None:
+            start, size = self.layer_offset(layer), self.layer_slots[layer]
+            out = {n: getattr(self, n)[:, :, start:start + size] for n in names}
+        else:
+            out = {n: getattr(self, n)[layer] for n in names}
+        return dict(out, length=self.length[layer])
+
     def valid(self, layer=None):
-        """Bool [L, B, K, C] (or [B, K, C] for one layer): which slots hold entries."""
+        """Bool [L, B, K, C] (or [B, K, C] for one layer; the pool's [B, P] for "pooled"):
+        which slots hold entries."""
+        if self.layer_slots is not None or self.head is not None:
+            if layer is None:
+                raise ValueError(f"valid(layer=None) needs a uniform cache; this one is "
+                                 f"{self.layout!r}: pass a layer")
+            entries = self.layer(layer)
+            if self.head is not None:
+                return slot_valid(entries["length"].sum(-1), entries["pos"].shape[-1])
+            return entries_valid(entries)
         length = self.length if layer is None else self.length[layer]
         return slot_valid(length, self.capacity)
 
     def kept_positions(self, layer: int):
-        """Original positions kept by `layer`, sorted: int32 [B, K, C], -1 after each head's
-        `length` entries."""
+        """Original positions kept by `layer`, sorted: int32 [B, K, C] (C: the layer's slots,
+        the whole pool for "pooled"), -1 after each head's `length` entries."""
         big = jnp.iinfo(jnp.int32).max
-        pos = jnp.where(self.valid(layer), self.pos[layer], big)
+        if self.head is not None:
+            entries = self.layer(layer)
+            heads = jnp.arange(self.num_heads, dtype=jnp.int32)[None, :, None]
+            mine = self.valid(layer)[:, None] & (entries["head"][:, None] == heads)
+            pos = jnp.where(mine, entries["pos"][:, None], big)
+        else:
+            pos = jnp.where(self.valid(layer), self.layer(layer)["pos"], big)
         pos = jnp.sort(pos, axis=-1)
         return jnp.where(pos == big, -1, pos)
 

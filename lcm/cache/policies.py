@@ -198,9 +198,11 @@ class AdaKV:
     its top alpha_safeguard * n_kept.
 
     Unlike kvpress (which masks keys and keeps the full cache), heads really hold different
-    numbers of entries. The static capacity per head is the most a head can win, min(prompt,
-    heads * n_kept - (heads - 1) * n_safe); `capacity_factor` caps it at capacity_factor *
-    n_kept (the surplus goes to the next-best entries of other heads) for a hard memory bound.
+    numbers of entries: each layer's heads share one pool of heads * n_kept slots (+ room for
+    decoding), so the memory is the budget (`lcm.cache.layouts`). `capacity_factor` caps what
+    one head may win at capacity_factor * n_kept (the surplus goes to the next-best entries of
+    other heads); with `layout="uniform"` every head is sized for the most one head can win,
+    min(prompt, heads * n_kept - (heads - 1) * n_safe), or that cap.
     """
 
     press: Scorer

@@ -16,18 +16,21 @@ import numpy as np
 
 from lcm.attention import Causal, Local, attend
 from lcm.cache import attention as cattn
-from lcm.cache.compress import (PREFILL_POLICIES, Observations, check_policy, compress_layer,
-                                observations_for, observe_layer, per_query_head, to_rotation)
+from lcm.cache.compress import (PREFILL_POLICIES, Observations, all_full, check_policy,
+                                compress_layer, layer_slots, observations_for, observe_layer,
+                                per_query_head, store_layer, to_rotation)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
 from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
-                          from_layer_slices, insert, layer_slices, pad_capacity, rank_positions)
+                          from_layer_slices, insert, layer_slices, rank_positions)
+from lcm.cache.layouts import check_layout, make_cache, storage
+from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import apply_rope, rope_frequencies
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
-            max_new_tokens: int = 0, all_logits: bool = False):
+            max_new_tokens: int = 0, all_logits: bool = False, layout: str = "compact"):
     """Runs the prompts and returns `(logits, cache)`.
 
     tokens [B, T] int (right-padded); lengths [B] int real lengths (default T). policy: an
@@ -39,14 +42,21 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
 
     Returns logits float32 [B, vocab] at each row's last real token ([B, T, vocab] with
     all_logits=True) and a `KVCache` whose capacity is the policy's budget + max_new_tokens.
+    layout: "compact" stores PyramidKV with a capacity per layer and AdaKV as per-layer pools
+    of its heads' entries, so the bytes are the sum of the budgets; "uniform" gives every
+    layer and head the largest budget, as decode-time policies (`decode_step(..., policy=)`)
+    need (see `lcm.cache.layouts`).
     """
+    full_rows = all_full(lengths, tokens.shape[1])
     lengths = _check_prompt(tokens, cfg, lengths)
     chunk = _check_chunk(chunk_size, cfg)
     _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    check_layout(layout)
     if policy is not None:
         check_policy(policy, cfg, tokens.shape[1])
     return _prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
-                    room=max_new_tokens, all_logits=bool(all_logits))
+                    room=max_new_tokens, all_logits=bool(all_logits), layout=layout,
+                    full_rows=full_rows)
 
 
 def prefill_observed(params, tokens, cfg: ModelConfig, policies, *, lengths=None,
@@ -72,8 +82,9 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     """Feeds one token per row: tokens [B] int -> (logits float32 [B, vocab], cache).
 
     The token sits at `cache.next_pos` and is appended to every layer's cache. policy: a decode
-    policy (`lcm.cache.Decoding`, `H2O`, ...) that keeps the cache within its budget; without
-    one, a head whose cache is full replaces its oldest entry (a sliding window) — size the
+    policy (`lcm.cache.Decoding`, `H2O`, ...) that keeps the cache within its budget (it needs
+    a uniform cache); without one, only the new entries are written (in place under `jit`)
+    and a head whose cache is full replaces its oldest entry (a sliding window) — size the
     cache with `prefill(..., max_new_tokens=n)` to avoid that.
     """
     _check_model(cfg)
@@ -86,11 +97,15 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a KVCache from prefill")
     tokens = _check_tokens(tokens, cache.next_pos)
-    if cache.k.shape[2] not in (cfg.num_kv_heads, cfg.num_heads) or (
+    if cache.num_heads not in (cfg.num_kv_heads, cfg.num_heads) or (
             cache.num_layers != cfg.num_layers):
-        raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg (num_layers="
-                         f"{cfg.num_layers}, num_kv_heads={cfg.num_kv_heads} or num_heads="
+        raise ValueError(f"cache length shape {cache.length.shape} does not fit cfg (num_layers"
+                         f"={cfg.num_layers}, num_kv_heads={cfg.num_kv_heads} or num_heads="
                          f"{cfg.num_heads} for per-query-head caches)")
+    if policy is not None and cache.layout != "uniform":
+        raise ValueError(f"policy={policy!r} compresses while decoding, which needs a uniform "
+                         f"cache; this one is {cache.layout!r}: prefill (or compress) with "
+                         f"layout='uniform'")
     if policy is not None:
         cache = with_query_buffer(cache, policy, cfg)
         check_decode_policy(policy, cache)
@@ -100,9 +115,11 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
 # ---------------------------------------------------------------------------- implementations
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits",
-                                             "observe"))
-def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None):
-    """observe: None, or (window, colsum, n_sink) to keep (and return) Observations."""
+                                             "observe", "layout", "full_rows"))
+def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None,
+             layout="compact", full_rows=False):
+    """full_rows: no row is padded (a layered cache then sizes layers for the prompt length)."""
+    # observe: None, or (window, colsum, n_sink) to keep (and return) Observations.
     from lcm.cache.formats import format_prefill, owns_cache  # formats imports this module
     if owns_cache(policy):  # KIVI, Quest, DuoAttention: their own PolicyCache
         return format_prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
@@ -114,6 +131,7 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
     rotation = "original" if policy is None else policy.positions
+    kind = storage(policy, layout)
     x = embed(params, tokens, cfg)
 
     def layer(x, xs):
@@ -138,7 +156,7 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
             entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
                                      inv_freq=inv_freq, factor=factor, next_pos=lengths)
             entries = to_rotation(entries, rotation, inv_freq, factor)
-        return x, (pad_capacity(entries, entries["pos"].shape[-1] + room), kept)
+        return x, (store_layer(policy, entries, kind, room=room, length=T, cfg=cfg), kept)
 
     x, (layers, kept) = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
     if all_logits:
@@ -146,9 +164,8 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
     else:
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
         logits = unembed(params, last, cfg)[:, 0]
-    cache = KVCache(k=layers["k"], v=layers["v"], pos=layers["pos"], length=layers["length"],
-                    next_pos=lengths, score=layers.get("score"), step=jnp.zeros((), jnp.int32),
-                    rotation=rotation)
+    cache = make_cache(layers, next_pos=lengths, step=jnp.zeros((), jnp.int32),
+                       rotation=rotation, slots=layer_slots(policy, kind, T, cfg, room, full_rows))
     if observe is None:
         return logits, cache
     return logits, cache, Observations(n_sink=observe[2], **kept)
@@ -170,6 +187,14 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
     from lcm.cache.formats import PolicyCache, format_decode_step
     if isinstance(cache, PolicyCache):  # generate's loop with a KIVI / Quest / Duo cache
         return format_decode_step(params, cache, tokens, cfg=cfg)
+    if policy is None and cache.queries is None:  # only the new entries are written
+        return plain_decode_step(params, cache, tokens, cfg=cfg)
+    return mapped_decode_step(params, cache, tokens, cfg=cfg, policy=policy)
+
+
+def mapped_decode_step(params, cache, tokens, *, cfg, policy):
+    """The decode step that maps every layer's entries to new ones (a decode policy may
+    compress them): each step writes the whole (uniform) cache anew."""
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)
@@ -191,7 +216,7 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
         q_pos, keys = position[:, None], entries["k"]
         if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
             q_pos, keys = cache_rotation(entries, inv_freq, factor)
-        qr = _rotate_queries(q, q_pos, inv_freq, factor)
+        qr = rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, entries["pos"] if cache.rotation == "original" else
                             rank_positions(entries), entries_valid(entries),
                             sliding_window=cfg.sliding_window)
@@ -216,17 +241,6 @@ def _decode_step(params, cache, tokens, *, cfg, policy):
             query_pos = jnp.where(step == 0, -1, query_pos)
     return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step,
                                      queries=queries, query_pos=query_pos)
-
-
-def _rotate_queries(q, q_pos, inv_freq, factor):
-    """q [B, 1, H, D] rotated at q_pos [B, 1] (shared) or [B, K, 1] (one position per kv head)."""
-    if q_pos.ndim == 2:
-        return apply_rope(q, q_pos, inv_freq, factor)
-    B, _, H, D = q.shape
-    K = q_pos.shape[1]
-    qg = q.reshape(B, K, H // K, D)  # T == 1: heads of a group share their kv head's position
-    rotated = apply_rope(qg, q_pos.reshape(B, K), inv_freq, factor)
-    return rotated.reshape(B, 1, H, D)
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -1,0 +1,193 @@
+"""Cache layouts whose memory is the policy's budget: per-layer capacities and per-layer pools.
+
+A policy's selection (`lcm.cache.compress`) returns each layer as per-head slots [B, K, cap]
+with one static `cap` for every layer and head: the largest budget. Stored that way, a policy
+with smaller budgets in some layers (PyramidKV) or heads (AdaKV) saves nothing. Here the
+selected entries are re-stored so that the bytes are the sum of the budgets:
+
+- layered (PyramidKV): layer l keeps C_l = its largest budget (+ room) slots per head, and the
+  layers sit one after another on the slot axis of one array (`KVCache.layer_slots`);
+- pooled (AdaKV): each layer's heads share one pool of K * (budget + room) slots; every entry
+  carries its kv head (`KVCache.head`), so a head holds as many entries as it won.
+
+`layout="uniform"` keeps one capacity for everything (what decode-time policies need).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from lcm.cache.kv import KVCache, entries_valid
+from lcm.cache.policies import AdaKV, PyramidKV
+
+LAYOUTS = ("compact", "uniform")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {list(LAYOUTS)} (compact: memory "
+                         f"is the policy's budget; uniform: one capacity for all layers and "
+                         f"heads, as decode-time policies need)")
+    return layout
+
+
+def storage(policy, layout: str) -> str:
+    """The cache layout `policy` gets: "layered", "pooled" or "uniform"."""
+    if layout == "uniform" or policy is None:
+        return "uniform"
+    if isinstance(policy, PyramidKV):
+        return "layered"
+    # AdaKV with re-rotated keys (positions="cache") ranks entries per head: kept uniform.
+    if isinstance(policy, AdaKV) and policy.positions == "original":
+        return "pooled"
+    return "uniform"
+
+
+def pool_layer(entries: dict, kept: int, room: int) -> dict:
+    """One layer's per-head entries {k, v [B, K, C, D], pos[, score] [B, K, C], length [B, K]}
+    -> a pool of P = K * (kept + room) slots: {k, v [B, P, D], pos, head[, score] [B, P],
+    length [B, K]}. Each row's entries (at most K * kept of them) come first, head by head."""
+    B, K, C = entries["pos"].shape
+    valid = entries_valid(entries).reshape(B, K * C)
+    order = jnp.argsort(~valid, axis=-1, stable=True)[:, :K * kept]  # entries first
+    keep = jnp.take_along_axis(valid, order, -1)
+    heads = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[:, None], (K, C)).reshape(K * C)
+
+    def take(x, fill):
+        x = x.reshape((B, K * C) + x.shape[3:])
+        idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+        got = jnp.take_along_axis(x, idx, axis=1)
+        got = jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), got, fill)
+        widths = [(0, 0), (0, K * room)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(got.astype(x.dtype), widths, constant_values=fill)
+
+    out = {"k": take(entries["k"], 0), "v": take(entries["v"], 0), "pos": take(entries["pos"], -1),
+           "head": take(jnp.broadcast_to(heads, (B, K * C)).reshape(B, K, C), -1),
+           "length": entries["length"]}
+    if "score" in entries:
+        out["score"] = take(entries["score"], 0)
+    return out
+
+
+def layered(stacked: dict, slots: tuple) -> dict:
+    """Stacked layers {k [L, B, K, C, D], ...} -> one array per field with layer l's first
+    slots[l] slots at offset sum(slots[:l]) ({k [B, K, N, D], pos [B, K, N], ...})."""
+    out = {"length": stacked["length"]}
+    for name, x in stacked.items():
+        if name != "length":
+            out[name] = jnp.concatenate([x[i, :, :, :n] for i, n in enumerate(slots)], axis=2)
+    return out
+
+
+def make_cache(stacked: dict, *, next_pos, step, rotation, slots=None) -> KVCache:
+    """The KVCache of stacked (per-layer) outputs; `slots`: per-layer capacities (layered)."""
+    if slots is not None:
+        stacked = layered(stacked, slots)
+    return KVCache(k=stacked["k"], v=stacked["v"], pos=stacked["pos"], length=stacked["length"],
+                   next_pos=next_pos, score=stacked.get("score"), step=step, rotation=rotation,
+                   head=stacked.get("head"), layer_slots=None if slots is None else tuple(slots))
+
+
+# ------------------------------------------------------------------ decoding: writes in place
+
+def write_uniform(store: dict, index, k, v, position) -> tuple[dict, dict]:
+    """Appends k, v [B, K, D] at position [B] to layer `index` of stacked arrays {k, v
+    [L, B, K, C, D], pos[, score] [L, B, K, C], length [L, B, K]} (a full head overwrites its
+    oldest entry). Returns (store, the layer's entries after the write)."""
+    entries = {name: store[name][index] for name in ("pos", "length")}
+    slot, length = _slots(entries)
+    B, K = slot.shape
+    b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
+    store = dict(store, k=store["k"].at[index, b, h, slot].set(k.astype(store["k"].dtype)),
+                 v=store["v"].at[index, b, h, slot].set(v.astype(store["v"].dtype)),
+                 pos=store["pos"].at[index, b, h, slot].set(
+                     jnp.broadcast_to(position[:, None], (B, K))),
+                 length=store["length"].at[index].set(length))
+    if "score" in store:  # a new entry starts with no accumulated attention (H2O prefill)
+        store["score"] = store["score"].at[index, b, h, slot].set(0.0)
+    return store, {name: store[name][index] for name in ("k", "v", "pos", "length")}
+
+
+def write_layered(store: dict, layer: int, start: int, size: int, k, v, position):
+    """As `write_uniform` for layer `layer` of a layered cache (slots [start, start + size))."""
+    entries = {"pos": store["pos"][:, :, start:start + size], "length": store["length"][layer]}
+    slot, length = _slots(entries)
+    B, K = slot.shape
+    b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
+    at = start + slot
+    store = dict(store, k=store["k"].at[b, h, at].set(k.astype(store["k"].dtype)),
+                 v=store["v"].at[b, h, at].set(v.astype(store["v"].dtype)),
+                 pos=store["pos"].at[b, h, at].set(jnp.broadcast_to(position[:, None], (B, K))),
+                 length=store["length"].at[layer].set(length))
+    out = {name: store[name][:, :, start:start + size] for name in ("k", "v", "pos")}
+    return store, dict(out, length=length)
+
+
+def _slots(entries):
+    """Where each head's new entry goes: slot `length`, or the oldest entry's when full."""
+    C = entries["pos"].shape[-1]
+    full = entries["length"] >= C
+    big = jnp.iinfo(jnp.int32).max
+    oldest = jnp.argmin(jnp.where(entries_valid(entries), entries["pos"], big), -1)
+    slot = jnp.where(full, oldest, entries["length"]).astype(jnp.int32)
+    return slot, jnp.minimum(entries["length"] + 1, C)
+
+
+def write_pooled(store: dict, index, k, v, position) -> tuple[dict, dict]:
+    """Appends one entry per head, k, v [B, K, D], to the pool of layer `index` ({k, v
+    [L, B, P, D], pos, head [L, B, P], length [L, B, K]}) after its entries; when the pool is
+    full each head overwrites its own oldest entry (a head with none drops the token)."""
+    pos, head, length = store["pos"][index], store["head"][index], store["length"][index]
+    B, P = pos.shape
+    K = length.shape[-1]
+    fill = length.sum(-1)  # [B]
+    heads = jnp.arange(K, dtype=jnp.int32)
+    append = (fill + K <= P)[:, None]
+    big = jnp.iinfo(jnp.int32).max
+    mine = ((jnp.arange(P)[None, None] < fill[:, None, None])
+            & (head[:, None] == heads[None, :, None]))
+    oldest = jnp.argmin(jnp.where(mine, pos[:, None], big), -1).astype(jnp.int32)  # [B, K]
+    slot = jnp.where(append, fill[:, None] + heads[None], jnp.where(mine.any(-1), oldest, P))
+    b = jnp.arange(B)[:, None]
+
+    def put(x, value):
+        return x.at[index, b, slot].set(value.astype(x.dtype), mode="drop")
+
+    store = dict(store, k=put(store["k"], k), v=put(store["v"], v),
+                 pos=put(store["pos"], jnp.broadcast_to(position[:, None], (B, K))),
+                 head=put(store["head"], jnp.broadcast_to(heads[None], (B, K))),
+                 length=store["length"].at[index].set(jnp.where(append, length + 1, length)))
+    return store, {name: store[name][index] for name in ("k", "v", "pos", "head", "length")}
+
+
+def pooled_visible(entries, q_pos, *, sliding_window=None):
+    """Bool [B, K, P]: which pool entries kv head k's queries at q_pos [B] see."""
+    P = entries["pos"].shape[-1]
+    K = entries["length"].shape[-1]
+    fill = entries["length"].sum(-1)
+    heads = jnp.arange(K, dtype=jnp.int32)[None, :, None]
+    kp, qp = entries["pos"][:, None], q_pos[:, None, None]
+    vis = ((jnp.arange(P)[None, None] < fill[:, None, None]) & (entries["head"][:, None] == heads)
+           & (kp <= qp) & (qp >= 0))
+    if sliding_window is not None:
+        vis = vis & (kp > qp - sliding_window)
+    return vis
+
+
+def pooled_attention(q, k, v, vis):
+    """q [B, 1, H, D]; pool k, v [B, P, D]; vis [B, K, P] -> [B, 1, H, D] (float32 softmax;
+    a head that sees nothing gives zeros)."""
+    B, _, H, D = q.shape
+    K = vis.shape[1]
+    qg = q.reshape(B, K, H // K, D)
+    s = jnp.einsum("bkgd,bpd->bkgp", qg, k, preferred_element_type=jnp.float32) * (
+        1.0 / math.sqrt(D))
+    s = jnp.where(vis[:, :, None], s, -jnp.inf)
+    m = s.max(-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgp,bpd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, 1, H, D).astype(q.dtype)

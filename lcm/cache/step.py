@@ -1,0 +1,99 @@
+"""The decode step without a decode-time policy, for every `KVCache` layout.
+
+The cache arrays are the loop carry, and each layer writes its new entry in place (a scatter of
+one slot per head), then reads its own slice for attention. The decode-policy step
+(`lcm.cache.prefill._decode_step` with a policy) instead maps layers to new layers, which
+makes XLA copy the whole cache at every step; without a policy nothing but the new entries
+changes, so nothing else is written.
+
+Uniform and pooled caches run the layers under `lax.scan`; a layered cache (a capacity per
+layer) runs them unrolled, each layer on its own static slice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcm.cache import attention as cattn
+from lcm.cache.kv import cache_rotation, rank_positions
+from lcm.cache.layouts import (pooled_attention, pooled_visible, write_layered, write_pooled,
+                               write_uniform)
+from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.positions import apply_rope, rope_frequencies
+
+FIELDS = ("k", "v", "pos", "length", "head", "score")
+
+
+def plain_decode_step(params, cache, tokens, *, cfg):
+    """(logits float32 [B, vocab], cache) for tokens [B] at cache.next_pos; traced inside
+    `_decode_step`'s jit."""
+    position = cache.next_pos
+    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+    x = embed(params, tokens[:, None], cfg)
+    store = {n: getattr(cache, n) for n in FIELDS if getattr(cache, n) is not None}
+    groups = cache.num_heads // cfg.num_kv_heads  # > 1: one entry set per query head
+
+    def project(x, p):
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = project_qkv(h, p)
+        stored = apply_rope(k, position[:, None], inv_freq, factor)
+        if cache.rotation == "cache":
+            stored = k
+        stored, v = jnp.repeat(stored, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        return q, stored[:, 0], v[:, 0]
+
+    def finish(x, out, p):
+        x = x + project_out(out.astype(x.dtype), p)
+        return x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+
+    def attend(q, entries):
+        if cache.head is not None:
+            qr = apply_rope(q, position[:, None], inv_freq, factor)
+            vis = pooled_visible(entries, position, sliding_window=cfg.sliding_window)
+            return pooled_attention(qr, entries["k"], entries["v"], vis)
+        q_pos, keys, k_pos = position[:, None], entries["k"], entries["pos"]
+        if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
+            q_pos, keys = cache_rotation(entries, inv_freq, factor)
+            k_pos = rank_positions(entries)
+        qr = rotate_queries(q, q_pos, inv_freq, factor)
+        vis = cattn.visible(q_pos, k_pos, _valid(entries), sliding_window=cfg.sliding_window)
+        return cattn.attend_cache(cattn.attention_probs(qr, keys, vis), entries["v"], x.dtype)
+
+    if cache.layer_slots is not None:  # unrolled: each layer has its own static slots
+        for i, size in enumerate(cache.layer_slots):
+            p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+            q, k, v = project(x, p)
+            store, entries = write_layered(store, i, cache.layer_offset(i), size, k, v,
+                                           position)
+            x = finish(x, attend(q, entries), p)
+    else:
+        write = write_pooled if cache.head is not None else write_uniform
+
+        def layer(carry, xs):
+            x, store = carry
+            p, index = xs
+            q, k, v = project(x, p)
+            store, entries = write(store, index, k, v, position)
+            return (finish(x, attend(q, entries), p), store), None
+
+        (x, store), _ = jax.lax.scan(layer, (x, store),
+                                     (params["layers"], jnp.arange(cfg.num_layers)))
+    logits = unembed(params, x, cfg)[:, 0]
+    return logits, cache.replace(next_pos=position + 1, **{n: store[n] for n in store})
+
+
+def _valid(entries):
+    C = entries["pos"].shape[-1]
+    return jnp.arange(C, dtype=jnp.int32)[None, None] < entries["length"][..., None]
+
+
+def rotate_queries(q, q_pos, inv_freq, factor):
+    """q [B, 1, H, D] rotated at q_pos [B, 1] (shared) or [B, K, 1] (one position per kv head)."""
+    if q_pos.ndim == 2:
+        return apply_rope(q, q_pos, inv_freq, factor)
+    B, _, H, D = q.shape
+    K = q_pos.shape[1]
+    qg = q.reshape(B, K, H // K, D)  # T == 1: heads of a group share their kv head's position
+    rotated = apply_rope(qg, q_pos.reshape(B, K), inv_freq, factor)
+    return rotated.reshape(B, 1, H, D)

@@ -9,6 +9,7 @@ Overrides:
 
     --config.lengths=2048,8192,16384        causal sequence lengths
     --config.impls=ring,allgather,xla       from ring, allgather, xla, ringattention, tokamax_ring
+    --config.backward=True                  time and size forward + backward (grads of q, k, v)
     --config.repeats=3                      timed runs per cell, after one warm-up run
     --config.max_seconds=120                an implementation slower than this stops growing
     --config.tokamax_max_length=4096        tokamax's interpreted kernel only up to this length
@@ -30,4 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokamax_max_length = 4096
     config.device_memory_gib = 3.0
     config.block = 512
+    config.backward = False
     return config

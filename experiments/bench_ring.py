@@ -16,9 +16,11 @@ inputs:
 
 Per cell: the median wall time over `repeats` runs after a warm-up, and the compiled memory per
 device (arguments + outputs + temporaries from XLA's memory analysis of the partitioned program;
-every simulated device shares this host's RAM). Ratios are to lcm's ring. Then, for ring and
-xla, the longest causal length that fits `device_memory_gib` per device is extrapolated along the
-line through the two longest measured lengths (ring over 8 devices vs one device).
+every simulated device shares this host's RAM). Ratios are to lcm's ring. With
+`backward=True` every cell is the output and the gradients of sum(out * q) (forward + backward).
+Then, for ring and xla, the longest causal length that fits `device_memory_gib` per device is
+extrapolated along the line through the two longest measured lengths (ring over 8 devices vs one
+device).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.run \
         --config=configs/bench_ring.py --workdir=/tmp/bench_ring
@@ -84,6 +86,16 @@ def make_fns(mesh, block: int, length: int, impls) -> dict:
     if "tokamax_ring" in impls:
         fns["tokamax_ring"] = _tokamax_ring(mesh, length)
     return fns
+
+
+def with_gradients(fn):
+    """The output and the gradients (q, k, v) of sum(out * q): a training step's attention."""
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * q), out
+
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(lambda q, k, v: grad(q, k, v)[::-1])
 
 
 def ring_order(length, mesh, block):
@@ -169,6 +181,8 @@ def run(config, workdir: str) -> dict:
         impls = [i for i in impls_all if i not in skipped
                  and not (i == "tokamax_ring" and length > config.tokamax_max_length)]
         fns = make_fns(mesh, config.block, length, impls)
+        if config.backward:
+            fns = {name: with_gradients(fn) for name, fn in fns.items()}
         sharded = inputs(length, mesh, True)
         single = inputs(length, mesh, False)
         order = ring_order(length, mesh, config.block)
@@ -184,6 +198,8 @@ def run(config, workdir: str) -> dict:
                 cells[(impl, length)] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
                 skipped.add(impl)
                 continue
+            if config.backward:
+                out = out[0]  # compare outputs; the gradients are timed and sized with them
             out = np.asarray(order.from_ring(out) if impl in ("ring", "allgather") else out)
             ref = out if ref is None else ref
             errors[(impl, length)] = float(np.abs(out - ref).max())
@@ -207,13 +223,15 @@ def run(config, workdir: str) -> dict:
     summary = dict(cells={f"{i}@{n}": c for (i, n), c in cells.items()},
                    longest_causal_length=reach, ring_vs_single_device=ratio,
                    devices=P, device_memory_gib=config.device_memory_gib,
-                   block=config.block, lengths=list(config.lengths), impls=impls_all)
+                   block=config.block, lengths=list(config.lengths), impls=impls_all,
+                   backward=bool(config.backward))
     return write_summary(workdir, summary, markdown=markdown)
 
 
 def _table(config, impls, cells, reach, ratio) -> str:
     head = "| length | " + " | ".join(impls) + " |"
-    lines = [f"Causal, batch 1, {HEADS} heads, head_dim {HEAD_DIM}, float32, "
+    lines = [f"Causal{', forward + backward' if config.backward else ''}, batch 1, {HEADS} "
+             f"heads, head_dim {HEAD_DIM}, float32, "
              f"{config.num_devices} CPU devices; time (s) / compiled memory per device (MiB) / "
              f"time relative to lcm ring", "", head,
              "|" + "---|" * (len(impls) + 1)]

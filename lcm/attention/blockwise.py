@@ -257,24 +257,29 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # Pre-blocked entry: callers that attend the same queries to many key ranges (ring attention's
 # steps) block q, k, v once and carry float32 statistics across calls, so no step re-lays out
-# its inputs or allocates a partial output to merge. The blocked layout is a reshape of jax.nn's
-# ([B, T, H, D] -> [B, nq, bq, K, G, D]; [B, S, K, D] -> [B, nk, bk, K, D]): blocking and
-# unblocking copy nothing. Loops update the carried arrays in place, one query block at a time.
+# its inputs or allocates a partial output to merge. Queries and outputs are blocked by a reshape
+# ([B, T, H, D] -> [B, nq, bq, K, G, D], no copy); keys and values once into the layout the
+# block matmuls read ([B, S, K, D] -> [B, nk, K, bk, D]). Loops update the carried arrays in
+# place, one query block at a time.
 
 
 def to_blocks(x, block: int, num_kv_heads: int | None = None):
-    """[B, T, N, D] -> [B, T // block, block, N, D], or with `num_kv_heads` (queries)
-    [B, T // block, block, K, N // K, D]. T must be a multiple of block (no padding here)."""
+    """Queries (with `num_kv_heads`): [B, T, H, D] -> [B, T // block, block, K, H // K, D], a
+    reshape. Keys / values (without): [B, S, K, D] -> [B, S // block, K, block, D], one copy.
+    The length must be a multiple of block (no padding here)."""
     B, T, N, D = x.shape
     if T % block:
         raise ValueError(f"length {T} is not a multiple of block={block}: pad before to_blocks")
     if num_kv_heads is None:
-        return x.reshape(B, T // block, block, N, D)
+        return x.reshape(B, T // block, block, N, D).transpose(0, 1, 3, 2, 4)
     return x.reshape(B, T // block, block, num_kv_heads, N // num_kv_heads, D)
 
 
 def from_blocks(x):
-    """Inverse of `to_blocks`: [B, n, block, ...heads, D] -> [B, n * block, heads, D]."""
+    """Inverse of `to_blocks`: query blocks [B, n, block, K, G, D] or key blocks
+    [B, n, K, block, D] -> [B, n * block, heads, D]."""
+    if x.ndim == 5:
+        x = x.transpose(0, 1, 3, 2, 4)
     B, n, b = x.shape[:3]
     return x.reshape(B, n * b, -1, x.shape[-1])
 
@@ -305,8 +310,8 @@ def _rows_back(x):
 
 
 def _scores_blocked(q_blk, k_blk, scale, softcap):
-    """q_blk [B, bq, K, G, D], k_blk [B, bk, K, D] -> float32 logits [B, K, G, bq, bk]."""
-    s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=f32) * scale
+    """q_blk [B, K, G, bq, D], k_blk [B, K, bk, D] -> float32 logits [B, K, G, bq, bk]."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=f32) * scale
     if softcap is None:
         return s, None
     t = jnp.tanh(s / softcap)
@@ -315,16 +320,16 @@ def _scores_blocked(q_blk, k_blk, scale, softcap):
 
 def blocked_forward_step(q, k, v, mask: Mask | None, layout: BlockLayout, carry, *,
                          scale: float, softcap: float | None = None):
-    """Adds the keys k, v [B, nk, bk, K, D] to the statistics `carry` (from `blocked_init`) of
+    """Adds the keys k, v [B, nk, K, bk, D] to the statistics `carry` (from `blocked_init`) of
     queries q [B, nq, bq, K, G, D]: the blockwise forward over `layout` (its union over heads;
     geom of these blocks; `mask` evaluated at local indices for PARTIAL blocks). A query block
     with no visits is left as it was, so a fully masked layout costs no block compute."""
     layout = jax.tree.map(jnp.asarray, layout.shared())
-    geom, K = layout.geom, k.shape[3]
+    geom, K = layout.geom, k.shape[2]
 
     def row(i, carry):
         m_all, l_all, acc_all = carry
-        q_blk = lax.dynamic_index_in_dim(q, i, 1, keepdims=False)
+        q_blk = _rows_last(lax.dynamic_index_in_dim(q, i, 1, keepdims=False))
 
         def visit(t, c):
             m, l, acc = c
@@ -340,7 +345,7 @@ def blocked_forward_step(q, k, v, mask: Mask | None, layout: BlockLayout, carry,
             m_new, m_safe, p = _on_visible(probs, layout.visit_kinds[0, i, t], mask, i, j, geom,
                                            K)
             alpha = jnp.exp(m - m_safe)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype),
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype),
                             lax.dynamic_index_in_dim(v, j, 1, False), preferred_element_type=f32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
@@ -361,15 +366,16 @@ def blocked_delta(out, d_out):
 def blocked_backward_step(q, k, v, d_out, lse, delta, mask: Mask | None, layout: BlockLayout,
                           carry, *, scale: float, softcap: float | None = None):
     """Adds this key range's share of the gradient to carry = (dq [B, nq, bq, K, G, D],
-    dk, dv [B, nk, bk, K, D]), float32. q, d_out [B, nq, bq, K, G, D]; k, v as in
+    dk, dv [B, nk, K, bk, D]), float32. q, d_out [B, nq, bq, K, G, D]; k, v as in
     `blocked_forward_step`; lse [B, nq, bq, K, G] float32 of the merged softmax (+inf: the row
     saw nothing), delta from `blocked_delta` with the merged output."""
     layout = jax.tree.map(jnp.asarray, layout.shared())
-    geom, K = layout.geom, k.shape[3]
+    geom, K = layout.geom, k.shape[2]
 
     def row(i, carry):
         dq_all, dk_all, dv_all = carry
-        q_blk, do_blk = (lax.dynamic_index_in_dim(x, i, 1, False) for x in (q, d_out))
+        q_blk, do_blk = (_rows_last(lax.dynamic_index_in_dim(x, i, 1, False))
+                         for x in (q, d_out))
         lse_blk, delta_blk = (_rows_last(lax.dynamic_index_in_dim(x, i, 1, False))
                               for x in (lse, delta))
 
@@ -383,16 +389,16 @@ def blocked_backward_step(q, k, v, d_out, lse, delta, mask: Mask | None, layout:
                 return jnp.exp(masked(s) - lse_blk[..., None]), tanh
 
             p, tanh = _on_visible(probs, layout.visit_kinds[0, i, t], mask, i, j, geom, K)
-            dv = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_blk.dtype), do_blk,
+            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
                             preferred_element_type=f32)
-            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk, preferred_element_type=f32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=f32)
             ds = p * (dp - delta_blk[..., None])
             if softcap is not None:
                 ds = ds * (1.0 - tanh * tanh)
             ds = ds * scale
-            dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_blk.dtype), k_blk,
+            dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_blk.dtype), k_blk,
                                  preferred_element_type=f32)
-            dk = jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_blk.dtype), q_blk,
+            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_blk.dtype), q_blk,
                             preferred_element_type=f32)
             dk_all = lax.dynamic_update_index_in_dim(
                 dk_all, lax.dynamic_index_in_dim(dk_all, j, 1, False) + dk, j, 1)
@@ -400,8 +406,8 @@ def blocked_backward_step(q, k, v, d_out, lse, delta, mask: Mask | None, layout:
                 dv_all, lax.dynamic_index_in_dim(dv_all, j, 1, False) + dv, j, 1)
             return dq, dk_all, dv_all
 
-        dq = lax.dynamic_index_in_dim(dq_all, i, 1, False)
+        dq = _rows_last(lax.dynamic_index_in_dim(dq_all, i, 1, False))
         dq, dk_all, dv_all = lax.fori_loop(0, layout.counts[0, i], visit, (dq, dk_all, dv_all))
-        return lax.dynamic_update_index_in_dim(dq_all, dq, i, 1), dk_all, dv_all
+        return lax.dynamic_update_index_in_dim(dq_all, _rows_back(dq), i, 1), dk_all, dv_all
 
     return lax.fori_loop(0, geom.num_q_blocks, row, carry)

@@ -29,18 +29,20 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.block_sparse.common import alibi_bias, pad_axis
 from kernels.block_sparse.gpu_checks import _defaults, _Params, _prepare
-from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_layout
+from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_visits
 
 f32 = jnp.float32
 
-def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
+def block_sparse_attention_gpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=64, block_k=64, num_warps=None, num_stages=None,
-                               interpret=False, alibi_slopes=None, mask_tables=None):
+                               interpret=False, alibi_slopes=None, mask_tables=None,
+                               visit_kinds=None):
     """softmax(q k^T * scale) v over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
-    kinds int32 [Lh, nq, nk], kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] (see
-    layout.py), Lh in {1, K}, nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced.
+    kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] and either visit_kinds int32
+    [Lh, nq, max_visits] (compressed) or the dense kinds int32 [Lh, nq, nk] (see layout.py),
+    Lh in {1, K}, nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced.
     Backward walks the transpose of exactly the blocks the forward visited. mask_fn follows
     reference.py's protocol; segment ids [B, T] / [B, S] only reach mask_fn. Returns [B, T, H, D] in
     q's dtype; rows with no visible key are zeros. alibi_slopes: None or H concrete floats, the
@@ -51,7 +53,7 @@ def block_sparse_attention_gpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=Non
     p, segs, layout, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
                                        q_segment_ids, kv_segment_ids, scale, softcap, block_q,
                                        block_k, num_warps, num_stages, interpret, alibi_slopes,
-                                       mask_tables)
+                                       mask_tables, visit_kinds)
     return _attention(p, q, k, v, segs, layout, tables)
 
 
@@ -147,7 +149,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
         k_seg = None if kv_seg_ref is None else kv_seg_ref[keys][None, :]
         s, _ = _logits(q, k_ref[keys, :], p)
         s = _biased(s, slopes_ref, h, i, j, p)
-        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p, h, tables)
+        s = _masked(s, kinds_ref[i, t], i, j, q_seg, k_seg, p, h, tables)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -182,7 +184,7 @@ def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
         k, v = k_ref[keys, :], v_ref[keys, :]
         s, tanh = _logits(q, k, p)
         s = _biased(s, slopes_ref, h, i, j, p)
-        s = _masked(s, kinds_ref[i, j], i, j, q_seg, k_seg, p, h, tables)
+        s = _masked(s, kinds_ref[i, t], i, j, q_seg, k_seg, p, h, tables)
         ds = _dlogits(s, tanh, lse, delta, _dot(do, v, ((1,), (1,))), p)
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
 
@@ -216,7 +218,7 @@ def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, d
             q_seg = None if q_seg_ref is None else q_seg_ref[rows][:, None]
             s, tanh = _logits(q, k, p)
             s = _biased(s, slopes_ref, kv_head * p.group + g, i, j, p)
-            s = _masked(s, kinds_t_ref[j, i], i, j, q_seg, k_seg, p, kv_head * p.group + g,
+            s = _masked(s, kinds_t_ref[j, t], i, j, q_seg, k_seg, p, kv_head * p.group + g,
                         tables)
             lse, delta = lse_ref[g, rows][:, None], delta_ref[g, rows][:, None]
             pr = jnp.exp(s - lse)
@@ -247,12 +249,13 @@ def _compiler_params(p: _Params, head_dim):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _layout_specs(p: _Params, rows, cols, visits):
-    """Specs for kinds, visits, counts of one layout head: h // group when per KV head, else 0."""
+def _layout_specs(p: _Params, rows, visits):
+    """Specs for visit kinds, visits, counts of one layout head: h // group when per KV head,
+    else 0."""
     def lh(h):
         return lax.div(h, p.group) if p.per_head_layout else 0
 
-    return [pl.BlockSpec((None, rows, cols), lambda x, b, h: (lh(h), 0, 0)),
+    return [pl.BlockSpec((None, rows, visits), lambda x, b, h: (lh(h), 0, 0)),
             pl.BlockSpec((None, rows, visits), lambda x, b, h: (lh(h), 0, 0)),
             pl.BlockSpec((None, rows), lambda x, b, h: (lh(h), 0))]
 
@@ -289,10 +292,10 @@ def _slopes_length(p: _Params):
     return max(16, pl.next_power_of_2(len(p.alibi)))  # Triton blocks: powers of two
 
 
-def _clipped(layout):
+def _clipped(layout, p: _Params):
     """Out-of-range entries would read outside K/V on a GPU; clip them instead of faulting."""
     kinds, kv_blocks, counts = layout
-    return (kinds, jnp.clip(kv_blocks, 0, kinds.shape[-1] - 1),
+    return (kinds, jnp.clip(kv_blocks, 0, -(-p.kv_len // p.block_k) - 1),
             jnp.clip(counts, 0, kv_blocks.shape[-1]))
 
 
@@ -316,17 +319,17 @@ def _padded_inputs(p: _Params, q, k, v, segs):
 
 def _forward(p: _Params, q, k, v, segs, layout, tables):
     """(out [B, T, H, D], lse float32 [B, H, Tp])."""
-    kinds, kv_blocks, counts = _clipped(layout)
+    kinds, kv_blocks, counts = _clipped(layout, p)
     tables = _padded_tables(tables)
     B, T, H, D = q.shape
     qp, kp, vp, seg_args = _padded_inputs(p, q, k, v, segs)
     Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
-    nq, nk = kinds.shape[1:]
+    nq = kv_blocks.shape[1]
     q_spec, kv_spec, row_spec, seg_specs = _row_specs(p, Sp, Dp)
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, p=p),
         grid=(nq, B, H),
-        in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
+        in_specs=[*_layout_specs(p, nq, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
                   *seg_specs, *_table_specs(tables)],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -338,21 +341,15 @@ def _forward(p: _Params, q, k, v, segs, layout, tables):
     return out[:, :T, :, :D], lse
 
 
-def _visited_kinds(kinds, kv_blocks, counts):
-    """The kinds of the blocks the forward really visited (SKIP elsewhere), so backward matches.
-
-    A visited block listed as SKIP was masked like PARTIAL, so it becomes PARTIAL.
-    """
-    Lh, nq, visits = kv_blocks.shape
-    real = jnp.arange(visits, dtype=jnp.int32)[None, None, :] < counts[:, :, None]
-    heads = jnp.broadcast_to(jnp.arange(Lh)[:, None, None], kv_blocks.shape)
-    rows = jnp.broadcast_to(jnp.arange(nq)[None, :, None], kv_blocks.shape)
-    visited = jnp.zeros(kinds.shape, bool).at[heads, rows, kv_blocks].max(real)
-    return jnp.where(visited, jnp.maximum(kinds, PARTIAL), SKIP)
+def _visited_kinds(kinds, counts):
+    """The kinds of the visits the forward really made: a real visit listed as SKIP was masked
+    like PARTIAL, so it becomes PARTIAL (backward then matches the forward)."""
+    real = jnp.arange(kinds.shape[-1], dtype=jnp.int32)[None, None, :] < counts[:, :, None]
+    return jnp.where(real, jnp.maximum(kinds, PARTIAL), SKIP)
 
 
 def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
-    kinds, kv_blocks, counts = _clipped(layout)
+    kinds, kv_blocks, counts = _clipped(layout, p)
     tables = _padded_tables(tables)
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -362,7 +359,7 @@ def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=3)     # [B, T, H]
     delta = pad_axis(delta.transpose(0, 2, 1), 2, Tp)                # [B, H, Tp]
     bk, G = p.block_k, p.group
-    nq, nk = kinds.shape[1:]
+    nq, nk = kv_blocks.shape[1], -(-S // bk)
     params = _compiler_params(p, Dp)
 
     # dQ: the forward's grid and row layout.
@@ -370,7 +367,7 @@ def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, p=p),
         grid=(nq, B, H),
-        in_specs=[*_layout_specs(p, nq, nk, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
+        in_specs=[*_layout_specs(p, nq, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
                   q_spec, row_spec, row_spec, *seg_specs, *_table_specs(tables)],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -380,7 +377,8 @@ def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
     )(kinds, kv_blocks, counts, qp, kp, vp, dop, lse, delta, *seg_args, *tables)
 
     # dK/dV: per key block j and KV head, the query blocks (of all G heads) that visit it.
-    kinds_t, q_blocks, counts_t = transpose_layout(_visited_kinds(kinds, kv_blocks, counts))
+    q_blocks, kinds_t, counts_t = transpose_visits(kv_blocks, _visited_kinds(kinds, counts),
+                                                   counts, nk)
     heads_spec = pl.BlockSpec((None, Tp, None, G, Dp), lambda j, b, h: (b, 0, h, 0, 0))
     kblock_spec = pl.BlockSpec((None, bk, None, Dp), lambda j, b, h: (b, j, h, 0))
     stats_spec = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
@@ -391,7 +389,7 @@ def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
         functools.partial(_dkdv_kernel, p=p),
         grid=(nk, B, K),
         # transposed layouts are per KV head already, so the head map is the identity
-        in_specs=[*_layout_specs(dataclasses.replace(p, group=1), nk, nq, q_blocks.shape[-1]),
+        in_specs=[*_layout_specs(dataclasses.replace(p, group=1), nk, q_blocks.shape[-1]),
                   heads_spec, kblock_spec, kblock_spec, heads_spec, stats_spec, stats_spec,
                   *seg_specs, *_table_specs(tables)],
         out_specs=[kblock_spec, kblock_spec],

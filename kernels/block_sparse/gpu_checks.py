@@ -39,13 +39,14 @@ class _Params:
 
 
 
-_OPTIONS = dict(mask_fn=None, q_segment_ids=None, kv_segment_ids=None, softcap=None, block_q=64,
+_OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
+                kv_segment_ids=None, softcap=None, block_q=64,
                 block_k=64, num_warps=None, num_stages=None, interpret=False, alibi_slopes=None,
                 mask_tables=None)
 
 
 def _defaults(kwargs):
-    unknown = set(kwargs) - set(_OPTIONS) - {"kinds", "kv_blocks", "counts", "scale"}
+    unknown = set(kwargs) - set(_OPTIONS) - {"kv_blocks", "counts", "scale"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; expected those of "
                          f"block_sparse_attention_gpu")
@@ -54,19 +55,23 @@ def _defaults(kwargs):
 
 def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
              softcap, block_q, block_k, num_warps, num_stages, interpret, alibi_slopes,
-             mask_tables=None):
+             mask_tables=None, visit_kinds=None):
     """(static parameters, segment ids or None, layout arrays, mask tables: a tuple of 1-D int32
     arrays, empty unless mask_fn is head-aware), validated before tracing."""
-    p = _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids,
-               scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
+    p = _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_segment_ids,
+               kv_segment_ids, scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
     tables = check_mask_tables(mask_tables, mask_fn)
     p = dataclasses.replace(p, alibi=check_alibi_slopes(alibi_slopes, q.shape[2]),
                             n_tables=len(tables))
     segs = None
     if p.segments:
         segs = (jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32))
-    layout = (jnp.asarray(kinds, jnp.int32), jnp.asarray(kv_blocks, jnp.int32),
-              jnp.asarray(counts, jnp.int32))
+    kv_blocks = jnp.asarray(kv_blocks, jnp.int32)
+    if visit_kinds is None:  # the kernels take kinds per visit
+        nk = -(-p.kv_len // p.block_k)
+        visit_kinds = jnp.take_along_axis(jnp.asarray(kinds, jnp.int32),
+                                          jnp.clip(kv_blocks, 0, nk - 1), axis=-1)
+    layout = (jnp.asarray(visit_kinds, jnp.int32), kv_blocks, jnp.asarray(counts, jnp.int32))
     return p, segs, layout, tables
 
 
@@ -74,7 +79,7 @@ def _is_pow2_block(b):
     return isinstance(b, int) and not isinstance(b, bool) and b >= 16 and b & (b - 1) == 0
 
 
-def _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, softcap,
+def _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, softcap,
            block_q, block_k, num_warps, num_stages, interpret) -> _Params:
     """Validates everything static before tracing; returns the call's static parameters."""
     for name, b in (("block_q", block_q), ("block_k", block_k)):
@@ -95,17 +100,28 @@ def _check(q, k, v, kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, sof
         raise ValueError(f"q, k, v dtypes ({q.dtype}, {k.dtype}, {v.dtype}) must be equal and "
                          f"one of {[str(d) for d in _DTYPES]}")
     nq, nk = -(-T // block_q), -(-S // block_k)
-    kinds_shape = tuple(jnp.shape(kinds))
-    if len(kinds_shape) != 3 or kinds_shape[0] not in (1, K) or kinds_shape[1:] != (nq, nk):
-        raise ValueError(f"kinds.shape={kinds_shape}; expected (Lh, {nq}, {nk}) with Lh in "
-                         f"(1, {K}) for T={T}, S={S}, block_q={block_q}, block_k={block_k}")
-    Lh = kinds_shape[0]
+    if (kinds is None) == (visit_kinds is None):
+        raise ValueError("pass the layout's kinds either per visit (visit_kinds [Lh, nq, "
+                         "max_visits], the compressed form) or dense (kinds [Lh, nq, nk]), "
+                         "exactly one of them")
     kb_shape = tuple(jnp.shape(kv_blocks))
+    if kinds is not None:
+        kinds_shape = tuple(jnp.shape(kinds))
+        if len(kinds_shape) != 3 or kinds_shape[0] not in (1, K) or kinds_shape[1:] != (nq, nk):
+            raise ValueError(f"kinds.shape={kinds_shape}; expected (Lh, {nq}, {nk}) with Lh in "
+                             f"(1, {K}) for T={T}, S={S}, block_q={block_q}, block_k={block_k}")
+        Lh = kinds_shape[0]
+    else:
+        Lh = kb_shape[0] if len(kb_shape) == 3 and kb_shape[0] in (1, K) else f"1 or {K}"
+        if tuple(jnp.shape(visit_kinds)) != kb_shape:
+            raise ValueError(f"visit_kinds.shape={tuple(jnp.shape(visit_kinds))}; expected the "
+                             f"shape of kv_blocks {kb_shape}")
     if len(kb_shape) != 3 or kb_shape[:2] != (Lh, nq) or kb_shape[2] < 1:
         raise ValueError(f"kv_blocks.shape={kb_shape}; expected ({Lh}, {nq}, max_visits >= 1)")
     if tuple(jnp.shape(counts)) != (Lh, nq):
         raise ValueError(f"counts.shape={tuple(jnp.shape(counts))}; expected ({Lh}, {nq})")
-    for name, x in (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts)):
+    named = ("kinds", kinds) if kinds is not None else ("visit_kinds", visit_kinds)
+    for name, x in (named, ("kv_blocks", kv_blocks), ("counts", counts)):
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise ValueError(f"{name} dtype {jnp.result_type(x)}; expected an integer dtype")
     if mask_fn is not None and not callable(mask_fn):

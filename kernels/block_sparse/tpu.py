@@ -35,9 +35,8 @@ from kernels.block_sparse.common import (
     num_blocks,
     online_softmax_step,
     pad_axis,
-    visit_kinds,
 )
-from kernels.block_sparse.layout import FULL, transpose_layout
+from kernels.block_sparse.layout import FULL, transpose_visits
 from kernels.block_sparse.tpu_checks import _check_inputs, _defaults, _prepare
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile, and the width of the m/l scratch rows.
@@ -49,18 +48,20 @@ _PARALLEL4 = (pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
 
 
 
-def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=None,
+def block_sparse_attention_tpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=128, block_k=128, interpret=False, max_q_visits=None,
-                               alibi_slopes=None, mask_tables=None):
+                               alibi_slopes=None, mask_tables=None, visit_kinds=None):
     """Attention over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
-    kinds [Lh, nq, nk], kv_blocks [Lh, nq, max_visits], counts [Lh, nq] int32 (layout.py), with
-    Lh 1 or K, nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced. mask_fn follows
+    kv_blocks [Lh, nq, max_visits], counts [Lh, nq] and either visit_kinds [Lh, nq, max_visits]
+    (the compressed layout) or the dense kinds [Lh, nq, nk], int32 (layout.py), with Lh 1 or K,
+    nq = ceil(T / block_q), nk = ceil(S / block_k); they may be traced. The kernels only ever
+    take the visit lists: backward transposes them without a dense grid (O(visits)). mask_fn follows
     reference.py's protocol and may capture no array (a Pallas kernel takes none): runtime data
     reaches it as q_seg / k_seg, from q_segment_ids [B or 1, T] / kv_segment_ids [B or 1, S].
     max_q_visits (static) bounds the query blocks that visit one key block (the dK/dV grid);
-    default: exact when kinds is concrete, else nq. A bound that is too small drops gradients.
+    default: exact when the layout is concrete, else nq. A bound that is too small drops gradients.
     interpret: False on TPU; True or pltpu.InterpretParams() on CPU. Returns [B, T, H, D] in q's
     dtype; rows that see no key are zeros. Differentiable w.r.t. q, k, v.
 
@@ -79,7 +80,7 @@ def block_sparse_attention_tpu(q, k, v, *, kinds, kv_blocks, counts, mask_fn=Non
     st, layout, segs, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
                                         q_segment_ids, kv_segment_ids, scale, softcap, block_q,
                                         block_k, interpret, max_q_visits, alibi_slopes,
-                                        mask_tables)
+                                        mask_tables, visit_kinds)
     return _attention(st, q, k, v, layout, segs, tables)
 
 
@@ -126,8 +127,8 @@ def _kv_heads_major(x, length):
 
 def _flat_layout(kinds, blocks, counts):
     """Scalar-prefetch operands, flat (1-D arrays pad least in SMEM): each visit packed as
-    block << 2 | kind (half the SMEM of two arrays), and the counts."""
-    kind = jnp.clip(visit_kinds(kinds, blocks), 0, 3)
+    block << 2 | kind (half the SMEM of two arrays), and the counts. kinds are per visit."""
+    kind = jnp.clip(kinds, 0, 3)
     return (jnp.left_shift(blocks, 2) | kind).reshape(-1), counts.reshape(-1)
 
 
@@ -409,7 +410,7 @@ def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
         specs=specs, out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype), out_specs=specs.q,
         scratch=[pltpu.VMEM((G, st.block_q, D), f32)])
 
-    kinds_t, q_blocks, counts_t = transpose_layout(kinds, st.max_q_visits)
+    q_blocks, kinds_t, counts_t = transpose_visits(kv_blocks, kinds, counts, nk, st.max_q_visits)
     width_t = q_blocks.shape[-1]
     specs = _make_specs(st, G, D, nk, width_t, q_major=False)
     dk4, dv4 = _pallas(

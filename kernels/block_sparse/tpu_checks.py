@@ -12,10 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels.block_sparse.common import (check_alibi_slopes, check_mask_tables, num_blocks,
                                          pad_axis)
+from kernels.block_sparse.layout import max_q_visits_of
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile
 
@@ -37,13 +37,14 @@ class _Static:
     n_tables: int = 0  # > 0: mask_fn is head-aware and reads this many SMEM tables
 
 
-_OPTIONS = dict(mask_fn=None, q_segment_ids=None, kv_segment_ids=None, softcap=None,
+_OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
+                kv_segment_ids=None, softcap=None,
                 block_q=128, block_k=128, interpret=False, max_q_visits=None, alibi_slopes=None,
                 mask_tables=None)
 
 
 def _defaults(kwargs):
-    unknown = set(kwargs) - set(_OPTIONS) - {"kinds", "kv_blocks", "counts", "scale"}
+    unknown = set(kwargs) - set(_OPTIONS) - {"kv_blocks", "counts", "scale"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; expected those of "
                          f"block_sparse_attention_tpu")
@@ -51,14 +52,15 @@ def _defaults(kwargs):
 
 
 def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
-             softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes, mask_tables=None):
+             softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes, mask_tables=None,
+             visit_kinds=None):
     """Validates everything static; returns (static config, layout arrays, segment ids, mask
     tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware)."""
     B, T, H, _, S, K = _check_inputs(q, k, v)
     segmented = mask_fn is not None and q_segment_ids is not None
     _check_blocks(block_q, block_k, interpret, segmented)
     nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
-    per_head = _check_layout(kinds, kv_blocks, counts, nq, nk, K)
+    per_head = _check_layout(kinds, visit_kinds, kv_blocks, counts, nq, nk, K)
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale={scale!r}; expected a positive float")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
@@ -68,10 +70,13 @@ def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segme
         segs = None  # segment ids only ever reach the mask through mask_fn
     tables = check_mask_tables(mask_tables, mask_fn)
     st = _Static(mask_fn, float(scale), None if softcap is None else float(softcap), block_q,
-                 block_k, T, S, per_head, _q_visit_bound(kinds, nq, max_q_visits), interpret,
+                 block_k, T, S, per_head, _q_visit_bound(kv_blocks, counts, nq, nk, max_q_visits),
+                 interpret,
                  check_alibi_slopes(alibi_slopes, H), len(tables))
-    layout = (jnp.asarray(kinds, jnp.int32), jnp.clip(jnp.asarray(kv_blocks, jnp.int32), 0, nk - 1),
-              jnp.asarray(counts, jnp.int32))
+    kv_blocks = jnp.clip(jnp.asarray(kv_blocks, jnp.int32), 0, nk - 1)
+    if visit_kinds is None:
+        visit_kinds = jnp.take_along_axis(jnp.asarray(kinds, jnp.int32), kv_blocks, axis=-1)
+    layout = (jnp.asarray(visit_kinds, jnp.int32), kv_blocks, jnp.asarray(counts, jnp.int32))
     return st, layout, segs, tables
 
 
@@ -111,33 +116,47 @@ def _check_blocks(block_q, block_k, interpret, segmented):
                 f"whose [1, block_k] block Mosaic tiles by 128 lanes; 128 or more is fastest)")
 
 
-def _check_layout(kinds, kv_blocks, counts, nq, nk, K):
+def _check_layout(kinds, visit_kinds, kv_blocks, counts, nq, nk, K):
+    """Checks the layout: the dense `kinds` or the per-visit `visit_kinds` (exactly one)."""
+    if (kinds is None) == (visit_kinds is None):
+        raise ValueError("pass the layout's kinds either per visit (visit_kinds [Lh, nq, "
+                         "max_visits], the compressed form) or dense (kinds [Lh, nq, nk]), "
+                         "exactly one of them")
     shapes = {n: getattr(x, "shape", None) for n, x in
               (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts))}
-    ks = shapes["kinds"]
-    if ks is None or len(ks) != 3 or ks[0] not in (1, K) or tuple(ks[1:]) != (nq, nk):
-        raise ValueError(f"kinds has shape {ks}; expected (Lh, nq, nk) = (1 or {K}, {nq}, {nk}) "
-                         f"for these lengths and block sizes")
-    Lh = ks[0]
     kb = shapes["kv_blocks"]
-    if kb is None or len(kb) != 3 or tuple(kb[:2]) != (Lh, nq) or kb[2] < 1:
-        raise ValueError(f"kv_blocks has shape {kb}; expected ({Lh}, {nq}, max_visits >= 1)")
+    if kinds is not None:
+        ks = shapes["kinds"]
+        if ks is None or len(ks) != 3 or ks[0] not in (1, K) or tuple(ks[1:]) != (nq, nk):
+            raise ValueError(f"kinds has shape {ks}; expected (Lh, nq, nk) = (1 or {K}, {nq}, "
+                             f"{nk}) for these lengths and block sizes")
+        Lh = ks[0]
+    else:
+        Lh = kb[0] if kb is not None and len(kb) == 3 and kb[0] in (1, K) else None
+    if Lh is None or kb is None or len(kb) != 3 or tuple(kb[:2]) != (Lh, nq) or kb[2] < 1:
+        raise ValueError(f"kv_blocks has shape {kb}; expected ({Lh or f'1 or {K}'}, {nq}, "
+                         f"max_visits >= 1)")
+    if visit_kinds is not None and getattr(visit_kinds, "shape", None) != kb:
+        raise ValueError(f"visit_kinds has shape {getattr(visit_kinds, 'shape', None)}; expected "
+                         f"the shape of kv_blocks {kb}")
     if shapes["counts"] is None or tuple(shapes["counts"]) != (Lh, nq):
         raise ValueError(f"counts has shape {shapes['counts']}; expected ({Lh}, {nq})")
-    for name, x in (("kinds", kinds), ("kv_blocks", kv_blocks), ("counts", counts)):
+    given = kinds if kinds is not None else visit_kinds
+    for name, x in (("kinds" if kinds is not None else "visit_kinds", given),
+                    ("kv_blocks", kv_blocks), ("counts", counts)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name}.dtype={x.dtype}; expected an integer dtype (int32)")
     return Lh == K and K > 1
 
 
-def _q_visit_bound(kinds, nq, max_q_visits):
+def _q_visit_bound(kv_blocks, counts, nq, nk, max_q_visits):
     if max_q_visits is not None:
         if not isinstance(max_q_visits, int) or not 1 <= max_q_visits <= nq:
             raise ValueError(f"max_q_visits={max_q_visits!r}; expected an int in [1, nq={nq}]")
         return max_q_visits
-    if isinstance(kinds, jax.core.Tracer):
+    if isinstance(kv_blocks, jax.core.Tracer) or isinstance(counts, jax.core.Tracer):
         return nq
-    return max(int((np.asarray(kinds) != 0).sum(-2).max()), 1)
+    return max_q_visits_of(kv_blocks, counts, nk)
 
 
 def _prepare_segments(q_seg, kv_seg, B, T, S, Tp, Sp):

@@ -8,8 +8,6 @@ the query heads of a group share one K/V block fetch and skip only what all of t
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from lcm.attention.kernel_masks import kernel_mask
 from lcm.attention.layout import mask_layout
@@ -75,19 +73,11 @@ def _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform, alibi
     mask_fn, q_seg, kv_seg, tables = kernel_mask(mask, offset=S - T, block_q=block_q,
                                                  block_k=block_k, grouped=H != K)
     layout = mask_layout(mask, T, S, block_q, block_k, num_heads=H, num_kv_heads=K)
-    max_q_visits = None
-    if isinstance(layout.counts, np.ndarray):
-        # The exact dK/dV grid bound, on the host; the kernels' dense kinds are then scattered
-        # from the visit lists at run time, so no O(nq * nk) constant enters the program.
-        max_q_visits = max(int((layout.kinds != 0).sum(-2).max()), 1)
-    dense_kinds = jax.tree.map(jnp.asarray, layout).kinds
-    return platform, dict(kinds=dense_kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
+    # The kernels take the compressed layout (per-visit kinds); the TPU kernel derives its exact
+    # dK/dV grid bound from a static layout's visit lists on the host.
+    return platform, dict(visit_kinds=layout.visit_kinds, kv_blocks=layout.kv_blocks,
+                          counts=layout.counts,
                           mask_fn=mask_fn, mask_tables=tables, q_segment_ids=q_seg,
                           kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
                           block_q=block_q, block_k=block_k,
-                          alibi_slopes=alibi_slopes, **_q_visits(platform, max_q_visits))
-
-
-def _q_visits(platform, max_q_visits):
-    """The TPU kernel takes the dK/dV grid bound; the GPU kernel sizes its own."""
-    return {} if platform == "gpu" else {"max_q_visits": max_q_visits}
+                          alibi_slopes=alibi_slopes)

@@ -13,7 +13,8 @@ masks holding arrays (Document, data-dependent BlockMask, VerticalSlash) answer 
 `jit`. `&` and `|` combine any masks. Masks are pytrees, so they cross `jit` boundaries.
 
 Index masks (Causal, Local, SinkWindow, Chunked, PrefixLM) are pure functions of positions, so
-kernels evaluate them in-kernel; see `kernel_mask_fn` in lcm.attention.kernel_masks.
+kernels evaluate them in-kernel; masks holding per-head arrays (VerticalSlash, BlockMask) reach
+the kernels as per-head index tables. See `kernel_mask` in lcm.attention.kernel_masks.
 """
 
 from __future__ import annotations

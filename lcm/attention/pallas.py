@@ -2,7 +2,9 @@
 
 On a TPU the Mosaic kernel runs compiled; on a GPU the Triton kernel; on a CPU the TPU kernel
 runs in Pallas' interpret mode (slow: for tests and small checks). The layout is per KV head, so
-the query heads of a group share one K/V block fetch and skip only what all of them skip.
+the query heads of a group share one K/V block fetch and skip only what all of them skip; masks
+with per-head data (VerticalSlash, per-head BlockMask) are then applied per query head in-kernel
+from index tables (kernel_masks.py). The kernels take the compressed layout (per-visit kinds).
 """
 
 from __future__ import annotations

@@ -100,6 +100,28 @@ def test_head_aware_mask_lowers_for_tpu():
     assert text.count("tpu_custom_call") == 3
 
 
+def test_head_aware_mask_lowers_for_gpu():
+    """The Triton kernels with table inputs and scalar loops lower for an (abstract) H100."""
+    q, k, v, _, fn, tables = case(0, T=200, S=300, D=64)
+    kinds = np.ones((2, 4, 5), np.int32)
+    kv_blocks, counts = layout_from_kinds(kinds)
+
+    def loss(q, k, v):
+        out = block_sparse_attention_gpu(
+            q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=fn,
+            mask_tables=tables, scale=0.1, block_q=64, block_k=64)
+        return out.sum()
+
+    args = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None,
+                                         platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=device)):
+        text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3  # fwd, dQ, dK/dV
+
+
 @pytest.mark.parametrize("kernel", [block_sparse_attention_tpu, block_sparse_attention_gpu])
 @pytest.mark.parametrize("tables, match", [
     ((jnp.zeros((2, 3), jnp.int32),), r"mask_tables\[0\] has shape \(2, 3\)"),

@@ -230,7 +230,7 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     across two calls, equal one dense pass; each range's backward with the merged lse sums to
     the reference gradient (FULL, PARTIAL and skipped blocks; documents; GQA)."""
     from kernels.block_sparse.layout import layout_from_kinds
-    from lcm.attention import blockwise as bw
+    from lcm.attention import blocked as bw
     from lcm.attention.layout import BlockLayout, mask_layout
     from lcm.attention.masks import BlockGeometry
     from lcm.sharding.ring_layout import PlacedMask

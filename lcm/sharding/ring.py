@@ -2,10 +2,11 @@
 
 Each of the P devices of `axis_name` keeps its query shard; K/V shards travel device d -> d + 1
 with `ppermute`. At ring step s device d holds the keys of device (d - s) mod P and runs the
-`xla` backend's blockwise computation (`lcm.attention.blockwise.blocked_forward_step`) over the
-slice of the global block layout for (d, s). q, k, v are blocked once (a reshape), K/V travel
-blocked, and the float32 online-softmax statistics are carried across steps and updated in place:
-no step re-lays out its inputs or allocates a partial output to merge. The next shard's transfer
+`xla` backend's blockwise computation (`lcm.attention.blocked.blocked_forward_step`) over the
+slice of the global block layout for (d, s). q, k, v are blocked once per call (q by a reshape,
+K/V into the block matmuls' layout), K/V travel blocked, and the float32 online-softmax
+statistics are carried across steps and updated in place: no step re-lays out its inputs or
+allocates a partial output to merge. The next shard's transfer
 is issued before the current block's compute so the two can overlap. A fully masked block pair
 visits no block (no compute), and steps no device needs (e.g. Local(w) with w shorter than a
 shard) are not run, nor their transfers.
@@ -26,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcm.attention.blockwise import (blocked_backward_step, blocked_delta, blocked_finish,
-                                     blocked_forward_step, blocked_init, blockwise_attention,
-                                     from_blocks, to_blocks)
+from lcm.attention.blocked import (blocked_backward_step, blocked_delta, blocked_finish,
+                                   blocked_forward_step, blocked_init, from_blocks, to_blocks)
+from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.masks import Mask
 from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
                                       placed_mask, static_kinds, step_layout)
@@ -194,7 +195,7 @@ def _shift(x, axis_name, P, hops=1):
 
 
 def _blocks(st, q, k, v):
-    """The blocked views (reshapes, no copies) the local steps consume."""
+    """The blocked q (a reshape) and K/V (one copy each) the local steps consume."""
     K = k.shape[2]
     return (to_blocks(q, st.plan.block_q, K), to_blocks(k, st.plan.block_k),
             to_blocks(v, st.plan.block_k))

@@ -3,15 +3,15 @@ against the forward-only greedy loop (`lcm.eval.greedy_generate`, what Self-Exte
 before) and against plain-RoPE decoding (`lcm.cache`), in one process.
 
 For each context length (batch 1, float32, a random prompt): prefill once under Self-Extend
-(`window`, `group_size`), then time `decode_steps` greedy steps of the extended cache, one jitted
-`lax.fori_loop` after a warm-up run that compiles, the fastest of `repeats` runs (the machine
-may be shared). The same for plain RoPE's `lcm.cache.decode_step` on the same prompt: the cost
-of re-rotating un-rotated keys every step. For each of `forward_contexts`: the forward-only loop
-generating `forward_steps` tokens (each one a full forward over prompt + generated tokens),
-timed the same way. Ratios are tokens/s over the peer's; the forward-only ratio pairs each
-context with the forward-only loop at the same context when it was measured. CPU seconds per
-token (this process, all threads) are printed beside: on a shared machine they move less than
-wall time.
+(`window`, `group_size`), then time `decode_steps` greedy steps of the extended cache, one
+jitted `lax.fori_loop` after a warm-up run that compiles, the fastest of `repeats` runs (the
+machine may be shared). The same for plain RoPE's `lcm.cache.decode_step` on the same prompt,
+its runs alternating with the extended ones: the cost of re-rotating un-rotated keys every step.
+For each of `forward_contexts`: the forward-only loop generating `forward_steps` tokens (each
+one a full forward over prompt + generated tokens), timed the same way. Ratios are tokens/s over
+the peer's; the forward-only ratio pairs each context with the forward-only loop at the same
+context when it was measured. CPU seconds per token (this process, all threads) are printed
+beside: on a shared machine they move less than wall time.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def _decode_loop(step_fn, cfg, steps):
     return loop
 
 
-def decode_seconds(params, cfg, prompt, prefill_fn, step_fn, steps, repeats):
-    """(prefill seconds, (wall, CPU) decode seconds per step, cache bytes) of one cache path."""
+def prepared_decode(params, cfg, prompt, prefill_fn, step_fn, steps):
+    """(prefill seconds, a no-argument decode run, cache bytes) of one cache path; the decode
+    run is compiled and warmed up."""
     run_prefill = jax.jit(lambda p, t: prefill_fn(p, t, cfg, max_new_tokens=steps))
     run_prefill = run_prefill.lower(params, prompt).compile()
     start = time.perf_counter()
@@ -63,8 +64,21 @@ def decode_seconds(params, cfg, prompt, prefill_fn, step_fn, steps, repeats):
     prefill_s = time.perf_counter() - start  # one run, compiled beforehand
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     loop = _decode_loop(step_fn, cfg, steps)
-    wall, cpu = _fastest(lambda: loop(params, cache, token), repeats)
-    return prefill_s, (wall / steps, cpu / steps), cache.nbytes()
+    jax.block_until_ready(loop(params, cache, token))  # compile + warm up
+    return prefill_s, lambda: loop(params, cache, token), cache.nbytes()
+
+
+def interleaved(runs, repeats):
+    """The fastest (wall, CPU) seconds of each of `runs`, timed in turn `repeats` times so that
+    a change in the machine's load falls on all of them alike."""
+    best = [None] * len(runs)
+    for _ in range(repeats):
+        for i, fn in enumerate(runs):
+            start, cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn())
+            t = (time.perf_counter() - start, time.process_time() - cpu)
+            best[i] = t if best[i] is None else min(best[i], t)
+    return best
 
 
 def run(config, workdir: str) -> dict:
@@ -96,11 +110,13 @@ def run(config, workdir: str) -> dict:
     rows = []
     for context in contexts:
         prompt = jax.random.randint(jax.random.key(context), (1, context), 0, cfg.vocab_size)
-        ext_prefill, ext_s, ext_bytes = decode_seconds(
-            params, cfg, prompt, extended.prefill, extended.decode_step, steps, repeats)
-        _, rope_s, rope_bytes = decode_seconds(params, rope_cfg, prompt, rope_prefill,
-                                               rope_decode_step, steps, repeats)
-        (ext_s, ext_cpu), (rope_s, rope_cpu) = ext_s, rope_s
+        ext_prefill, ext_run, ext_bytes = prepared_decode(
+            params, cfg, prompt, extended.prefill, extended.decode_step, steps)
+        _, rope_run, rope_bytes = prepared_decode(params, rope_cfg, prompt, rope_prefill,
+                                                  rope_decode_step, steps)
+        (ext_s, ext_cpu), (rope_s, rope_cpu) = (
+            (wall / steps, cpu / steps) for wall, cpu in interleaved([ext_run, rope_run],
+                                                                     repeats))
         row = dict(context=context, extended_tokens_per_s=1 / ext_s,
                    rope_cache_tokens_per_s=1 / rope_s, vs_rope_cache=rope_s / ext_s,
                    extended_cpu_s_per_token=ext_cpu, rope_cache_cpu_s_per_token=rope_cpu,

@@ -6,9 +6,16 @@ length, as transformers configures it) and `self_extend` (LongLM's grouped posit
 lcm's two-pass attention). Methods: `full` (every prompt token cached) and the eviction policies
 of `lcm.cache` at `config.compression_ratio` (kvpress's ratio: the fraction of prompt entries
 removed at prefill): `streaming_llm` (sinks + recent window), `snapkv`, `pyramidkv`. Each
-(setting, method) is one run of `lcm.eval.evaluate` in the shared workdir, so rerunning resumes
-where a killed run stopped. Self-Extend runs without a KV cache (lcm's cache stores keys rotated
-at RoPE positions): it uses `lcm.eval.greedy_generate`, full attention only.
+(setting, method) is one run (`<setting>-<method>`) in the shared workdir; the methods of a
+setting are evaluated together by `lcm.eval.evaluate(..., policies=...)`, which prefills each
+batch once and compresses that cache per method, and rerunning resumes per (run, sample) where a
+killed run stopped. Self-Extend keeps every token (`lcm.cache.extended`), so its only method is
+`full`.
+
+Needle depths: `config.depths` below `config.long_from` tokens, `config.long_depths` from there
+on (the extended lengths included), so the long, costly lengths can have fewer cells. Besides
+`lcm.eval.write_reports`' tables and heatmaps, `sweep_<task>.png` shows one panel per method
+with the native lengths and then each extension's lengths as columns (`plot_sweep`).
 
 Records come from `lcm.data.make_passkey` (Landmark/LongLoRA text, exact match of the first word)
 and `make_niah` (RULER's needle and question over lcm's essay haystack, string_match_all), each
@@ -19,6 +26,8 @@ format those benchmarks use; the instruct chat template makes SmolLM2 chat inste
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import jax
@@ -26,8 +35,7 @@ from absl import logging
 
 from lcm.config import ModelConfig, PositionConfig, RopeConfig
 from lcm.data import ByteTokenizer, make_niah, make_passkey
-from lcm.eval import EvalOptions, evaluate, greedy_generate, max_context_length, write_reports
-from lcm.eval.generation import default_generate_fn
+from lcm.eval import EvalOptions, evaluate, max_context_length, write_reports
 from lcm.eval.results import markdown_table, read_results
 
 TASKS = ("passkey", "niah")
@@ -91,22 +99,27 @@ def make_policy(method: str, ratio: float):
     return cls(compression_ratio=ratio)
 
 
-def make_records(config, tokenizer, lengths):
+def make_records(config, tokenizer, lengths, tasks, field="tasks"):
     records = []
-    for task in config.tasks:
+    for task in tasks:
         if task not in TASKS:
-            raise ValueError(f"config.tasks holds {task!r}; expected some of {list(TASKS)}")
+            raise ValueError(f"config.{field} holds {task!r}; expected some of {list(TASKS)}")
         make, budget = ((make_passkey, config.passkey_max_new_tokens) if task == "passkey"
                         else (make_niah, config.niah_max_new_tokens))
         index = 0  # distinct per cell, so each cell has its own key / needle value
         for length in lengths:
-            for depth in config.depths:
+            for depth in depths_at(config, length):
                 for _ in range(config.num_samples):
                     records.append(make(index, seed=config.seed, length=length,
                                         tokenizer=tokenizer, depth=float(depth),
                                         max_new_tokens=budget))
                     index += 1
     return records
+
+
+def depths_at(config, length: int) -> tuple[float, ...]:
+    """The needle depths of the cells at `length`."""
+    return tuple(config.long_depths if length >= config.long_from else config.depths)
 
 
 def plan_runs(config, cfg: ModelConfig):
@@ -121,11 +134,10 @@ def plan_runs(config, cfg: ModelConfig):
     if extended:
         for extension in config.extensions:
             ext_cfg = extended_config(cfg, extension, max(extended), config)
-            for method in config.extension_methods:
-                if extension == "self_extend" and method != "full":
-                    raise ValueError(f"config.extension_methods holds {method!r}: Self-Extend "
-                                     f"runs without a KV cache, so only 'full'")
-                runs.append((f"{extension}-{method}", ext_cfg, method, extended))
+            # Self-Extend keeps every token (no eviction policy applies): full only.
+            methods = [m for m in config.extension_methods
+                       if extension != "self_extend" or m == "full"]
+            runs += [(f"{extension}-{m}", ext_cfg, m, extended) for m in methods]
     for _, _, method, _ in runs:
         make_policy(method, config.compression_ratio)  # fail before any work
     return runs
@@ -133,28 +145,101 @@ def plan_runs(config, cfg: ModelConfig):
 
 def run(config, workdir: str) -> dict:
     """Runs every (setting, method) over the records; returns and writes the summary."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cfg, params, tokenizer = load_model(config.model, config.seed)
     load_s = time.perf_counter() - start
     runs = plan_runs(config, cfg)
-    records_by_lengths, timings = {}, {}
+    settings: dict[str, list] = {}  # runs of one setting share their prefills
     for name, run_cfg, method, lengths in runs:
-        if lengths not in records_by_lengths:
-            records_by_lengths[lengths] = make_records(config, tokenizer, lengths)
-        generate_fn = (greedy_generate if run_cfg.positions.type != "rope"
-                       else default_generate_fn())
-        logging.info("run %s: %d records, lengths %s", name, len(records_by_lengths[lengths]),
-                     lengths)
-        options = EvalOptions(run=name, batch_size=config.batch_size, pad_multiple=256,
+        settings.setdefault(name.split("-")[0], []).append((name, run_cfg, method, lengths))
+    records_by_setting, made = {}, {}  # built before any work: a bad task name fails first
+    for setting, members in settings.items():
+        key = ((config.tasks, "tasks") if setting == "native" else
+               (config.extended_tasks, "extended_tasks"))
+        if key not in made:
+            made[key] = make_records(config, tokenizer, members[0][3], *key)
+        records_by_setting[setting] = made[key]
+    timings = {}
+    for setting, members in settings.items():
+        run_cfg, records = members[0][1], records_by_setting[setting]
+        policies = {name: make_policy(method, config.compression_ratio)
+                    for name, _, method, _ in members}
+        logging.info("setting %s: %d records x %s", setting, len(records), list(policies))
+        options = EvalOptions(run=setting, batch_size=config.batch_size,
+                              batch_tokens=config.batch_tokens, pad_multiple=256,
                               progress=config.progress, heatmaps=False)
-        summary = evaluate(params, run_cfg, records_by_lengths[lengths], tokenizer, workdir,
-                           options=options, policy=make_policy(method, config.compression_ratio),
-                           generate_fn=generate_fn)
-        timings[name] = summary["timing"]
+        summary = evaluate(params, run_cfg, records, tokenizer, workdir, options=options,
+                           policies=policies)
+        timings[setting] = summary["timing"]
     total_s = time.perf_counter() - start
     summary = write_reports(workdir, read_results(f"{workdir}/results.jsonl"), extra={
         "sweep": {"model": config.model, "compression_ratio": config.compression_ratio,
                   "model_load_s": round(load_s, 2), "total_s": round(total_s, 2),
-                  "runs": timings, "devices": str(jax.devices()[0].device_kind)}})
+                  "total_cpu_s": round(time.process_time() - cpu_start, 2),
+                  "settings": timings, "devices": str(jax.devices()[0].device_kind)}})
+    rows = read_results(f"{workdir}/results.jsonl")
+    for task in sorted({r["task"] for r in rows}):
+        plot_sweep(rows, task, os.path.join(workdir, f"sweep_{task}.png"))
+        summary["files"][f"sweep/{task}"] = f"sweep_{task}.png"
+    with open(os.path.join(workdir, "summary.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+    os.replace(os.path.join(workdir, "summary.json.tmp"), os.path.join(workdir, "summary.json"))
     logging.info("results (%s):\n%s", workdir, markdown_table(summary))
     return summary
+
+
+LABELS = {"full": "full cache", "streaming_llm": "StreamingLLM", "snapkv": "SnapKV",
+          "pyramidkv": "PyramidKV"}
+SHORT = {"native": "", "yarn": " YaRN", "self_extend": " SE"}
+
+
+def plot_sweep(rows, task: str, path: str) -> None:
+    """Score by needle depth x context length, one panel per method; a panel's columns are the
+    native lengths, then each extended length per extension (e.g. '16k YaRN', '16k SE')."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lcm.eval.results import depth_grid
+
+    runs = sorted({r["run"] for r in rows if r["task"] == task and r.get("depth") is not None})
+    methods = [m for m in METHODS if any(run.split("-", 1)[1] == m for run in runs)]
+    depths = sorted({round(r["depth"], 4) for r in rows if r["task"] == task
+                     and r.get("depth") is not None})
+    panels = []
+    for method in methods:
+        columns, labels = [], []
+        for setting in ("native", *EXTENSIONS):
+            if f"{setting}-{method}" not in runs:
+                continue
+            ds, lengths, grid = depth_grid(rows, f"{setting}-{method}", task)
+            for j, n in enumerate(lengths):
+                column = np.full(len(depths), np.nan)
+                for i, d in enumerate(ds):
+                    column[depths.index(d)] = grid[i, j]
+                columns.append(column)
+                labels.append(f"{n // 1024}k{SHORT[setting]}" if n % 1024 == 0 else
+                              f"{n}{SHORT[setting]}")
+        panels.append((method, np.stack(columns, 1), labels))
+    width = 1.6 + sum(0.75 * len(labels) + 0.8 for _, _, labels in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 1.6 + 0.45 * len(depths)),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, (method, grid, labels) in zip(axes[0], panels):
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                if grid[i, j] == grid[i, j]:  # not NaN (no sample at that depth)
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_title(LABELS.get(method, method), fontsize=10)
+        ax.set_xlabel("context length (tokens)")
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(f"{task}: score by needle depth x context length", fontsize=11)
+    fig.colorbar(image, ax=list(axes[0]), label="score")
+    fig.savefig(path + ".tmp", format="png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp", path)

@@ -1,16 +1,20 @@
 """The evaluation loop: records in, per-sample JSONL, summary, tables and heatmaps out.
 
     summary = evaluate(params, cfg, records, tokenizer, workdir)
+    summary = evaluate(params, cfg, records, tokenizer, workdir,
+                       policies={"full": None, "snapkv": SnapKV(compression_ratio=0.5)})
 
 Each record's `prompt` is tokenized as is (generators build it from the benchmark's template and
-fit it to the token budget) and checked against the model's usable length; prompts are grouped
-into buckets of equal padded length and equal generation budget (`record.max_new_tokens`, the
-benchmark's own), so each bucket compiles once with static shapes. Every batch goes through
-`generate_fn` (default `lcm.cache.generate`, see `lcm.eval.generation`) with the given cache
-`policy`; predictions are decoded, scored (`lcm.eval.scoring`) and appended to
+fit it to the token budget) and checked against the model's usable length. Batches come from
+`lcm.data`'s Grain pipeline (`length_index`, `plan_batches`, `batch_dataset`): prompts grouped
+by padded length and generation budget (`record.max_new_tokens`, the benchmark's own), so each
+group compiles once with static shapes, and cut only by an explicit `lcm.data.Truncation`. Every
+batch goes through `generate_fn` (default `lcm.cache.generate`, see `lcm.eval.generation`) with
+the run's cache policy, or, for several policies, through one shared prefill compressed per
+policy; predictions are decoded, scored (`lcm.eval.scoring`) and appended to
 `workdir/results.jsonl` in one write per batch. With `resume=True` finished (run, id) pairs are
 skipped, so an interrupted run continues where it stopped and ends with the same results file.
-Several runs (e.g. cache policies) can share a workdir under different `EvalOptions.run` names.
+Several runs (cache policies, settings) share a workdir under different run names.
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import json
 import os
 import time
 
-import jax.numpy as jnp
+import grain
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lcm.config import ModelConfig
-from lcm.data import Record
-from lcm.eval.generation import default_generate_fn, trim_generation
+from lcm.data import (LengthIndex, Record, Truncation, batch_dataset, encode_batch, length_index,
+                      plan_batches)
+from lcm.data.pipeline import TRUNCATION_POLICIES
+from lcm.eval.generation import (default_generate_fn, shared_prefill_generate, shares_prefill,
+                                 trim_generation)
 from lcm.eval.results import RESULTS_FILE, append_lines, read_results, write_reports
 from lcm.eval.scoring import check_metric, score_sample
 
-TRUNCATIONS = ("error", "middle", "left")
+TRUNCATIONS = TRUNCATION_POLICIES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,7 +50,8 @@ class EvalOptions:
     batch_size: most rows per batch; batch_tokens: also cap rows * padded length (None: no cap).
     pad_multiple: prompts are right-padded to a multiple of this (fewer distinct shapes).
     truncation: a prompt whose tokens + generation budget exceed the usable length raises
-      ("error"), or keeps its first and last halves (LongBench's "middle"), or its end ("left").
+      ("error"), or is cut by `lcm.data.Truncation`: its first and last int(room / 2) tokens
+      (LongBench's "middle") or its last room tokens ("left"), room = usable length - budget.
     max_length: the usable length (prompt + generation); None derives it from cfg
       (`max_context_length`). Setting it above that is explicit consent to extrapolate.
     stop_at_eos: stop a row at the tokenizer's EOS; stop_tokens: more stop ids.
@@ -138,41 +148,38 @@ def _check_run(workdir, run, fingerprint, resume, has_rows):
         raise ValueError(f"{workdir}: results for run {run!r} exist; pass resume=True to "
                          f"continue them, or use a new workdir")
     runs[run] = fingerprint
+    if jax.process_index() != 0:  # process 0 writes the workdir
+        return
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(runs, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
 
 
-def _prepare(record, tokenizer, limit, options):
-    ids = list(tokenizer.encode(record.prompt))
-    if limit is None or len(ids) + record.max_new_tokens <= limit:
-        return ids, 0
-    room = limit - record.max_new_tokens
-    if options.truncation == "error" or room < 2:
-        raise ValueError(
-            f"record {record.id!r}: {len(ids)} prompt tokens + max_new_tokens="
-            f"{record.max_new_tokens} exceed the model's usable length {limit}; extend the "
-            f"context (RopeConfig scaling with a larger max_position_embeddings, or "
-            f"PositionConfig self_extend), or set EvalOptions(truncation='middle'|'left') or "
-            f"max_length=")
-    dropped = len(ids) - room
-    if options.truncation == "left":
-        return ids[-room:], dropped
-    half = room // 2
-    return ids[:half] + ids[len(ids) - (room - half):], dropped
-
-
 def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
-             options: EvalOptions = EvalOptions(), policy=None, generate_fn=None,
-             resume: bool = True) -> dict:
+             options: EvalOptions = EvalOptions(), policy=None, policies=None,
+             generate_fn=None, resume: bool = True, mesh=None, data_axis: str = "data") -> dict:
     """Generates, scores and records every record; returns the summary (also written).
 
     records: Records, any iterable of them (a list from `lcm.data` generators or `load_records`,
     a `grain.MapDataset` such as `lcm.data.synthetic_dataset(...)`). tokenizer: `encode`,
-    `decode`, and optionally `eos_id` / `pad_id`. policy: a cache policy for generate_fn.
+    `decode`, and optionally `eos_id` / `pad_id`. policy: a cache policy for generate_fn, the
+    run being `options.run`. policies: instead, several runs at once, {run name: policy (None
+    for the full cache)}; each batch is then prefilled once and compressed per policy
+    (`lcm.eval.generation.shared_prefill_generate`, the same tokens as one `lcm.cache.generate`
+    per policy) unless generate_fn is given or cfg is not a RoPE model (then generate_fn, by
+    default `default_generate_fn(cfg)`, runs per policy). Resume is per (run, record id):
+    a record missing from some runs is generated for those runs only.
+
+    mesh: a `jax.sharding.Mesh` whose `data_axis` splits every batch's rows (rows per batch are
+    rounded down to a multiple of its size, at least one per device; params are replicated over
+    the mesh unless already on it). Under several processes (`jax.distributed`) each process
+    reads only its rows of each batch from the pipeline; the generated tokens are gathered and
+    process 0 writes the results. The results file is the one an unsharded run with the same
+    rows per batch writes.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    runs = _runs(options, policy, policies)
     records = list(records)
     ids = set()
     for r in records:
@@ -182,73 +189,242 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
             raise ValueError(f"record id {r.id!r} appears twice; ids must be unique")
         ids.add(r.id)
         check_metric(r.metric)
-    generate_fn = default_generate_fn() if generate_fn is None else generate_fn
+    # One prefill for several policies; a single policy compresses inside prefill, which keeps
+    # one layer's full K/V at a time instead of every layer's.
+    shared = (generate_fn is None and cfg.positions.type == "rope"
+              and sum(shares_prefill(p) for p in runs.values()) > 1)
+    generate_fn = default_generate_fn(cfg) if generate_fn is None else generate_fn
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS_FILE)
     previous = read_results(path, repair=resume)
-    done = {row["id"] for row in previous if row.get("run") == options.run}
-    _check_run(workdir, options.run, _fingerprint(cfg, policy, options, generate_fn), resume,
-               bool(done))
+    done = {run: {row["id"] for row in previous if row.get("run") == run} for run in runs}
+    for run, run_policy in runs.items():
+        fn = shared_prefill_generate if shared and shares_prefill(run_policy) else generate_fn
+        _check_run(workdir, run, _fingerprint(cfg, run_policy, options, fn), resume,
+                   bool(done[run]))
 
     limit = options.max_length if options.max_length is not None else max_context_length(cfg)
-    todo = [(r, *_prepare(r, tokenizer, limit, options)) for r in records if r.id not in done]
+    todo = [r for r in records if any(r.id not in done[run] for run in runs)]
     stop = set(options.stop_tokens)
     if options.stop_at_eos and getattr(tokenizer, "eos_id", None) is not None:
         stop.add(int(tokenizer.eos_id))
     stop = tuple(sorted(stop))
-    pad_id = int(getattr(tokenizer, "pad_id", None) or 0)
 
-    buckets: dict[tuple[int, int], list] = {}
-    for item in todo:
-        padded = -(-len(item[1]) // options.pad_multiple) * options.pad_multiple
-        buckets.setdefault((padded, item[0].max_new_tokens), []).append(item)
-
-    total_tokens = sum(len(ids) + r.max_new_tokens for r, ids, _ in todo)
+    shards = 1
+    if mesh is not None:
+        if data_axis not in mesh.shape:
+            raise ValueError(f"data_axis={data_axis!r}; expected one of the mesh axes "
+                             f"{list(mesh.shape)}")
+        shards = mesh.shape[data_axis]
+        params = _replicate(params, mesh)
+    batches, total_tokens = _batches(todo, tokenizer, limit, options, shards)
     bar = _progress(total_tokens, options)
-    model_s, finished = 0.0, len(done)
-    for (padded, budget), items in sorted(buckets.items()):
-        rows_per_batch = options.batch_size
-        if options.batch_tokens is not None:
-            rows_per_batch = max(1, min(rows_per_batch, options.batch_tokens // padded))
-        for lo in range(0, len(items), rows_per_batch):
-            batch = items[lo:lo + rows_per_batch]
-            prompts = np.full((rows_per_batch, padded), pad_id, np.int32)
-            lengths = np.zeros((rows_per_batch,), np.int32)
-            for i in range(rows_per_batch):  # missing rows repeat the first: static shapes
-                _, tokens, _ = batch[i] if i < len(batch) else batch[0]
-                prompts[i, :len(tokens)] = tokens
-                lengths[i] = len(tokens)
-            t0 = time.perf_counter()
-            out, count = generate_fn(params, cfg, jnp.asarray(prompts),
-                                     lengths=jnp.asarray(lengths), max_new_tokens=budget,
-                                     policy=policy, stop_tokens=stop, temperature=0.0)
-            out, count = np.asarray(out), np.asarray(count)
-            model_s += time.perf_counter() - t0
-            rows = []
-            for i, (record, tokens, dropped) in enumerate(batch):
-                gen = trim_generation(out[i], count[i], record.max_new_tokens, stop)
-                prediction = tokenizer.decode(gen)
-                rows.append({
-                    "run": options.run, "id": record.id, "task": record.task,
-                    "length": record.length, "depth": record.depth, "metric": record.metric,
-                    "prediction": prediction, "answers": list(record.answers),
-                    "score": score_sample(record.metric, prediction, record.answers,
-                                          task=record.task, all_classes=record.all_classes),
-                    "num_prompt_tokens": len(tokens), "num_generated": len(gen),
-                    "truncated_tokens": dropped, "meta": record.meta})
+    timing = {"model_s": 0.0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
+              "generate_s": dict.fromkeys(runs, 0.0), "generate_cpu_s": dict.fromkeys(runs, 0.0)}
+    written = 0
+    for items, batch in batches:
+        prompts, lengths = _local_rows(batch, items, tokenizer, options)
+        if mesh is not None:
+            prompts, lengths = (_to_mesh(x, mesh, data_axis) for x in (prompts, lengths))
+        wanted = {run: p for run, p in runs.items()
+                  if any(r.id not in done[run] for r, _, _ in items if r is not None)}
+        t0 = time.perf_counter()
+        outputs = _generate_runs(params, cfg, prompts, lengths, batch["max_new_tokens"], wanted,
+                                 stop, generate_fn if not shared else None, timing)
+        timing["model_s"] += time.perf_counter() - t0
+        rows = []
+        for run, (out, count) in outputs.items():
+            out, count = _gather(out), _gather(count)
+            for i, (record, num_tokens, dropped) in enumerate(items):
+                if record is not None and record.id not in done[run]:
+                    rows.append(_row(run, record, num_tokens, dropped, out[i], count[i], stop,
+                                     tokenizer))
+        if jax.process_index() == 0:
             append_lines(path, rows)
-            finished += len(batch)
-            bar.update(sum(len(t) + r.max_new_tokens for r, t, _ in batch))
-            bar.set_postfix(samples=finished, refresh=False)
+        written += len(rows)
+        bar.update(sum(n + r.max_new_tokens for r, n, _ in items if r is not None))
+        bar.set_postfix(rows=written, refresh=False)
     bar.close()
+    if jax.process_count() > 1:  # process 0 has written every row
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("lcm.eval.evaluate")
     total_s = time.perf_counter() - start
-    # Time outside generate_fn: tokenizing, batching, decoding, scoring, writing (not reports).
+    # Time outside generation: tokenizing, batching, decoding, scoring, writing (not reports).
+    model_s = timing.pop("model_s")
     timing = {"model_s": round(model_s, 3), "loop_s": round(total_s, 3),
+              "loop_cpu_s": round(time.process_time() - cpu_start, 3),
               "outside_model_share": round(1 - model_s / total_s, 4) if total_s > 0 else 0.0,
-              "samples_this_session": len(todo)}
+              "samples_this_session": written,
+              **{k: _rounded(v) for k, v in timing.items()}}
     return write_reports(workdir, read_results(path), heatmaps=options.heatmaps,
                          extra={"truncation": options.truncation, "max_length": limit,
                                 "timing": timing})
+
+
+def _runs(options, policy, policies) -> dict:
+    """{run name: policy} from evaluate's policy / policies arguments."""
+    if policies is None:
+        return {options.run: policy}
+    if policy is not None:
+        raise ValueError(f"policy={policy!r} and policies= given; pass one of them")
+    if not isinstance(policies, dict) or not policies:
+        raise ValueError(f"policies={policies!r}; expected a non-empty dict {{run name: policy "
+                         f"or None}}")
+    for run in policies:
+        if not isinstance(run, str) or not run or "/" in run:
+            raise ValueError(f"policies has run name {run!r}; expected non-empty names "
+                             f"without '/'")
+    return dict(policies)
+
+
+def _generate_runs(params, cfg, prompts, lengths, budget, runs, stop, generate_fn, timing):
+    """{run: (tokens [B, budget], counts [B])} for one batch; generate_fn None: one shared
+    prefill for every policy that can share it."""
+    out = {}
+    if generate_fn is None:
+        together = {run: p for run, p in runs.items() if shares_prefill(p)}
+        if together:
+            split = {}
+            results = shared_prefill_generate(params, cfg, prompts, lengths=lengths,
+                                              max_new_tokens=budget,
+                                              policies=tuple(together.values()),
+                                              stop_tokens=stop, timings=split)
+            timing["prefill_s"] += split["prefill_s"]
+            timing["prefill_cpu_s"] += split["prefill_cpu_s"]
+            for i, (run, result) in enumerate(zip(together, results)):
+                out[run] = result
+                timing["generate_s"][run] += split["decode_s"][i]
+                timing["generate_cpu_s"][run] += split["decode_cpu_s"][i]
+        generate_fn = default_generate_fn(cfg)
+    for run, policy in runs.items():
+        if run in out:
+            continue
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens, count = generate_fn(params, cfg, prompts, lengths=lengths, max_new_tokens=budget,
+                                    policy=policy, stop_tokens=stop, temperature=0.0)
+        out[run] = (tokens, count)
+        timing["generate_s"][run] += time.perf_counter() - t0
+        timing["generate_cpu_s"][run] += time.process_time() - c0
+    return {run: out[run] for run in runs}
+
+
+def _batches(records, tokenizer, limit, options, shards):
+    """(an iterator over batches, their prompt + generation tokens). A batch is (its global
+    rows [(record or None for padding, kept prompt tokens, tokens cut)], this process's rows
+    from the `lcm.data` pipeline). Prompts are right-padded to a multiple of
+    options.pad_multiple, grouped by (padded length, generation budget) in that order, records
+    in order within a group; a prompt longer than `limit` - its budget is cut by
+    `lcm.data.Truncation(options.truncation)` or rejected. Rows per batch are a multiple of
+    `shards` (at least shards)."""
+    source = grain.MapDataset.source(records)
+    index = length_index(source, tokenizer)
+    groups: dict[tuple[int, int], list[int]] = {}
+    total = 0
+    for i, (record, n) in enumerate(zip(records, index.num_tokens.tolist())):
+        room = None if limit is None else limit - record.max_new_tokens
+        if room is not None and n > room and (options.truncation == "error" or room < 2):
+            raise ValueError(
+                f"record {record.id!r}: {n} prompt tokens + max_new_tokens="
+                f"{record.max_new_tokens} exceed the model's usable length {limit}; extend the "
+                f"context (RopeConfig scaling with a larger max_position_embeddings, or "
+                f"PositionConfig self_extend), or set EvalOptions(truncation='middle'|'left') "
+                f"or max_length=")
+        kept = n if room is None else Truncation(policy=options.truncation).kept(n, room)
+        bucket = -(-kept // options.pad_multiple) * options.pad_multiple
+        groups.setdefault((bucket, record.max_new_tokens), []).append(i)
+        total += kept + record.max_new_tokens
+
+    def batches():
+        for (bucket, budget), members in sorted(groups.items()):
+            rows = options.batch_size
+            if options.batch_tokens is not None:
+                rows = max(1, min(rows, options.batch_tokens // bucket))
+            rows = max(shards, rows - rows % shards)
+            # The group's cap: its room (limit - budget), or the bucket when that is smaller
+            # (then nothing in the group is cut further: every kept prompt fits the bucket).
+            cap = bucket if limit is None else min(limit - budget, bucket)
+            truncation = Truncation(policy=options.truncation,
+                                    max_tokens=cap if cap >= 2 else None)
+            sub = LengthIndex(tuple(index.ids[i] for i in members), index.num_tokens[members],
+                              index.max_new_tokens[members], index.tokenizer)
+            processes = jax.process_count()
+            plan = plan_batches(sub, buckets=[bucket], batch_size=rows, truncation=truncation,
+                                process_count=processes)
+            group = [records[i] for i in members]
+            local = batch_dataset(grain.MapDataset.source(group), plan, tokenizer,
+                                  truncation=truncation, process_index=jax.process_index(),
+                                  process_count=processes)
+            for spec, batch in zip(plan, local):
+                items = []
+                for j in spec.indices:
+                    n = int(sub.num_tokens[j]) if j >= 0 else 0
+                    kept = truncation.kept(n, truncation.max_tokens or bucket)
+                    items.append((group[j], kept, n - kept) if j >= 0 else (None, 0, 0))
+                yield items, batch
+
+    return batches(), total
+
+
+def _local_rows(batch, items, tokenizer, options):
+    """This process's prompts [b, bucket] and lengths [b]; padding rows repeat a real prompt
+    (the first of this process's rows, else the batch's first), so shapes stay static and
+    every row is a valid prompt."""
+    prompts, lengths, valid = batch["tokens"], batch["lengths"], batch["valid"]
+    if valid.any():
+        first = np.flatnonzero(valid)[0]
+        prompts[~valid], lengths[~valid] = prompts[first], lengths[first]
+    else:  # another process holds this batch's real rows
+        first = encode_batch([items[0][0]], tokenizer, bucket=batch["bucket"],
+                             max_new_tokens=batch["max_new_tokens"],
+                             truncation=Truncation(policy=options.truncation,
+                                                   max_tokens=items[0][1] or None))
+        prompts[~valid], lengths[~valid] = first["tokens"][0], first["lengths"][0]
+    return prompts, lengths
+
+
+def _replicate(params, mesh):
+    """params on every device of `mesh` (leaves already sharded over it are kept)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, params)
+
+
+def _to_mesh(local, mesh, axis):
+    """A global array from each process's rows, its first axis split over `axis`."""
+    spec = PartitionSpec(axis, *([None] * (local.ndim - 1)))
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+
+
+def _gather(x):
+    """Every row of a (possibly multi-process) array as numpy."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _row(run, record, num_tokens, dropped, out, count, stop, tokenizer) -> dict:
+    gen = trim_generation(out, count, record.max_new_tokens, stop)
+    prediction = tokenizer.decode(gen)
+    return {"run": run, "id": record.id, "task": record.task, "length": record.length,
+            "depth": record.depth, "metric": record.metric, "prediction": prediction,
+            "answers": list(record.answers),
+            "score": score_sample(record.metric, prediction, record.answers, task=record.task,
+                                  all_classes=record.all_classes),
+            "num_prompt_tokens": num_tokens, "num_generated": len(gen),
+            "truncated_tokens": dropped, "meta": record.meta}
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: round(v, 3) for k, v in value.items()}
+    return round(value, 3)
 
 
 def _progress(total, options):

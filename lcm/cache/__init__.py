@@ -16,7 +16,8 @@ score -> select(static budget) -> apply (`lcm.cache.compress`). One prefill can 
 by several policies: `prefill_observed` then `compress`. While decoding, `decode_step(...,
 policy=...)` / `generate(..., decode_policy=...)` compress every few steps (`Decoding`, kvpress's
 DecodingPress) or at every step (`H2O`, `TOVA(budget=n)`, `StreamingLLM(budget=n)`); see
-`lcm.cache.decoding`.
+`lcm.cache.decoding`. Self-Extend / ReRoPE models decode from `lcm.cache.extended` (keys kept
+un-rotated, `ExtendedCache`), with the same prefill / decode_step / generate signatures.
 """
 
 from lcm.cache.compress import Observations, compress
@@ -30,6 +31,8 @@ from lcm.cache.policies import (H2O, TOVA, AdaKV, Decoding, ExpectedAttention, K
                                 policy_from_name)
 from lcm.cache.prefill import decode_step, prefill, prefill_observed
 from lcm.cache.quest import Quest as Quest
+from lcm.cache import extended as extended
+from lcm.cache.extended import ExtendedCache as ExtendedCache
 
 __all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "generate", "sample_logits",
            "compress", "Observations", "policy_from_name", "Knorm", "StreamingLLM", "SnapKV",

@@ -28,7 +28,7 @@ import numpy as np
 from lcm.attention import Causal, Local
 from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_tables
 from lcm.cache.generate import _check_sampling, sample_logits
-from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens
+from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens, check_prompt_lengths
 from lcm.config import ModelConfig, PositionConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import position_attention, rope_frequencies
@@ -264,24 +264,6 @@ def _check_model(cfg):
 
 
 def _check_prompt(tokens, cfg, lengths):
-    """Validates tokens [B, T] and lengths [B]; returns lengths as int32 (range-checked when
-    concrete)."""
+    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
     _check_model(cfg)
-    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
-                         f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
-    B, T = tokens.shape
-    if B == 0 or T == 0:
-        raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
-    if lengths is None:
-        return jnp.full((B,), T, jnp.int32)
-    lengths = jnp.asarray(lengths)
-    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected int "
-                         f"[batch={B}]")
-    if not isinstance(lengths, jax.core.Tracer):
-        values = np.asarray(lengths)
-        if values.min() < 1 or values.max() > T:
-            raise ValueError(f"lengths={values.tolist()}; expected every length in [1, {T}] "
-                             f"(tokens are right-padded to {T})")
-    return lengths.astype(jnp.int32)
+    return check_prompt_lengths(tokens, lengths)

@@ -275,9 +275,14 @@ def _check_chunk(chunk_size, cfg):
 
 
 def _check_prompt(tokens, cfg, lengths):
+    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
+    _check_model(cfg)
+    return check_prompt_lengths(tokens, lengths)
+
+
+def check_prompt_lengths(tokens, lengths):
     """Validates tokens [B, T] and lengths [B]; returns lengths as int32 (checked in range
     when concrete)."""
-    _check_model(cfg)
     if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                          f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")

@@ -5,18 +5,22 @@ with this interpreter), from the notebook's own folder, with LCM_NOTEBOOK_CI=1 i
 environment (notebooks may read it to pick their smallest sizes) and the 8 simulated CPU devices
 that conftest sets in XLA_FLAGS. A failure reports the failing cell's source and traceback.
 Notebooks are committed without outputs: the cheap checks below keep it that way.
+
+Each notebook runs in a child process (this file run as a script): the pytest worker never
+imports nbclient's zmq/tornado stack, which shared a worker process with the JAX tests that
+followed it and aborted one of them in XLA.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ("01_quickstart.ipynb", "02_long_context.ipynb", "03_kv_eviction.ipynb",
@@ -69,18 +73,36 @@ def _failure(nb, path: Path, error: Exception) -> str:
     return f"{path.name}: {type(error).__name__}: {_ANSI.sub('', str(error))}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
-def test_notebook_runs(path, monkeypatch):
-    monkeypatch.setenv("LCM_NOTEBOOK_CI", "1")
-    assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+def execute(path: Path) -> str | None:
+    """Runs the notebook in a fresh kernel; None when every cell ran, else the failure."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
     nb = _read(path)
     client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()
     except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-        pytest.fail(_failure(nb, path, e), pytrace=False)
+        return _failure(nb, path, e)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
-    assert not errors, _failure(nb, path, RuntimeError("error output"))
+    return _failure(nb, path, RuntimeError("error output")) if errors else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _paths(), ids=lambda p: p.stem)
+def test_notebook_runs(path, monkeypatch):
+    monkeypatch.setenv("LCM_NOTEBOOK_CI", "1")
+    assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(path)],
+                          capture_output=True, text=True, env=dict(os.environ))
+    if done.returncode != 0:
+        pytest.fail(f"{done.stdout}\n{done.stderr[-4000:]}", pytrace=False)
+
+
+if __name__ == "__main__":
+    failure = execute(Path(sys.argv[1]))
+    if failure:
+        print(failure)
+        sys.exit(1)

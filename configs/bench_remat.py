@@ -9,6 +9,8 @@ minutes here. Overrides:
     --config.budget_gib=16             device memory budget
     --config.max_search_length=262144  doubling search cap past the largest length that fits
     --config.model.num_layers=30 ...   model shape
+    --config.topology=v5e:1x1          compile for this TPU topology instead (deviceless AOT
+                                       through libtpu: pip install -e '.[tpu]'; no TPU needed)
 
     python -m experiments.run --config=configs/bench_remat.py --workdir=/tmp/bench_remat
 """
@@ -26,4 +28,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.policies = ("none", "full", "dots", "offload")
     config.budget_gib = 16.0
     config.max_search_length = 262144
+    config.topology = ""
     return config

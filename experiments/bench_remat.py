@@ -10,9 +10,14 @@ until one does not fit).
 
 On a CPU backend host and device memory are the same RAM and XLA's CPU compiler reports no
 host bytes, so "offload" shows like "full" there; on TPU/GPU the same command shows the saving.
-The program is checked for host-memory residuals either way (`offloaded` column).
+With `config.topology` set (e.g. "v5e:1x1") the step is compiled ahead of time for that TPU
+topology on any machine (deviceless AOT through libtpu, `pip install -e '.[tpu]'`), so TPU
+memory, offload included, is measured without a TPU. The program is checked for host-memory
+residuals either way (`offloaded` column).
 
     python -m experiments.run --config=configs/bench_remat.py --workdir=/tmp/bench_remat
+    python -m experiments.run --config=configs/bench_remat.py --config.topology=v5e:1x1 \
+        --workdir=/tmp/bench_remat_tpu
 """
 
 from __future__ import annotations
@@ -28,11 +33,31 @@ from lcm.model import param_shapes
 from lcm.train import OptimizerConfig, init_train_state, make_optimizer, train_step
 
 
-def measure(cfg: ModelConfig, length: int) -> dict:
-    """Compiled memory of one train step at batch 1 x `length` (nothing is allocated)."""
+def target_sharding(topology: str):
+    """The sharding to compile for: None (the default backend) or the first chip of a TPU
+    topology such as "v5e:1x1", described by libtpu without a TPU (deviceless AOT)."""
+    if not topology:
+        return None
+    from jax.experimental import topologies
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as err:  # no libtpu, or a name libtpu does not know
+        raise ValueError(
+            f"config.topology={topology!r}: could not describe this TPU topology ({err}); it "
+            "needs libtpu (pip install -e '.[tpu]') and a name such as 'v5e:1x1', 'v4:2x2x1' "
+            "or 'v5p:2x2x1'") from err
+    return jax.sharding.SingleDeviceSharding(desc.devices[0])
+
+
+def measure(cfg: ModelConfig, length: int, sharding=None) -> dict:
+    """Compiled memory of one train step at batch 1 x `length` (nothing is allocated), for the
+    default backend or, given `sharding`, the device it names."""
     optimizer = make_optimizer(OptimizerConfig(total_steps=10, warmup_steps=1))
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer), param_shapes(cfg))
     batch = {"tokens": jax.ShapeDtypeStruct((1, length), jnp.int32)}
+    if sharding is not None:
+        state, batch = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), (state, batch))
     step = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer), donate_argnums=0)
     lowered = step.lower(state, batch)
     stats = lowered.compile().memory_analysis()
@@ -53,12 +78,15 @@ def run(config, workdir: str) -> dict:
                        intermediate_size=m.intermediate_size, tie_embeddings=True,
                        max_position_embeddings=max(config.lengths),
                        attention=AttentionConfig(impl="xla", block_q=m.block, block_k=m.block))
+    sharding = target_sharding(config.get("topology", ""))
+    target = (f"TPU {config.topology}, deviceless AOT compile" if sharding is not None
+              else jax.default_backend())
     rows, longest = [], {}
     for policy in config.policies:
         cfg = dataclasses.replace(base, remat=policy)
         fits = 0
         for length in config.lengths:
-            row = {"policy": policy, "length": length, **measure(cfg, length)}
+            row = {"policy": policy, "length": length, **measure(cfg, length, sharding)}
             rows.append(row)
             print(f"{policy:8s} {length:7d}: device {row['device_gib']:.2f} GiB (temporaries "
                   f"{row['temp_gib']:.2f}), host {row['host_gib']:.2f} GiB, offloaded "
@@ -68,21 +96,23 @@ def run(config, workdir: str) -> dict:
         length = max(config.lengths)
         while fits == length and length < config.max_search_length:
             length *= 2
-            row = measure(cfg, length)
+            row = measure(cfg, length, sharding)
             if row["device_gib"] > config.budget_gib:
                 break
             fits = length
         longest[policy] = fits
-    lines = [f"Train step memory (XLA compiled estimate, {jax.default_backend()}), batch 1, "
+    lines = [f"Train step memory (XLA compiled estimate, {target}), batch 1, "
              f"float32, AdamW; model {m.num_layers} layers x {m.hidden_size}", "",
              "| policy | " + " | ".join(str(x) for x in config.lengths)
              + f" | longest ≤ {config.budget_gib:g} GiB |",
              "|---|" + "---:|" * (len(config.lengths) + 1)]
     for policy in config.policies:
-        cells = [f"{r['device_gib']:.2f} GiB" + (" (offloaded)" if r["offloaded"] else "")
+        cells = [f"{r['device_gib']:.2f} GiB"
+                 + (f" + {r['host_gib']:.2f} host" if r["host_gib"] else "")
+                 + (" (offloaded)" if r["offloaded"] and not r["host_gib"] else "")
                  for r in rows if r["policy"] == policy]
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {longest[policy]} |")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
-    return write_summary(workdir, {"rows": rows, "longest": longest,
+    return write_summary(workdir, {"rows": rows, "longest": longest, "target": target,
                                    "backend": jax.default_backend()}, markdown=text)

@@ -84,3 +84,10 @@ def test_remat_memory_bench_orders_policies(tmp_path):
     assert by[("full", 512)]["temp_gib"] < by[("none", 512)]["temp_gib"]
     assert by[("offload", 512)]["offloaded"] and not by[("full", 512)]["offloaded"]
     assert json.loads((tmp_path / "summary.json").read_text())["longest"]["none"] >= 512
+
+
+def test_remat_bench_names_the_tpu_topology_it_cannot_describe():
+    # CI has no libtpu; where it is installed, the name is still not a TPU topology.
+    with pytest.raises(ValueError, match=r"config.topology='v0x:9x9'.*libtpu"):
+        bench_remat.target_sharding("v0x:9x9")
+    assert bench_remat.target_sharding("") is None

@@ -59,15 +59,39 @@ def measure(cfg: ModelConfig, length: int, sharding=None) -> dict:
         state, batch = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), (state, batch))
     step = jax.jit(lambda s, b: train_step(s, b, cfg, optimizer), donate_argnums=0)
-    lowered = step.lower(state, batch)
-    stats = lowered.compile().memory_analysis()
+    jaxpr = str(jax.make_jaxpr(lambda s, b: train_step(s, b, cfg, optimizer))(state, batch))
+    try:
+        stats = step.lower(state, batch).compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as err:  # a TPU target refuses what exceeds its HBM
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return {"device_gib": None, "host_gib": None, "temp_gib": None,
+                "offloaded": "<host>" in jaxpr, "error": str(err).splitlines()[0][:300]}
     device = (stats.argument_size_in_bytes + stats.output_size_in_bytes
               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
     host = (stats.host_argument_size_in_bytes + stats.host_output_size_in_bytes
             + stats.host_temp_size_in_bytes)
-    jaxpr = str(jax.make_jaxpr(lambda s, b: train_step(s, b, cfg, optimizer))(state, batch))
     return {"device_gib": device / 2**30, "host_gib": host / 2**30,
             "temp_gib": stats.temp_size_in_bytes / 2**30, "offloaded": "<host>" in jaxpr}
+
+
+def fits_budget(row: dict, budget_gib: float) -> bool:
+    return row["device_gib"] is not None and row["device_gib"] <= budget_gib
+
+
+def describe(row: dict) -> str:
+    if row["device_gib"] is None:
+        return f"does not compile: {row['error']}"
+    return (f"device {row['device_gib']:.2f} GiB (temporaries {row['temp_gib']:.2f}), host "
+            f"{row['host_gib']:.2f} GiB, offloaded {row['offloaded']}")
+
+
+def cell(row: dict) -> str:
+    if row["device_gib"] is None:
+        return "out of memory"
+    return (f"{row['device_gib']:.2f} GiB"
+            + (f" + {row['host_gib']:.2f} host" if row["host_gib"] else "")
+            + (" (offloaded)" if row["offloaded"] and not row["host_gib"] else ""))
 
 
 def run(config, workdir: str) -> dict:
@@ -88,16 +112,15 @@ def run(config, workdir: str) -> dict:
         for length in config.lengths:
             row = {"policy": policy, "length": length, **measure(cfg, length, sharding)}
             rows.append(row)
-            print(f"{policy:8s} {length:7d}: device {row['device_gib']:.2f} GiB (temporaries "
-                  f"{row['temp_gib']:.2f}), host {row['host_gib']:.2f} GiB, offloaded "
-                  f"{row['offloaded']}", flush=True)
-            if row["device_gib"] <= config.budget_gib:
+            print(f"{policy:8s} {length:7d}: " + describe(row), flush=True)
+            if fits_budget(row, config.budget_gib):
                 fits = max(fits, length)
         length = max(config.lengths)
         while fits == length and length < config.max_search_length:
             length *= 2
             row = measure(cfg, length, sharding)
-            if row["device_gib"] > config.budget_gib:
+            print(f"{policy:8s} {length:7d}: " + describe(row), flush=True)
+            if not fits_budget(row, config.budget_gib):
                 break
             fits = length
         longest[policy] = fits
@@ -107,10 +130,7 @@ def run(config, workdir: str) -> dict:
              + f" | longest ≤ {config.budget_gib:g} GiB |",
              "|---|" + "---:|" * (len(config.lengths) + 1)]
     for policy in config.policies:
-        cells = [f"{r['device_gib']:.2f} GiB"
-                 + (f" + {r['host_gib']:.2f} host" if r["host_gib"] else "")
-                 + (" (offloaded)" if r["offloaded"] and not r["host_gib"] else "")
-                 for r in rows if r["policy"] == policy]
+        cells = [cell(r) for r in rows if r["policy"] == policy]
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {longest[policy]} |")
     text = "\n".join(lines)
     print("\n" + text, flush=True)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcm.cache import (H2O, TOVA, Decoding, Knorm, SnapKV, StreamingLLM, decode_step, generate,
-                       prefill)
+from lcm.cache import (H2O, TOVA, AdaKV, Decoding, Knorm, ObservedAttention, SnapKV,
+                       StreamingLLM, decode_step, generate, prefill)
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 
@@ -104,10 +104,47 @@ def test_stepwise_tova_holds_its_budget_and_keeps_the_newest():
         assert all(24 + t in h for h in kept(cache, 1, 0))
 
 
+@pytest.mark.parametrize("base,buffer,size", [
+    (ObservedAttention(), 256, 8), (ObservedAttention(), 3, 4), (ObservedAttention(), 0, 1),
+    (SnapKV(window_size=2), 256, 2), (SnapKV(window_size=6), 3, 4), (Knorm(), 3, None)])
+def test_query_buffer_holds_the_last_buffer_size_plus_one_steps(base, buffer, size):
+    """kvpress's hidden_states_buffer_size: a compression sees the last buffer + 1 steps."""
+    policy = Decoding(base, compression_interval=8, target_size=12,
+                      hidden_states_buffer_size=buffer)
+    logits, cache = run(policy, 5)[-1]
+    if size is None:
+        assert cache.queries is None
+        return
+    assert cache.queries.shape == (CFG.num_layers, 2, size, CFG.num_heads, CFG.head_dim)
+    want = [[-1] * (size - min(size, 5)) + list(range(n + 5 - min(size, 5), n + 5))
+            for n in (24, 17)]
+    np.testing.assert_array_equal(cache.query_pos, want)
+
+
+def test_periodic_adakv_heads_share_the_row_budget_as_at_prefill():
+    """Decoding(AdaKV(Knorm())) after its first compression keeps what prefill's AdaKV keeps
+    from the same tokens (Knorm scores keys alone): heads win unequal shares of 2 x 10."""
+    steps = run(Decoding(AdaKV(Knorm()), compression_interval=3, target_size=10), 3, room=30)
+    cache = steps[-1][1]
+    np.testing.assert_array_equal(cache.length.sum(-1), 20)
+    assert np.any(cache.length[..., 0] != cache.length[..., 1])
+    rows = [np.concatenate([np.asarray(TOKENS[r, :n]), np.asarray(NEXT[r, :3])])
+            for r, n in enumerate([24, 17])]
+    tokens = np.zeros((2, 27), np.int32)
+    for r, row in enumerate(rows):
+        tokens[r, :len(row)] = row
+    _, want = prefill(PARAMS, jnp.asarray(tokens), CFG, lengths=jnp.asarray([27, 20]),
+                      policy=AdaKV(Knorm(budget=10)), layout="uniform")
+    for layer in range(CFG.num_layers):
+        for row in range(2):
+            assert kept(cache, layer, row) == kept(want, layer, row), (layer, row)
+
+
 @pytest.mark.parametrize("decode_policy", [
     Decoding(Knorm(), compression_interval=3, target_size=10), H2O(hh_size=4, recent_size=6),
-    Decoding(SnapKV(window_size=2, gqa="query_head"), compression_interval=3, target_size=10)],
-    ids=["Decoding", "H2O", "Decoding-query_head"])
+    Decoding(SnapKV(window_size=2, gqa="query_head"), compression_interval=3, target_size=10),
+    Decoding(AdaKV(Knorm()), compression_interval=3, target_size=10)],
+    ids=["Decoding", "H2O", "Decoding-query_head", "Decoding-AdaKV"])
 def test_generate_with_decode_policy_equals_decode_steps(decode_policy):
     policy = decode_policy if isinstance(decode_policy, H2O) else None
     tokens, count = generate(PARAMS, CFG, TOKENS, lengths=LENGTHS, max_new_tokens=6,

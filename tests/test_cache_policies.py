@@ -133,6 +133,7 @@ def test_observations_cover_several_policies_and_are_checked():
     (lambda: AdaKV(H2O()), "AdaKV.press"),
     (lambda: AdaKV(Knorm(0.5), alpha_safeguard=1.5), "alpha_safeguard"),
     (lambda: Decoding(H2O()), "base_press"),
+    (lambda: Decoding(Knorm(), hidden_states_buffer_size=-1), "hidden_states_buffer_size"),
     (lambda: policy_from_name("SnapKVPress"), "SnapKVPress"),
     (lambda: prefill(PARAMS, TOKENS, CFG, policy="snapkv"), "policy"),
 ])

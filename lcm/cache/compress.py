@@ -134,12 +134,17 @@ def capacity(policy, length: int, num_layers: int, num_kv_heads: int, *,
     heads each get the most one head can win."""
     most = int(budget_table(policy, length, num_layers).max())
     if isinstance(policy, AdaKV) and storage(policy, layout) == "uniform":
-        safe = _n_safe(most, policy.alpha_safeguard)
-        most = min(length, num_kv_heads * most - (num_kv_heads - 1) * safe)
-        if policy.capacity_factor is not None:
-            most = min(most, int(np.ceil(policy.capacity_factor * budget_table(
-                policy, length, num_layers).max())))
+        most = min(length, adakv_head_capacity(policy, most, num_kv_heads))
     return max(most, 1)
+
+
+def adakv_head_capacity(policy: AdaKV, n_kept: int, num_heads: int) -> int:
+    """The most entries one head can win when `num_heads` heads compete for num_heads *
+    n_kept: all but the other heads' safeguards, or capacity_factor * n_kept."""
+    most = num_heads * n_kept - (num_heads - 1) * _n_safe(n_kept, policy.alpha_safeguard)
+    if policy.capacity_factor is not None:
+        most = min(most, int(np.ceil(policy.capacity_factor * n_kept)))
+    return most
 
 
 def layer_slots(policy, kind: str, length: int, cfg: ModelConfig, room: int, full_rows: bool):
@@ -233,7 +238,11 @@ def compress_layer(policy, entries, obs, *, layer, cfg, inv_freq, factor, score_
                   inv_freq=inv_freq, factor=factor, sliding_window=cfg.sliding_window,
                   next_pos=n[:, 0] if next_pos is None else next_pos)
     inner = _inner(policy)
-    if target is not None:
+    if target is not None and isinstance(policy, AdaKV):
+        # The heads of a row compete for K * target slots, whatever each holds now.
+        n_keep = jnp.full_like(n, target)
+        cap = min(adakv_head_capacity(policy, target, K), Sn)
+    elif target is not None:
         n_keep, cap = jnp.minimum(n, target), min(target, Sn)
     else:
         table = jnp.asarray(budget_table(policy, Sn, cfg.num_layers))

@@ -1,10 +1,12 @@
 """Compression while decoding, inside `decode_step` (so inside one jitted scan).
 
-- `Decoding(base_press, compression_interval, target_size)` (kvpress's DecodingPress): every
-  `compression_interval` steps each head is compressed back to `target_size` entries with the
-  base policy's scores. Attention scorers observe the queries decoded since the last
-  compression, kept in the cache's query buffer (un-rotated, [L, B, W, H, D]), as kvpress
-  buffers hidden states; SnapKV's window is the last `window_size` of them. Each scorer keeps
+- `Decoding(base_press, compression_interval, target_size, hidden_states_buffer_size)`
+  (kvpress's DecodingPress): every `compression_interval` steps each head is compressed back
+  to `target_size` entries with the base policy's scores. Attention scorers observe the
+  queries decoded since the last compression, at most the last hidden_states_buffer_size + 1
+  of them, kept in the cache's query buffer (un-rotated, [L, B, W, H, D]), as kvpress buffers
+  hidden states; SnapKV's window is the last `window_size` of them (kvpress asserts the buffer
+  is longer than the window; here a shorter buffer is a shorter window). Each scorer keeps
   its prefill definition over those queries, each at its own position: what kvpress 0.5.5's
   scorers compute when given position-correct inputs (tests/test_cache_parity_decoding.py).
   kvpress itself keeps compressed caches in score order (SnapKV then pools over score-order
@@ -12,7 +14,10 @@
   ObservedAttention by the current query alone divided by (length - slot), and averages
   ExpectedAttention's RoPE from the buffer length instead of the next position.
   A per-query-head base press (gqa="query_head") first gives each query head its own copy of
-  its kv head's entries, as prefill does.
+  its kv head's entries, as prefill does. With `AdaKV(scorer)` as base press the heads of a
+  row compete at each compression for heads * target_size entries (each head first keeps its
+  safeguard), so each head of the uniform cache has room for the most one head can win
+  (`kept_slots`); kvpress keeps the whole cache and masks keys instead.
 - `H2O(hh_size, recent_size)`, `TOVA(budget=n)`, `StreamingLLM(budget=n)` update their scores
   at every step (H2O accumulates each step's attention in `cache.score`, TOVA takes the current
   query's attention averaged over heads, StreamingLLM the position) and evict down to their
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
 from lcm.cache import scores as S
-from lcm.cache.compress import compress_layer, needs, select
+from lcm.cache.compress import adakv_head_capacity, compress_layer, needs, select
 from lcm.cache.kv import KVCache, entries_valid, gather_entries, pad_capacity
 from lcm.cache.policies import H2O, TOVA, AdaKV, Decoding, Knorm, StreamingLLM
 from lcm.positions import apply_rope
@@ -54,8 +59,17 @@ def buffer_size(policy) -> int:
         return 0
     window, colsum, sink = needs(policy.base_press)
     if colsum or sink is not None:
-        return policy.compression_interval
-    return min(window, policy.compression_interval)
+        return policy.observed_steps
+    return min(window, policy.observed_steps)
+
+
+def kept_slots(policy: Decoding, num_heads: int) -> int:
+    """Slots a head may hold after a Decoding compression: target_size, or with AdaKV the
+    most one of `num_heads` heads can win of their num_heads * target_size (heads then hold
+    different numbers of entries in a uniform cache sized for the largest)."""
+    if isinstance(policy.base_press, AdaKV):
+        return adakv_head_capacity(policy.base_press, policy.target_size, num_heads)
+    return policy.target_size
 
 
 def check_decode_policy(policy, cache: KVCache):
@@ -69,14 +83,15 @@ def check_decode_policy(policy, cache: KVCache):
         if inner.positions != cache.rotation:
             raise ValueError(f"Decoding.base_press.positions={inner.positions!r} differs from "
                              f"the cache's rotation={cache.rotation!r}")
-        need = policy.target_size + policy.compression_interval
+        need = kept_slots(policy, cache.num_heads) + policy.compression_interval
         if not isinstance(cache.length, jax.core.Tracer):  # a concrete cache: its own lengths
             need = max(need, int(jnp.max(cache.length)) + policy.compression_interval
                        - int(cache.step))
         if cache.capacity < need:
             raise ValueError(f"cache.capacity={cache.capacity}; Decoding needs {need} slots "
-                             f"(the longest head or target_size, plus compression_interval "
-                             f"new tokens): prefill with a larger max_new_tokens")
+                             f"(the longest head or target_size (with AdaKV: the most one "
+                             f"head can win), plus compression_interval new tokens): prefill "
+                             f"with a larger max_new_tokens")
         return policy
     if isinstance(policy, STEPWISE):
         if budget(policy) is None:
@@ -100,11 +115,12 @@ def check_decode_policy(policy, cache: KVCache):
                      f"or StreamingLLM(budget=n)")
 
 
-def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int) -> int:
+def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int,
+                num_heads: int) -> int:
     """Free slots `generate` gives the prefill cache for `decode_policy` (prompt_kept: slots
-    the prefill policy keeps)."""
+    the prefill policy keeps; num_heads: the cache's heads)."""
     if isinstance(decode_policy, Decoding):
-        need = decode_policy.target_size + decode_policy.compression_interval
+        need = kept_slots(decode_policy, num_heads) + decode_policy.compression_interval
         return max(need, prompt_kept + min(max_new_tokens, decode_policy.compression_interval)
                    ) - prompt_kept
     return max(budget(decode_policy) + 1 - prompt_kept, 1)

@@ -27,7 +27,7 @@ import numpy as np
 
 from lcm.attention import Causal, Local
 from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_tables
-from lcm.cache.generate import _check_sampling, sample_logits
+from lcm.cache.generate import _check_sampling, sampling_loop
 from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens, check_prompt_lengths
 from lcm.config import ModelConfig, PositionConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
@@ -218,36 +218,13 @@ def _decode_step(params, cache, tokens, *, cfg):
     "cfg", "chunk", "max_new_tokens", "stop", "temperature", "top_k", "top_p", "pad_token"))
 def _generate(params, prompts, lengths, key, *, cfg, chunk, max_new_tokens, stop, temperature,
               top_k, top_p, pad_token):
-    B = prompts.shape[0]
     # The last token is returned, never fed back: max_new_tokens - 1 free slots suffice.
     logits, cache = _prefill(params, prompts, lengths, cfg=cfg, chunk=chunk,
                              room=max_new_tokens - 1, all_logits=False)
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
-
-    key, sub = jax.random.split(key)
-    token = sample(logits, sub)
-    out = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(token)
-    done = jnp.isin(token, stop_ids)
-    count = jnp.ones((B,), jnp.int32)
-
-    def cond(state):
-        i, _, _, _, done, _, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        i, cache, token, out, done, count, key = state
-        logits, cache = _decode_step(params, cache, token, cfg=cfg)
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, pad_token, sample(logits, sub))
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-        count = count + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, stop_ids)
-        return i + 1, cache, token, out, done, count, key
-
-    state = (jnp.ones((), jnp.int32), cache, token, out, done, count, key)
-    _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, state)
-    return out, count
+    step = functools.partial(_decode_step, params, cfg=cfg)
+    return sampling_loop(step, cache, logits, key, max_new_tokens=max_new_tokens, stop=stop,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         pad_token=pad_token)
 
 
 # ---------------------------------------------------------------------------- argument checks

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.cache.compress import all_full, cache_heads, capacity, check_policy
-from lcm.cache.decoding import check_decode_policy, decode_room, with_query_buffer
+from lcm.cache.decoding import (check_decode_policy, decode_room, per_query_head,
+                                with_query_buffer)
 from lcm.cache.formats import owns_cache
 from lcm.cache.policies import H2O
 from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
@@ -50,7 +51,8 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
         kept = (prompts.shape[1] if policy is None else
                 capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg),
                          layout="uniform"))
-        room = decode_room(decode_policy, policy, kept, max_new_tokens)
+        heads = cfg.num_heads if per_query_head(decode_policy) else cache_heads(policy, cfg)
+        room = decode_room(decode_policy, policy, kept, max_new_tokens, heads)
     if key is None:
         key = jax.random.key(0)  # unused when greedy
     return _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
@@ -66,7 +68,6 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     "top_k", "top_p", "pad_token", "full_rows"))
 def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chunk, room,
               max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows):
-    B = prompts.shape[0]
     # Decode-time policies compress every head to one capacity: the uniform layout.
     logits, cache = _prefill(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
                              room=room, all_logits=False,
@@ -77,6 +78,22 @@ def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chun
             cache = cache.replace(score=jnp.zeros(cache.pos.shape, jnp.float32))
         cache = with_query_buffer(cache, decode_policy, cfg)
         check_decode_policy(decode_policy, cache)  # at trace time: shapes and options only
+    step = functools.partial(_decode_step, params, cfg=cfg, policy=decode_policy)
+    return sampling_loop(step, cache, logits, key, max_new_tokens=max_new_tokens, stop=stop,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         pad_token=pad_token)
+
+
+def sampling_loop(step, cache, logits, key, *, max_new_tokens: int, stop: tuple,
+                  temperature: float, top_k, top_p, pad_token: int):
+    """The decode loop shared by the generate functions, traced inside their jit:
+    `(tokens int32 [B, max_new_tokens], num_generated int32 [B])`.
+
+    logits [B, V]: the prefill's last-token logits; step(cache, tokens [B]) -> (logits,
+    cache) decodes one token per row. A `lax.while_loop` samples until every row has emitted
+    a stop token (kept and counted) or max_new_tokens; later slots hold pad_token.
+    """
+    B = logits.shape[0]
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
 
@@ -92,7 +109,7 @@ def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chun
 
     def body(state):
         i, cache, token, out, done, count, key = state
-        logits, cache = _decode_step(params, cache, token, cfg=cfg, policy=decode_policy)
+        logits, cache = step(cache, token)
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad_token, sample(logits, sub))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)

@@ -247,11 +247,19 @@ class Merging:
 @dataclasses.dataclass(frozen=True)
 class Decoding:
     """Compression while decoding (kvpress DecodingPress): every `compression_interval` steps
-    each head is compressed back to `target_size` entries with `base_press`'s scores."""
+    each head is compressed back to `target_size` entries with `base_press`'s scores.
+
+    hidden_states_buffer_size (kvpress's name and default): attention scorers see the queries
+    of at most the last hidden_states_buffer_size + 1 steps since the last compression (kvpress
+    keeps that many hidden states between steps and appends the current one; 0: the current
+    query alone), so the cache's query buffer holds min(compression_interval,
+    hidden_states_buffer_size + 1) queries per layer.
+    """
 
     base_press: Scorer | AdaKV
     compression_interval: int = 512
     target_size: int = 2048
+    hidden_states_buffer_size: int = 256
 
     def __post_init__(self):
         if not isinstance(self.base_press, (Scorer, AdaKV)):
@@ -259,6 +267,12 @@ class Decoding:
                              f"policy or AdaKV")
         _int("Decoding", "compression_interval", self.compression_interval, 1)
         _int("Decoding", "target_size", self.target_size, 1)
+        _int("Decoding", "hidden_states_buffer_size", self.hidden_states_buffer_size, 0)
+
+    @property
+    def observed_steps(self) -> int:
+        """Most decode steps whose queries a compression sees."""
+        return min(self.compression_interval, self.hidden_states_buffer_size + 1)
 
 
 POLICIES = {cls.__name__: cls for cls in (Knorm, StreamingLLM, SnapKV, PyramidKV, TOVA,

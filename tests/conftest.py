@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (set before JAX is imported) and strict numerics."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -26,3 +27,14 @@ def devices():
     ds = jax.devices()
     assert len(ds) == 8, f"conftest should give 8 CPU devices, got {len(ds)}"
     return ds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA's CPU JIT keeps three memory
+    mappings per live executable, and JAX's caches keep every executable a worker compiled:
+    half the suite in one worker passed Linux's default `vm.max_map_count` (65530), after
+    which the next compile segfaulted inside XLA (seen once per full run before this)."""
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -1,9 +1,6 @@
 """Segment recurrence: segment_scan (resets, truncated BPTT, gradients) and run_segments."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +138,8 @@ def test_start_of_sequence_makes_concatenation_equal_separate_runs(params, memor
     np.testing.assert_allclose(got[1], jnp.concatenate([lb, la], 1)[0], atol=2e-5)
 
 
-def check_gradients_through_run_segments(params):
+@pytest.mark.slow
+def test_gradients_through_run_segments_equal_unrolled_calls(params):
     tokens = tokens_of(jax.random.key(9), 1, 24)
     memory = TransformerXL(mem_len=8)
 
@@ -159,20 +157,6 @@ def check_gradients_through_run_segments(params):
     g1, g2 = jax.grad(loss_scan)(params), jax.grad(loss_unrolled)(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_gradients_through_run_segments_equal_unrolled_calls():
-    """Runs in a child process. In three full-suite runs (pytest-xdist, 2 workers) XLA's CPU
-    compiler crashed (SIGSEGV / SIGABRT inside backend_compile_and_load) compiling this test's
-    linearized program after the worker's earlier tests; alone, with its file, or after the
-    other memory tests it passes. Open bug, see the session 3 note on #8."""
-    code = ("import jax; jax.config.update('jax_numpy_rank_promotion', 'raise'); "
-            "import memory_common, test_memory; "
-            "test_memory.check_gradients_through_run_segments(memory_common.tiny_params())")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__),
-                          env=dict(os.environ), capture_output=True, text=True)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
 
 
 def test_run_segments_rejects_bad_arguments(params):

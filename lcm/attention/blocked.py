@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcm.attention.blockwise import _apply_mask
+from lcm.attention.blockwise import _apply_mask, block_grads
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask
 
@@ -149,23 +149,11 @@ def blocked_backward_step(q, k, v, d_out, lse, delta, mask: Mask | None, layout:
             dq, dk_all, dv_all = c
             j = layout.kv_blocks[0, i, t]
             k_blk, v_blk = (lax.dynamic_index_in_dim(x, j, 1, False) for x in (k, v))
-
-            def probs(masked):
-                s, tanh = _scores_blocked(q_blk, k_blk, scale, softcap)
-                return jnp.exp(masked(s) - lse_blk[..., None]), tanh
-
-            p, tanh = _on_visible(probs, layout.visit_kinds[0, i, t], mask, i, j, geom, K)
-            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
-                            preferred_element_type=f32)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=f32)
-            ds = p * (dp - delta_blk[..., None])
-            if softcap is not None:
-                ds = ds * (1.0 - tanh * tanh)
-            ds = ds * scale
-            dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_blk.dtype), k_blk,
-                                 preferred_element_type=f32)
-            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_blk.dtype), q_blk,
-                            preferred_element_type=f32)
+            dq_j, dk, dv = block_grads(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk,
+                                       kind=layout.visit_kinds[0, i, t], mask=mask, i=i, j=j,
+                                       geom=geom, head=None, num_kv_heads=K, scale=scale,
+                                       softcap=softcap)
+            dq = dq + dq_j
             dk_all = lax.dynamic_update_index_in_dim(
                 dk_all, lax.dynamic_index_in_dim(dk_all, j, 1, False) + dk, j, 1)
             dv_all = lax.dynamic_update_index_in_dim(

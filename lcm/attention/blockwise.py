@@ -109,16 +109,21 @@ def _scores(q_blk, k_blk, scale, softcap):
     return softcap * t, t
 
 
-def _biased(s, alibi, i, j, geom, head, num_kv_heads):
-    """s [B, K|1, G, bq, bk] plus the ALiBi bias of block (i, j); unchanged without slopes."""
-    if alibi is None:
-        return s
+def _bias(alibi, i, j, geom, head, num_kv_heads):
+    """The ALiBi bias of block (i, j), float32 [1, K|1, G, bq, bk]."""
     slopes = jnp.asarray(alibi, f32).reshape(num_kv_heads, -1)
     if head is not None:  # inside the map over KV heads: this head's group only
         slopes = lax.dynamic_slice_in_dim(slopes, head, 1, axis=0)
     q_pos = i * geom.block_q + jnp.arange(geom.block_q)[:, None] + geom.offset
     k_pos = j * geom.block_k + jnp.arange(geom.block_k)[None, :]
-    return s + alibi_bias(slopes[None, :, :, None, None], q_pos, k_pos)
+    return alibi_bias(slopes[None, :, :, None, None], q_pos, k_pos)
+
+
+def _biased(s, alibi, i, j, geom, head, num_kv_heads):
+    """s [B, K|1, G, bq, bk] plus the ALiBi bias of block (i, j); unchanged without slopes."""
+    if alibi is None:
+        return s
+    return s + _bias(alibi, i, j, geom, head, num_kv_heads)
 
 
 def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
@@ -127,8 +132,8 @@ def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
                     lambda s: _apply_mask(s, mask, i, j, geom, head, num_kv_heads), s)
 
 
-def _apply_mask(s, mask, i, j, geom, head, num_kv_heads):
-    """s [B, K, G, bq, bk] with the invisible pairs of block (i, j) set to -inf."""
+def _visible(mask, i, j, geom, head, num_kv_heads):
+    """bool [B|1, K|1, G|1, bq, bk]: the visible pairs of block (i, j) (keys past kv_len hidden)."""
     q_idx = i * geom.block_q + jnp.arange(geom.block_q)
     k_idx = j * geom.block_k + jnp.arange(geom.block_k)
     vis = (k_idx < geom.kv_len)[None, None, None, None, :]
@@ -137,7 +142,62 @@ def _apply_mask(s, mask, i, j, geom, head, num_kv_heads):
         if head is not None and m.shape[1] > 1:  # keep this KV head's row of the mask
             m = lax.dynamic_slice_in_dim(m, head, 1, axis=1)
         vis = vis & m
-    return jnp.where(vis, s, -jnp.inf)
+    return vis
+
+
+def _apply_mask(s, mask, i, j, geom, head, num_kv_heads):
+    """s [B, K, G, bq, bk] with the invisible pairs of block (i, j) set to -inf."""
+    return jnp.where(_visible(mask, i, j, geom, head, num_kv_heads), s, -jnp.inf)
+
+
+def block_grads(q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, *, kind, mask, i, j, geom,
+                head, num_kv_heads, scale, softcap, alibi=None):
+    """One visited block pair's share of the gradient: (dq [B, K, G, bq, D], dk, dv
+    [B, K, bk, D]), float32. q_blk, do_blk [B, K, G, bq, D]; k_blk, v_blk [B, K, bk, D];
+    lse_blk (+inf: the row saw nothing) and delta_blk [B, K, G, bq] float32; `kind` the visit's
+    block kind (FULL skips the mask work).
+
+    Key-major: the probabilities P and dS are laid out [B, K, bk, G, bq], so dV = P dO,
+    dK = dS Q and dQ^T = K^T dS are plain matmuls over the block (only [.., D]-sized operands
+    and results are transposed). Query-major, XLA materialised transposed copies of P and dS:
+    five block-sized buffers live at once instead of three. The logits are computed inside the
+    kind branch (a block-sized cond operand would be copied into the branch)."""
+    def key_major(x):  # [.., G, bq, bk] -> [.., bk, G, bq]
+        return jnp.moveaxis(x, -1, 2)
+
+    def probs(partial):
+        s = _dot(k_blk, q_blk, 3, 4) * scale  # [B, K, bk, G, bq]
+        tanh = None
+        if softcap is not None:
+            tanh = jnp.tanh(s / softcap)
+            s = softcap * tanh
+        if alibi is not None:
+            s = s + key_major(_bias(alibi, i, j, geom, head, num_kv_heads))
+        if partial:
+            s = jnp.where(key_major(_visible(mask, i, j, geom, head, num_kv_heads)), s, -jnp.inf)
+        return jnp.exp(s - lse_blk[:, :, None]), tanh
+
+    p, tanh = lax.cond(kind == FULL, lambda: probs(False), lambda: probs(True))
+    dv = _dot(p.astype(do_blk.dtype), do_blk, (3, 4), (2, 3))
+    ds = p * (_dot(v_blk, do_blk, 3, 4) - delta_blk[:, :, None])
+    if softcap is not None:
+        ds = ds * (1.0 - tanh * tanh)
+    ds = ds * scale
+    dk = _dot(ds.astype(q_blk.dtype), q_blk, (3, 4), (2, 3))
+    # dQ^T [B, K, D, G, bq] from an explicit K^T [B, K, D, bk] (the barrier keeps XLA from
+    # folding the transpose into the dot: XLA:CPU runs a dot that contracts a non-minor lhs
+    # axis on a fallback that lacks bfloat16 x bfloat16 -> float32).
+    k_t = lax.optimization_barrier(jnp.swapaxes(k_blk, 2, 3))
+    dq = _dot(k_t, ds.astype(k_blk.dtype), 3, 2)
+    return jnp.moveaxis(dq, 2, -1), dk, dv
+
+
+def _dot(a, b, a_contract, b_contract):
+    """Batched over the two leading axes (B, K), float32 accumulation: a's free axes, then b's."""
+    a_contract = (a_contract,) if isinstance(a_contract, int) else a_contract
+    b_contract = (b_contract,) if isinstance(b_contract, int) else b_contract
+    return lax.dot_general(a, b, ((a_contract, b_contract), ((0, 1), (0, 1))),
+                           preferred_element_type=f32)
 
 
 def _kv_block(x, j, geom):
@@ -207,22 +267,11 @@ def _flash_bwd(scale, softcap, num_kv_heads, alibi, residuals, d_out):
         def visit(t, c):
             dq, dk_acc, dv_acc = c
             j = layout.kv_blocks[0, i, t]
-            k_blk, v_blk = _kv_block(kp, j, geom), _kv_block(vp, j, geom)
-            s, tanh = _scores(q_blk, k_blk, scale, softcap)
-            s = _biased(s, alibi, i, j, geom, head, num_kv_heads)
-            s = _masked(s, layout.visit_kinds[0, i, t], mask, i, j, geom, head, num_kv_heads)
-            p = jnp.exp(s - lse_blk[..., None])
-            dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_blk.dtype), do_blk,
-                            preferred_element_type=f32)
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=f32)
-            ds = p * (dp - delta_blk[..., None])
-            if softcap is not None:
-                ds = ds * (1.0 - tanh * tanh)
-            ds = ds * scale
-            dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_blk.dtype), k_blk,
-                                 preferred_element_type=f32)
-            dk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_blk.dtype), q_blk,
-                            preferred_element_type=f32)
+            dq_j, dk, dv = block_grads(
+                q_blk, _kv_block(kp, j, geom), _kv_block(vp, j, geom), do_blk, lse_blk,
+                delta_blk, kind=layout.visit_kinds[0, i, t], mask=mask, i=i, j=j, geom=geom,
+                head=head, num_kv_heads=num_kv_heads, scale=scale, softcap=softcap, alibi=alibi)
+            dq = dq + dq_j
             start = j * geom.block_k
             dk_acc = lax.dynamic_update_slice_in_dim(
                 dk_acc, _kv_block(dk_acc, j, geom) + dk, start, axis=2)

@@ -13,7 +13,8 @@ Overrides:
     --config.repeats=3                      timed runs per cell, after one warm-up run
     --config.max_seconds=120                an implementation slower than this stops growing
     --config.tokamax_max_length=4096        tokamax's interpreted kernel only up to this length
-    --config.device_memory_gib=3            per-device budget for the longest-length estimate
+    --config.longest_budget_mib=3072        also search (compile only) the longest causal length
+                                            ring (8 devices) and xla (1 device) fit in this budget
     --config.block=512                      block / chunk size of every implementation
 """
 
@@ -29,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.repeats = 3
     config.max_seconds = 120.0
     config.tokamax_max_length = 4096
-    config.device_memory_gib = 3.0
+    # None: no search. A number of MiB per device: compile-only search for the longest length.
+    config.longest_budget_mib = ml_collections.config_dict.placeholder(float)
     config.block = 512
     config.backward = False
     return config

@@ -18,9 +18,11 @@ Per cell: the median wall time over `repeats` runs after a warm-up, and the comp
 device (arguments + outputs + temporaries from XLA's memory analysis of the partitioned program;
 every simulated device shares this host's RAM). Ratios are to lcm's ring. With
 `backward=True` every cell is the output and the gradients of sum(out * q) (forward + backward).
-Then, for ring and xla, the longest causal length that fits `device_memory_gib` per device is
-extrapolated along the line through the two longest measured lengths (ring over 8 devices vs one
-device).
+
+With `longest_budget_mib` set, the longest causal length that fits that budget per device is
+searched for ring over the 8 devices and for xla on one device, by compiling only (memory
+analysis, nothing runs): lengths are multiples of 2 * devices * block, doubled until one does
+not fit, then bisected. The ratio of the two is the context-parallel reach.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.run \
         --config=configs/bench_ring.py --workdir=/tmp/bench_ring
@@ -45,7 +47,6 @@ from lcm.sharding import make_mesh, make_ring_order, ring_attention
 
 IMPLS = ("ring", "allgather", "xla", "ringattention", "tokamax_ring")
 HEADS, HEAD_DIM = 8, 64
-GIB = 1024**3
 
 
 def _ringattention():
@@ -155,13 +156,54 @@ def inputs(length, mesh, sharded: bool):
     return [jax.device_put(x, target) for x in xs]
 
 
-def longest(lengths, mem, budget):
-    """Longest length whose per-device memory fits: the line through the two longest measured
-    lengths (short ones sit below the linear regime: blocks are clipped to the shard)."""
-    if len(lengths) < 2:
+def compiled_bytes(mesh, impl: str, length: int, block: int, backward: bool) -> int:
+    """Per-device memory of `impl` at `length` from XLA's memory analysis; compiles, never runs."""
+    fn = make_fns(mesh, block, length, [impl])[impl]
+    fn = with_gradients(fn) if backward else fn
+    target = (NamedSharding(mesh, PartitionSpec(None, "context")) if impl in _SHARDED_INPUTS
+              else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    arg = jax.ShapeDtypeStruct((1, length, HEADS, HEAD_DIM), jnp.float32, sharding=target)
+    m = fn.lower(arg, arg, arg).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def longest(fits, step: int, max_multiple: int = 1 << 20):
+    """The largest multiple of `step` with fits(n) true, for fits monotone (true, then false):
+    doubles until one does not fit, then bisects. None if `step` itself does not fit."""
+    if not fits(step):
         return None
-    slope, intercept = np.polyfit(np.asarray(lengths[-2:], float), np.asarray(mem[-2:], float), 1)
-    return int((budget - intercept) / slope) if slope > 0 else None
+    lo, hi = 1, 2
+    while hi <= max_multiple and fits(hi * step):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid)
+    return lo * step
+
+
+def search_longest(mesh, config) -> dict:
+    """Longest causal length within config.longest_budget_mib per device, ring vs one device."""
+    budget = config.longest_budget_mib * 2**20
+    step = 2 * config.num_devices * config.block
+    result = {}
+    for impl in ("ring", "xla"):
+        probes = {}
+
+        def fits(n, impl=impl, probes=probes):
+            probes[n] = compiled_bytes(mesh, impl, n, config.block, config.backward)
+            print(f"longest {impl:4s} L={n:8d} {probes[n] / 2**20:9.1f} MiB/device", flush=True)
+            return probes[n] <= budget
+
+        n = longest(fits, step)
+        result[impl] = dict(length=n, mem_bytes=probes.get(n),
+                            probes={str(k): v for k, v in sorted(probes.items())})
+    ring, xla = result["ring"]["length"], result["xla"]["length"]
+    result["ratio"] = ring / xla if ring and xla else None
+    return result
+
+
+_SHARDED_INPUTS = ("ring", "allgather", "ringattention", "tokamax_ring")
 
 
 def run(config, workdir: str) -> dict:
@@ -211,24 +253,18 @@ def run(config, workdir: str) -> dict:
             if cell["seconds"] > config.max_seconds:
                 skipped.add(impl)
             del out
-    budget = config.device_memory_gib * GIB
-    reach = {}
-    for impl in ("ring", "xla"):
-        ok = [(n, cells[(impl, n)]["mem_bytes"]) for n in config.lengths
-              if "mem_bytes" in cells.get((impl, n), {})]
-        reach[impl] = longest([n for n, _ in ok], [m for _, m in ok], budget)
-    ratio = (reach["ring"] / reach["xla"]) if reach["ring"] and reach["xla"] else None
-    markdown = _table(config, impls_all, cells, reach, ratio)
+    reach = search_longest(mesh, config) if config.longest_budget_mib else None
+    markdown = _table(config, impls_all, cells, reach)
     print(markdown)
     summary = dict(cells={f"{i}@{n}": c for (i, n), c in cells.items()},
-                   longest_causal_length=reach, ring_vs_single_device=ratio,
-                   devices=P, device_memory_gib=config.device_memory_gib,
+                   longest_causal_length=reach, devices=P,
+                   longest_budget_mib=config.longest_budget_mib,
                    block=config.block, lengths=list(config.lengths), impls=impls_all,
                    backward=bool(config.backward))
     return write_summary(workdir, summary, markdown=markdown)
 
 
-def _table(config, impls, cells, reach, ratio) -> str:
+def _table(config, impls, cells, reach) -> str:
     head = "| length | " + " | ".join(impls) + " |"
     lines = [f"Causal{', forward + backward' if config.backward else ''}, batch 1, {HEADS} "
              f"heads, head_dim {HEAD_DIM}, float32, "
@@ -248,8 +284,10 @@ def _table(config, impls, cells, reach, ratio) -> str:
                 rel = f" ({c['seconds'] / base:.2f}x)" if base else ""
                 row.append(f"{c['seconds']:.3f} s / {c['mem_bytes'] / 2**20:.0f} MiB{rel}")
         lines.append(f"| {n} | " + " | ".join(row) + " |")
-    lines += ["", f"Longest causal length in {config.device_memory_gib} GiB per device "
-              f"(line through the two longest lengths above): ring over "
-              f"{config.num_devices} devices {reach['ring']}, one device (xla) {reach['xla']}; "
-              f"ratio {'-' if ratio is None else f'{ratio:.1f}x'}"]
+    if reach is not None:
+        ratio = "-" if reach["ratio"] is None else f"{reach['ratio']:.1f}x"
+        lines += ["", f"Longest causal length within {config.longest_budget_mib:g} MiB per device "
+                  f"({'forward + backward' if config.backward else 'forward'}; compiled, not "
+                  f"run): ring over {config.num_devices} devices {reach['ring']['length']}, "
+                  f"one device (xla) {reach['xla']['length']}; ratio {ratio}"]
     return "\n".join(lines)

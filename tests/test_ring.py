@@ -116,18 +116,23 @@ def test_ring_bfloat16_and_softcap(devices):
 
 
 def test_ring_order_inputs_stay_in_ring_order(devices):
-    """With a RingOrder, inputs and Document ids are in ring order; so is the output."""
+    """With a RingOrder, q, k, v are in ring order, and so is the output; Document ids stay in
+    the original order (ids passed through to_ring are refused, naming the expected shape)."""
     P, L = 4, 60
     mesh = ring_mesh(devices, P)
     order = make_ring_order(L, P, "zigzag", block=8)
     q, k, v = random_qkv(jax.random.key(4), 2, L, L, 2, 2, 8, jnp.float32)
     seg = segments(2, L, 2, 3)
     want = attend(q, k, v, Causal() & Document(seg), impl="reference")
-    ring_seg = order.to_ring(seg, pad_value=-1)
-    got = jax.jit(lambda q, k, v, seg: ring_attention(
-        q, k, v, Causal() & Document(seg), mesh=mesh, load_balance=order, block_q=8,
-        block_k=8))(*(order.to_ring(x) for x in (q, k, v)), ring_seg)
+
+    def ring(q, k, v, seg):
+        return attend(q, k, v, Causal() & Document(seg), impl="ring", mesh=mesh,
+                      load_balance=order, block_q=8, block_k=8)
+
+    got = jax.jit(ring)(*(order.to_ring(x) for x in (q, k, v)), seg)
     np.testing.assert_allclose(np.asarray(order.from_ring(got)), np.asarray(want), atol=3e-5)
+    with pytest.raises(ValueError, match=r"original order, \[batch, 60\]"):
+        ring(*(order.to_ring(x) for x in (q, k, v)), order.to_ring(seg, pad_value=-1))
 
 
 def test_errors_name_axis_and_length(devices):

@@ -82,32 +82,34 @@ def _sub_jaxprs(eqn):
                 yield x
 
 
-def _float_gathers(jaxpr):
-    """Gathers of float arrays (permuted activations) outside shard_map bodies."""
+def _gathers(jaxpr, floats_only=True):
+    """Gathers (of float arrays: permuted activations) outside shard_map bodies."""
     n = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        n += name == "gather" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating)
+        n += name == "gather" and (not floats_only
+                                   or jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating))
         if name != "shard_map":
-            n += sum(_float_gathers(j) for j in _sub_jaxprs(eqn))
+            n += sum(_gathers(j, floats_only) for j in _sub_jaxprs(eqn))
     return n
 
 
 def test_layers_do_not_permute_activations(devices, model):
     """The ring order is applied at the model's input and output only: the layer scan's body
-    permutes no activation, while attention called without the order permutes q, k, v and out."""
+    gathers nothing (no activation, and no segment ids: they stay in the original order), while
+    attention called without the order permutes q, k, v and out."""
     params, _, tokens, segs = model
     mesh = make_mesh((2, 1, 1, 4))
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lambda p, t, s: forward(p, t, RING, segment_ids=s))(
             params, tokens, segs).jaxpr
         layer = next(e for e in jaxpr.eqns if e.primitive.name == "scan").params["jaxpr"].jaxpr
-        assert _float_gathers(layer) == 0
-        assert _float_gathers(jaxpr) == 2  # the embedding lookup; the logits back to order
+        assert _gathers(layer, floats_only=False) == 0
+        assert _gathers(jaxpr) == 2  # the embedding lookup; the logits back to order
         q = jnp.zeros((2, 48, CFG.num_heads, CFG.head_dim))
         per_call = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, Causal(), impl="ring"))(
             q, q[:, :, :2], q[:, :, :2]).jaxpr
-    assert _float_gathers(per_call) == 4  # q, k, v into the ring order, the output back
+    assert _gathers(per_call) == 4  # q, k, v into the ring order, the output back
 
 
 def test_load_balance_field_is_checked():

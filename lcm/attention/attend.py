@@ -45,13 +45,16 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {list(IMPLS)}")
-    _check_inputs(q, k, v, mask, scale, softcap, block_q, block_k)
+    # Context parallelism checks the mask itself, at the true length (ring-order inputs are
+    # padded; the mask is not).
+    ring = impl in ("ring", "allgather")
+    _check_inputs(q, k, v, None if ring else mask, scale, softcap, block_q, block_k)
     B, T, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap = None if softcap is None else float(softcap)
     alibi = check_alibi_slopes(alibi_slopes, H)
-    if impl in ("ring", "allgather"):
+    if ring:
         if alibi is not None:
             raise ValueError(f"alibi_slopes with impl={impl!r}: not supported (ring shards hold "
                              f"permuted positions); use impl='xla' or 'pallas'")

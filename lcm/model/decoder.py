@@ -54,8 +54,8 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
                      else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
     if order is not None:
         # Context parallelism: into the ring order once here, logits back once at the end.
+        # Segment ids stay in order: ring attention reads them there (replicated per device).
         tokens, positions = order.to_ring(tokens), order.to_ring(positions)
-        segment_ids = None if segment_ids is None else order.to_ring(segment_ids)
     mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
     if segment_ids is not None:
         mask = mask & Document(segment_ids)

@@ -61,8 +61,9 @@ def attention_block(x, p, *, positions, inv_freq, attention_factor, mask, attent
     `attention` is an AttentionConfig (backend and block sizes); `mask` a lcm.attention Mask;
     `position` a PositionConfig (None or type "rope": RoPE as trained; others see
     `lcm.positions.position_attention`). `ring_order`: for impl "ring" / "allgather", the
-    RingOrder x, positions and the mask's segment ids are already in (the decoder applies it once
-    at its input); None lets each call permute by `attention.load_balance`.
+    RingOrder x and positions are already in (the decoder applies it once at its input; the
+    mask's segment ids stay in the original order); None lets each call permute by
+    `attention.load_balance`.
     """
     q, k, v = project_qkv(x, p, shard=shard)
     if position is None or position.type == "rope":

@@ -48,15 +48,17 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     """Self-attention with the sequence split over mesh axis `axis_name`.
 
     q [B, L, H, D]; k, v [B, L, K, D] (H a multiple of K); `mask` as for `lcm.attention.attend`
-    (every kind; per-token arrays such as Document's segment ids are in the order of q).
+    (every kind; per-token arrays such as Document's segment ids in the original order).
     `mesh`: a Mesh (default: the mesh set by `jax.set_mesh`). Batch and heads are also split over
     the mesh's data/fsdp and tensor axes when they divide (lcm.sharding.DEFAULT_RULES).
 
     load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.sharding.ring_order):
     q, k, v are in the original order; they are padded and permuted to that ring order here and
     the output permuted back (one reshuffle of q, k, v and the output). Or a `RingOrder` over
-    this axis size: q, k, v and per-token mask arrays are already in that ring order and padded
-    (`order.to_ring`), as a model does once for its inputs; the output stays in ring order.
+    this axis size: q, k, v are already in that ring order and padded (`order.to_ring`), as a
+    model does once for its inputs; the output stays in ring order. Per-token mask arrays
+    (Document's segment ids) stay in the original order either way: each device holds them
+    whole, and the layout reads them there.
     strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
     "pallas" (forward and backward as fused Pallas TPU kernels moving K/V, and dK/dV, by remote
     DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see

@@ -17,8 +17,9 @@ _SEGMENT_FIELDS = ("q_segment_ids", "kv_segment_ids")
 def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     """Validates like `attend` (plus q_len == kv_len); returns (mask, scale, softcap, length).
 
-    With a RingOrder (inputs already in ring order), Document segment ids come in ring order
-    too: they are put back in the original order, which the layout and the element mask use.
+    With a RingOrder (q, k, v already in ring order), Document segment ids stay in the original
+    order, [batch, order.length]: the layout and the element mask read them there, and every
+    device holds them whole, so a model permutes only its activations (no gather per call).
     """
     from lcm.attention.attend import _check_inputs
 
@@ -29,7 +30,7 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
                          f"attention is self-attention over one sharded sequence")
     length = q.shape[1] if order is None else order.length
     if order is not None and mask is not None:
-        mask = _segments_from_ring(mask, order)
+        _check_segments_in_order(mask, order)
     # Validate at the true length; padding (if any) is the ring's business.
     def shape(x):
         return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
@@ -40,20 +41,17 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     return mask, float(scale), None if softcap is None else float(softcap), length
 
 
-def _segments_from_ring(mask, order):
+def _check_segments_in_order(mask, order):
     if isinstance(mask, Document):
-        def back(ids):
-            if ids is None:
-                return None
-            if getattr(ids, "ndim", None) != 2 or ids.shape[1] != order.padded_length:
+        for ids in (mask.q_segment_ids, mask.kv_segment_ids):
+            if ids is not None and (getattr(ids, "ndim", None) != 2
+                                    or ids.shape[1] != order.length):
                 raise ValueError(f"Document segment ids shape {getattr(ids, 'shape', None)}: "
-                                 f"with a RingOrder they are in ring order, [batch, "
-                                 f"{order.padded_length}] (use order.to_ring)")
-            return order.from_ring(ids)
-        return Document(back(mask.q_segment_ids), back(mask.kv_segment_ids))
-    if isinstance(mask, (And, Or)):
-        return type(mask)(tuple(_segments_from_ring(m, order) for m in mask.masks))
-    return mask
+                                 f"with a RingOrder they stay in the original order, [batch, "
+                                 f"{order.length}] (do not pass them through order.to_ring)")
+    elif isinstance(mask, (And, Or)):
+        for m in mask.masks:
+            _check_segments_in_order(m, order)
 
 
 def per_head(mask) -> bool:

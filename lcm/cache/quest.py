@@ -6,7 +6,8 @@ U = sum_d max(q_d * kmax_d, q_d * kmin_d) (Quest's sign trick), the `num_pages` 
 largest bound are chosen, and attention reads only them. Quest's code selects per query head
 (its Llama has no GQA: keys are repeated); `gqa="max"` or `"mean"` reduces the bounds over the
 query heads of a KV head instead, so the heads of a group share one selection (one fetch per KV
-block, and the Pallas kernels can run it).
+block). Both run on the Pallas kernels: per query head, the selection is a per-head BlockMask
+that the kernels evaluate in-kernel for each query head of a KV group.
 
 The selection becomes a `BlockMask` whose cells are pages, computed inside `jit`, so the same
 block-sparse machinery as everywhere else (`attend(..., impl="xla" | "pallas")`) visits only the
@@ -56,9 +57,6 @@ class Quest:
             raise ValueError(f"Quest(gqa={self.gqa!r}); expected one of {list(GQA)}")
         if self.impl not in IMPLS:
             raise ValueError(f"Quest(impl={self.impl!r}); expected one of {list(IMPLS)}")
-        if self.impl == "pallas" and self.gqa == "query_head":
-            raise ValueError("Quest(impl='pallas') needs one selection per KV head: pass "
-                             "gqa='max' or 'mean', or use impl='xla' for gqa='query_head'")
 
     def num_pages(self, capacity: int) -> int:
         """Pages read per step (static): max(3, token_budget // page_size), at most all."""

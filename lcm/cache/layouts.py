@@ -98,7 +98,8 @@ def write_uniform(store: dict, index, k, v, position) -> tuple[dict, dict]:
     [L, B, K, C, D], pos[, score] [L, B, K, C], length [L, B, K]} (a full head overwrites its
     oldest entry). Returns (store, the layer's entries after the write)."""
     entries = {name: store[name][index] for name in ("pos", "length")}
-    slot, length = _slots(entries)
+    slot, length = _slots(entries["pos"], entries["length"], entries_valid(entries),
+                          entries["pos"].shape[-1])
     B, K = slot.shape
     b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
     store = dict(store, k=store["k"].at[index, b, h, slot].set(k.astype(store["k"].dtype)),
@@ -126,14 +127,11 @@ def write_window(store: dict, layer, start, size, window: int, k, v, position):
     def view(x):
         return jax.lax.dynamic_slice_in_dim(x, ws, window, axis=2)
 
-    valid = mine & (j < off + length[..., None])
-    big = jnp.iinfo(jnp.int32).max
-    oldest = jnp.argmin(jnp.where(valid, view(store["pos"]), big), -1)
-    full = length >= size
-    at = ws + jnp.where(full, oldest, off + length).astype(jnp.int32)
+    slot, length = _slots(view(store["pos"]), length, mine & (j < off + length[..., None]),
+                          size, first=off)
+    at = ws + slot
     B, K = at.shape
     b, h = jnp.arange(B)[:, None], jnp.arange(K)[None, :]
-    length = jnp.minimum(length + 1, size)
     store = dict(store, k=store["k"].at[b, h, at].set(k.astype(store["k"].dtype)),
                  v=store["v"].at[b, h, at].set(v.astype(store["v"].dtype)),
                  pos=store["pos"].at[b, h, at].set(jnp.broadcast_to(position[:, None], (B, K))),
@@ -171,14 +169,13 @@ def layer_runs(slots: tuple, max_runs: int) -> tuple:
     return tuple(reversed(out))
 
 
-def _slots(entries):
-    """Where each head's new entry goes: slot `length`, or the oldest entry's when full."""
-    C = entries["pos"].shape[-1]
-    full = entries["length"] >= C
+def _slots(pos, length, valid, size, first=0):
+    """Where each head's new entry goes among slots [first, first + size) of pos [B, K, C]:
+    slot first + length, or the oldest valid entry's when full; and the new length."""
     big = jnp.iinfo(jnp.int32).max
-    oldest = jnp.argmin(jnp.where(entries_valid(entries), entries["pos"], big), -1)
-    slot = jnp.where(full, oldest, entries["length"]).astype(jnp.int32)
-    return slot, jnp.minimum(entries["length"] + 1, C)
+    oldest = jnp.argmin(jnp.where(valid, pos, big), -1)
+    slot = jnp.where(length >= size, oldest, first + length).astype(jnp.int32)
+    return slot, jnp.minimum(length + 1, size)
 
 
 def write_pooled(store: dict, index, k, v, position) -> tuple[dict, dict]:

@@ -130,11 +130,17 @@ def _tokamax_ring(mesh, length):
                                        ).transpose(1, 0, 2)[None])
 
 
+def device_bytes(m) -> int:
+    """Per-device bytes from a compiled program's memory analysis `m`: arguments + outputs +
+    temporaries, less what the outputs alias."""
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
 def measure(fn, args, repeats: int, max_seconds: float):
     compiled = fn.lower(*args).compile()
     m = compiled.memory_analysis()
-    mem = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-           - m.alias_size_in_bytes)
+    mem = device_bytes(m)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -163,9 +169,7 @@ def compiled_bytes(mesh, impl: str, length: int, block: int, backward: bool) -> 
     target = (NamedSharding(mesh, PartitionSpec(None, "context")) if impl in _SHARDED_INPUTS
               else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     arg = jax.ShapeDtypeStruct((1, length, HEADS, HEAD_DIM), jnp.float32, sharding=target)
-    m = fn.lower(arg, arg, arg).compile().memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return device_bytes(fn.lower(arg, arg, arg).compile().memory_analysis())
 
 
 def longest(fits, step: int, max_multiple: int = 1 << 20):

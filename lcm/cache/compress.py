@@ -29,6 +29,7 @@ from lcm.cache.policies import (H2O, TOVA, AdaKV, ExpectedAttention, Merging, Ob
                                 PyramidKV, Scorer, SnapKV)
 from lcm.config import ModelConfig
 from lcm.positions import apply_rope, rope_frequencies
+from lcm.sharding.mesh import host_array
 
 f32 = jnp.float32
 PREFILL_POLICIES = (Scorer, H2O, AdaKV, Merging)
@@ -165,7 +166,7 @@ def all_full(lengths, length: int) -> bool:
         return True
     if isinstance(lengths, jax.core.Tracer):
         return False
-    return bool(np.all(np.asarray(lengths) == length))
+    return bool(np.all(host_array(lengths) == length))
 
 
 def store_layer(policy, entries, kind: str, *, room: int, length: int, cfg: ModelConfig):

@@ -27,6 +27,7 @@ from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
 from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
 from lcm.positions import apply_rope, rope_frequencies
+from lcm.sharding.mesh import host_array
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
@@ -296,7 +297,7 @@ def check_prompt_lengths(tokens, lengths):
         raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected int "
                          f"[batch={B}]")
     if not isinstance(lengths, jax.core.Tracer):
-        bad = np.asarray(lengths)
+        bad = host_array(lengths)
         if bad.min() < 1 or bad.max() > T:
             raise ValueError(f"lengths={bad.tolist()}; expected every length in [1, {T}] "
                              f"(tokens are right-padded to {T})")

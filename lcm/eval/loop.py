@@ -38,6 +38,7 @@ from lcm.eval.generation import (default_generate_fn, shared_prefill_generate, s
                                  trim_generation)
 from lcm.eval.results import RESULTS_FILE, append_lines, read_results, write_reports
 from lcm.eval.scoring import check_metric, score_sample
+from lcm.sharding.mesh import host_array
 
 TRUNCATIONS = TRUNCATION_POLICIES
 
@@ -148,8 +149,6 @@ def _check_run(workdir, run, fingerprint, resume, has_rows):
         raise ValueError(f"{workdir}: results for run {run!r} exist; pass resume=True to "
                          f"continue them, or use a new workdir")
     runs[run] = fingerprint
-    if jax.process_index() != 0:  # process 0 writes the workdir
-        return
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(runs, f, indent=1, sort_keys=True)
@@ -174,9 +173,11 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
     mesh: a `jax.sharding.Mesh` whose `data_axis` splits every batch's rows (rows per batch are
     rounded down to a multiple of its size, at least one per device; params are replicated over
     the mesh unless already on it). Under several processes (`jax.distributed`) each process
-    reads only its rows of each batch from the pipeline; the generated tokens are gathered and
-    process 0 writes the results. The results file is the one an unsharded run with the same
-    rows per batch writes.
+    reads only its rows of each batch from the pipeline; the generated tokens are gathered, and
+    process 0 alone reads and writes the workdir (what is done, the run checks, the results,
+    the reports), broadcasting its answers, so the workdir need only exist on process 0's disk.
+    Every process returns process 0's summary. The results file is the one an unsharded run
+    with the same rows per batch writes.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     runs = _runs(options, policy, policies)
@@ -194,14 +195,15 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
     shared = (generate_fn is None and cfg.positions.type == "rope"
               and sum(shares_prefill(p) for p in runs.values()) > 1)
     generate_fn = default_generate_fn(cfg) if generate_fn is None else generate_fn
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS_FILE)
-    previous = read_results(path, repair=resume)
-    done = {run: {row["id"] for row in previous if row.get("run") == run} for run in runs}
-    for run, run_policy in runs.items():
-        fn = shared_prefill_generate if shared and shares_prefill(run_policy) else generate_fn
-        _check_run(workdir, run, _fingerprint(cfg, run_policy, options, fn), resume,
-                   bool(done[run]))
+    fingerprints = {
+        run: _fingerprint(cfg, run_policy, options, shared_prefill_generate
+                          if shared and shares_prefill(run_policy) else generate_fn)
+        for run, run_policy in runs.items()}
+    # Process 0 alone reads and writes the workdir (other hosts may not share its disk); every
+    # process gets its answer, or raises its error.
+    done = {run: set(ids) for run, ids in _from_process_0(
+        lambda: _open_workdir(workdir, path, fingerprints, resume)).items()}
 
     limit = options.max_length if options.max_length is not None else max_context_length(cfg)
     todo = [r for r in records if any(r.id not in done[run] for run in runs)]
@@ -234,7 +236,7 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
         timing["model_s"] += time.perf_counter() - t0
         rows = []
         for run, (out, count) in outputs.items():
-            out, count = _gather(out), _gather(count)
+            out, count = host_array(out), host_array(count)
             for i, (record, num_tokens, dropped) in enumerate(items):
                 if record is not None and record.id not in done[run]:
                     rows.append(_row(run, record, num_tokens, dropped, out[i], count[i], stop,
@@ -245,9 +247,6 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
         bar.update(sum(n + r.max_new_tokens for r, n, _ in items if r is not None))
         bar.set_postfix(rows=written, refresh=False)
     bar.close()
-    if jax.process_count() > 1:  # process 0 has written every row
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("lcm.eval.evaluate")
     total_s = time.perf_counter() - start
     # Time outside generation: tokenizing, batching, decoding, scoring, writing (not reports).
     model_s = timing.pop("model_s")
@@ -256,9 +255,44 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
               "outside_model_share": round(1 - model_s / total_s, 4) if total_s > 0 else 0.0,
               "samples_this_session": written,
               **{k: _rounded(v) for k, v in timing.items()}}
-    return write_reports(workdir, read_results(path), heatmaps=options.heatmaps,
-                         extra={"truncation": options.truncation, "max_length": limit,
-                                "timing": timing})
+    extra = {"truncation": options.truncation, "max_length": limit, "timing": timing}
+    # Process 0 has appended every row; its summary (and files) are every process's answer.
+    return _from_process_0(lambda: write_reports(workdir, read_results(path),
+                                                 heatmaps=options.heatmaps, extra=extra))
+
+
+def _open_workdir(workdir, path, fingerprints, resume) -> dict:
+    """{run: [ids already in the results]} after checking each run's setup against runs.json
+    (and recording it); creates the workdir and repairs a torn last line when resuming."""
+    os.makedirs(workdir, exist_ok=True)
+    previous = read_results(path, repair=resume)
+    done = {run: sorted({row["id"] for row in previous if row.get("run") == run})
+            for run in fingerprints}
+    for run, fingerprint in fingerprints.items():
+        _check_run(workdir, run, fingerprint, resume, bool(done[run]))
+    return done
+
+
+def _from_process_0(fn):
+    """fn() run on process 0 alone, its JSON-able result (or the ValueError it raised) given to
+    every process. With one process, just fn()."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+    payload = b""
+    if jax.process_index() == 0:
+        try:
+            payload = json.dumps({"value": fn()}).encode()
+        except ValueError as e:
+            payload = json.dumps({"error": str(e)}).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    data = np.zeros(size, np.uint8)
+    if jax.process_index() == 0:
+        data[:] = np.frombuffer(payload, np.uint8)
+    answer = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+    if "error" in answer:
+        raise ValueError(answer["error"])
+    return answer["value"]
 
 
 def _runs(options, policy, policies) -> dict:
@@ -302,7 +336,9 @@ def _generate_runs(params, cfg, prompts, lengths, budget, runs, stop, generate_f
         t0, c0 = time.perf_counter(), time.process_time()
         tokens, count = generate_fn(params, cfg, prompts, lengths=lengths, max_new_tokens=budget,
                                     policy=policy, stop_tokens=stop, temperature=0.0)
-        out[run] = (tokens, count)
+        # Dispatch is asynchronous: wait, so the model's time is not billed to the decoding
+        # and scoring after it.
+        out[run] = jax.block_until_ready((tokens, count))
         timing["generate_s"][run] += time.perf_counter() - t0
         timing["generate_cpu_s"][run] += time.process_time() - c0
     return {run: out[run] for run in runs}
@@ -401,14 +437,6 @@ def _to_mesh(local, mesh, axis):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
 
 
-def _gather(x):
-    """Every row of a (possibly multi-process) array as numpy."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def _row(run, record, num_tokens, dropped, out, count, stop, tokenizer) -> dict:
     gen = trim_generation(out, count, record.max_new_tokens, stop)
     prediction = tokenizer.decode(gen)
@@ -430,5 +458,6 @@ def _rounded(value):
 def _progress(total, options):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, disable=not options.progress,
+    return tqdm(total=total, unit="tok", unit_scale=True,
+                disable=not options.progress or jax.process_index() != 0,
                 desc=f"eval[{options.run}]", smoothing=0.1)

@@ -57,3 +57,12 @@ def make_mesh(shape, axis_names=MESH_AXES, *, devices=None) -> jax.sharding.Mesh
     if devices == jax.devices():
         return jax.make_mesh(shape, axis_names, axis_types=auto, devices=devices)
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), axis_names, axis_types=auto)
+
+
+def host_array(x) -> np.ndarray:
+    """Every element of a concrete array as numpy, also when its shards live on several
+    processes (then it is a collective: every process must call it, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

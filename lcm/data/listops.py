@@ -21,13 +21,21 @@ tokens, which Python salts per process: its ids are fixed only under a fixed PYT
 `LRA_VOCAB` is the order its code gives with PYTHONHASHSEED=0 (checked against TensorFlow
 Datasets' encoder by `tests/fixtures/listops_lra/make_fixture.py`); pass the vocabulary of a
 run you need to match.
+
+`read_lra_listops` reads LRA's own ListOps TSV files from local disk into the same records.
+`listops_examples` / `listops_batches` are the Grain pipeline for classifiers: records (generated
+or read) -> LRA's {"inputs", "targets"} examples -> static-shape batches split over processes,
+resumable from the iterator's state.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import os
 import re
 
+import grain
 import numpy as np
 
 from lcm.data.fit import task_rng
@@ -111,16 +119,52 @@ def make_listops(index: int, *, seed: int, length: int = 2000, tokenizer=None,
     else:
         raise ValueError(f"no ListOps tree with {min_length} < length < {length} in {max_tries} "
                          f"draws (max_depth={max_depth}, max_args={max_args}); widen the range")
-    source = to_string(tree)
-    prompt = INSTRUCTION + source + "\nAnswer:"
     meta = {"listops_length": size, "tries": tries, "index": index, "seed": seed,
             "max_depth": max_depth, "max_args": max_args}
+    return _record(record_id(task, length, index, seed), to_string(tree), to_value(tree),
+                   length, meta, tokenizer)
+
+
+def _record(id_: str, source: str, value: int, length: int, meta: dict, tokenizer) -> Record:
+    prompt = INSTRUCTION + source + "\nAnswer:"
     if tokenizer is not None:
         meta["num_tokens"] = len(tokenizer.encode(prompt))
         meta["tokenizer"] = tokenizer_name(tokenizer)
-    return Record(id=record_id(task, length, index, seed), task=task, context=source,
-                  question="", prompt=prompt, answers=(str(to_value(tree)),), length=length,
-                  max_new_tokens=2, metric="exact_match", meta=meta)
+    return Record(id=id_, task="listops", context=source, question="", prompt=prompt,
+                  answers=(str(value),), length=length, max_new_tokens=2, metric="exact_match",
+                  meta=meta)
+
+
+def read_lra_listops(path, *, tokenizer=None, length: int = 2000) -> list[Record]:
+    """Records from one of LRA's ListOps files (`basic_train.tsv`, `basic_val.tsv`,
+    `basic_test.tsv`: a `Source<TAB>Target` header, then one expression and its value 0-9 per
+    line), in file order; ids 'listops/lra/<file name>/line=<n>'. `length` is the records'
+    length key (LRA's max_length). A missing file, a bad header or a bad line raises ValueError
+    naming the file and line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist")
+    name = os.path.basename(path)
+    records = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for number, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if number == 1:
+                if row != ["Source", "Target"]:
+                    raise ValueError(f"{path}, line 1: header {row!r}; expected LRA's "
+                                     f"['Source', 'Target']")
+                continue
+            if not row:
+                continue
+            if len(row) != 2 or not row[1].strip().isdigit() or int(row[1]) > 9 \
+                    or not row[0].strip():
+                raise ValueError(f"{path}, line {number}: {row!r:.80}; expected an expression "
+                                 f"and a value 0-9 separated by a tab")
+            source = row[0].strip()
+            meta = {"file": name, "line": number,
+                    "listops_length": len(lra_source(source).split())}
+            records.append(_record(f"listops/lra/{name}/line={number}", source, int(row[1]),
+                                   length, meta, tokenizer))
+    return records
 
 
 def lra_source(source: str) -> str:
@@ -177,3 +221,63 @@ class ListOpsEncoder:
             ids = self.encode(source)
             out[row, :len(ids)] = ids
         return out
+
+
+def listops_examples(records, *, encoder: ListOpsEncoder = ListOpsEncoder()) -> grain.MapDataset:
+    """LRA's ListOps examples from ListOps records (`make_listops`, `read_lra_listops`, or a
+    `grain.MapDataset` of them): element i is {"inputs": int32 [max_length] (0-padded ids),
+    "targets": int32 (the value 0-9)}, as LRA's input pipeline gives them."""
+    source = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(
+        list(records))
+
+    def example(record):
+        return {"inputs": encoder.encode_batch([record.context])[0],
+                "targets": np.int32(_target(record))}
+
+    return source.map(example)
+
+
+def listops_batches(records, *, batch_size: int,
+                    encoder: ListOpsEncoder = ListOpsEncoder(), process_index: int | None = None,
+                    process_count: int | None = None) -> grain.MapDataset:
+    """Batches of LRA ListOps examples, every record exactly once: element k holds this
+    process's rows of global batch k (records k * batch_size ...), as `lcm.data.batch_dataset`
+    splits its batches: {"inputs": int32 [b, max_length], "targets": int32 [b], "valid": bool
+    [b] (False on the last batch's padding rows, whose inputs are all 0), "indices": int64 [b]
+    (-1 for padding)}, b = batch_size / process_count. Random access, so its iterator's state
+    `{'next_index': k}` resumes exactly. Process index and count default to JAX's."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(f"process_index={process_index}, process_count={process_count}, "
+                         f"batch_size={batch_size}; expected 0 <= index < count and a "
+                         f"batch_size divisible by the count")
+    source = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(
+        list(records))
+    share = batch_size // process_count
+    total = len(source)
+
+    def batch(k):
+        start = k * batch_size + process_index * share
+        indices = np.arange(start, start + share)
+        indices[indices >= total] = -1
+        mine = [source[int(i)] for i in indices if i >= 0]
+        inputs = np.zeros((share, encoder.max_length), np.int32)
+        inputs[:len(mine)] = encoder.encode_batch([r.context for r in mine])
+        targets = np.zeros(share, np.int32)
+        targets[:len(mine)] = [_target(r) for r in mine]
+        return {"inputs": inputs, "targets": targets, "valid": indices >= 0, "indices": indices}
+
+    return grain.MapDataset.range(-(-total // batch_size)).map(batch)
+
+
+def _target(record) -> int:
+    if record.task != "listops" or len(record.answers) != 1 or record.answers[0] not in \
+            tuple("0123456789"):
+        raise ValueError(f"record {record.id!r} (task {record.task!r}, answers "
+                         f"{record.answers!r}); expected a ListOps record with one answer 0-9")
+    return int(record.answers[0])

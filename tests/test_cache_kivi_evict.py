@@ -39,16 +39,20 @@ def test_kivi_after_eviction_equals_evicting_then_quantizing_by_hand(evict):
                                     capacity=cache.capacity))
         got = cache.layer(layer)
         np.testing.assert_array_equal(got.length, kept.length[layer][:, 0])
-        for name in ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min", "k_residual",
-                     "v_residual"):
+        for name in ("k_codes", "v_codes"):
             np.testing.assert_array_equal(getattr(got, name), getattr(by_hand[-1], name))
+        # The float fields may differ in the last bit: XLA fuses the one jitted prefill and the
+        # by-hand calls differently (seen with jax 0.12.1), the codes must still agree exactly.
+        for name in ("k_scale", "k_min", "v_scale", "v_min", "k_residual", "v_residual"):
+            np.testing.assert_allclose(getattr(got, name), getattr(by_hand[-1], name),
+                                       rtol=1e-6, atol=1e-6)
     hand = PolicyCache(jax.tree.map(lambda *x: jnp.stack(x), *by_hand), cache.next_pos, policy,
                        cache.capacity)
     token = jnp.asarray([3, 9])
     for _ in range(ROOM):
         got, cache = decode_step(PARAMS, cache, token, CFG)
         want, hand = decode_step(PARAMS, hand, token, CFG)
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
         token = jnp.argmax(want, -1).astype(jnp.int32)
     alone = KIVI(bits=2, group_size=8, residual_length=8)
     _, quantized = prefill(PARAMS, TOKENS, CFG, policy=alone, lengths=LENGTHS,

@@ -175,7 +175,13 @@ def test_layered_decode_in_runs_of_layers_equals_one_scan_per_layer(positions):
         for runs in (1, 2):
             got, caches[runs] = steps[runs](PARAMS, caches[runs], token)
             np.testing.assert_allclose(got, exact, atol=1e-5, rtol=1e-5)
-            for name in ("k", "v", "pos", "length"):
+            for name in ("pos", "length"):
                 np.testing.assert_array_equal(getattr(caches[runs], name),
                                               getattr(caches[CFG.num_layers], name))
+            # The new entries' k, v come out of differently fused scans: equal up to float
+            # rounding (jax 0.12.1 differs in the last bits), written to the same slots.
+            for name in ("k", "v"):
+                np.testing.assert_allclose(getattr(caches[runs], name),
+                                           getattr(caches[CFG.num_layers], name),
+                                           atol=1e-5, rtol=1e-5)
         token = jnp.argmax(exact, -1).astype(jnp.int32)

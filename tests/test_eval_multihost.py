@@ -3,15 +3,12 @@ reads its rows of every batch, process 0 alone reads and writes the workdir, and
 equal the one-process run's, fresh and resumed (tests/multihost/eval_worker.py)."""
 
 import filecmp
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from multihost_launch import run_processes
 from test_eval import _records
-from test_ring_multihost import _free_port
 
 from lcm.eval import EvalOptions
 
@@ -35,29 +32,19 @@ def test_two_process_evaluation_writes_the_one_process_results(tmp_path):
     resumed.mkdir(parents=True)
     shutil.copy(one / "runs.json", resumed / "runs.json")
     (resumed / "results.jsonl").write_text("".join(lines[:4]) + lines[4][:40])
+    (tmp_path / "p0" / "blocked").write_text("a file where the workdir should go")
 
-    address = f"localhost:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices
-    env["PYTHONPATH"] = str(Path(__file__).parents[1])
-    procs = [subprocess.Popen([sys.executable, str(WORKER), f"--coordinator={address}",
-                               "--num_processes=2", f"--process_id={i}",
-                               f"--root={tmp_path}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a worker did not finish in 300 s")
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    outputs = run_processes(WORKER, f"--root={tmp_path}", timeout_s=300)
+    for i, out in enumerate(outputs):
         # Both processes ran every batch and return process 0's summary.
         assert f"process {i}: fresh wrote 6 samples, summary of 6 samples" in out, out[-3000:]
         assert f"process {i}: resumed wrote 2 samples, summary of 6 samples" in out, out[-3000:]
         assert f"process {i}: refused: {tmp_path}/p0/fresh: run 'eval' was made with a " \
                f"different setup" in out, out[-3000:]
+    # Process 0 cannot create its workdir: it raises the OSError, process 1 hears of it.
+    assert "process 0: blocked: FileExistsError" in outputs[0], outputs[0][-3000:]
+    assert "process 1: blocked: RuntimeError: process 0 failed: FileExistsError" in outputs[1], \
+        outputs[1][-3000:]
     for name in ("fresh", "resumed"):
         assert filecmp.cmp(one / "results.jsonl", tmp_path / "p0" / name / "results.jsonl",
                            shallow=False)

@@ -274,24 +274,31 @@ def _open_workdir(workdir, path, fingerprints, resume) -> dict:
 
 
 def _from_process_0(fn):
-    """fn() run on process 0 alone, its JSON-able result (or the ValueError it raised) given to
-    every process. With one process, just fn()."""
+    """fn() run on process 0 alone, its JSON-able result given to every process. An exception
+    raised there (a refused setup, an unwritable workdir) is raised on every process: the
+    original on process 0, a ValueError (for a ValueError) or RuntimeError naming it elsewhere,
+    so no process waits for an answer that never comes. With one process, just fn()."""
     if jax.process_count() == 1:
         return fn()
     from jax.experimental import multihost_utils
-    payload = b""
+    payload, failure = b"", None
     if jax.process_index() == 0:
         try:
             payload = json.dumps({"value": fn()}).encode()
-        except ValueError as e:
-            payload = json.dumps({"error": str(e)}).encode()
+        except Exception as e:  # noqa: BLE001 - every process must hear of it
+            failure = e
+            payload = json.dumps({"error": str(e), "type": type(e).__name__}).encode()
     size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
     data = np.zeros(size, np.uint8)
     if jax.process_index() == 0:
         data[:] = np.frombuffer(payload, np.uint8)
     answer = json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+    if failure is not None:
+        raise failure
     if "error" in answer:
-        raise ValueError(answer["error"])
+        if answer["type"] == "ValueError":
+            raise ValueError(answer["error"])
+        raise RuntimeError(f"process 0 failed: {answer['type']}: {answer['error']}")
     return answer["value"]
 
 

@@ -9,7 +9,9 @@ by a process that must not write. Three evaluations in order:
 1. `fresh`: a new workdir;
 2. `resumed`: DIR/p0/resumed holds part of a run's results (and a torn last line), which only
    process 0 can see; the run must finish it;
-3. `refused`: `fresh` again with other options; every process must raise the setup error.
+3. `refused`: `fresh` again with other options; every process must raise the setup error;
+4. `blocked`: DIR/p0/blocked is a file on process 0's disk, so creating the workdir fails
+   there (FileExistsError); every process must raise rather than wait for process 0.
 """
 
 import argparse
@@ -54,4 +56,10 @@ try:
     print(f"{me}: refused: no", flush=True)
 except ValueError as e:
     print(f"{me}: refused: {e}", flush=True)
+try:
+    evaluate(PARAMS, CFG, RECORDS, TOK, os.path.join(workdir, "blocked"), options=OPTIONS,
+             mesh=mesh)
+    print(f"{me}: blocked: no", flush=True)
+except (OSError, RuntimeError) as e:
+    print(f"{me}: blocked: {type(e).__name__}: {e}", flush=True)
 jax.distributed.shutdown()

@@ -1,5 +1,5 @@
-"""Experiments behind the runner: the fine-tuning recipe, the model benchmark's bookkeeping and
-the remat memory benchmark, at tiny sizes."""
+"""Experiments behind the runner: the fine-tuning recipe, the model benchmark's bookkeeping, the
+remat memory benchmark and the data pipeline benchmark, at tiny sizes."""
 
 import json
 import os
@@ -91,3 +91,24 @@ def test_remat_bench_names_the_tpu_topology_it_cannot_describe():
     with pytest.raises(ValueError, match=r"config.topology='v0x:9x9'.*libtpu"):
         bench_remat.target_sharding("v0x:9x9")
     assert bench_remat.target_sharding("") is None
+
+
+@pytest.mark.slow
+def test_data_bench_reads_every_record_on_every_path(tmp_path):
+    """bench_data at a tiny size, one Grain worker: every path (in-process, worker, peer) yields
+    every record once, with the same prompt tokens."""
+    from experiments import bench_data
+
+    config = load_config_file(os.path.join(ROOT, "configs", "bench_data.py"))
+    config.update(tasks=("passkey", "niah_single_1"), lengths=(512, 1024), num_samples=3,
+                  buckets=(512, 1024), tokens_per_batch=2048, workers=1, passes=1)
+    summary = bench_data.run(config, str(tmp_path))
+    rows = {r["path"]: r for r in summary["rows"]}
+    assert set(rows) == {"index", "filter_peer", "plan_inproc_regenerate",
+                         "plan_workers1_regenerate", "plan_inproc_materialized",
+                         "plan_workers1_materialized"}
+    total = rows["index"]["records"]
+    assert total == 2 * 2 * 3
+    assert all(r["records"] == total for r in rows.values()), rows
+    assert len({r["prompt_tokens"] for r in rows.values()}) == 1, rows
+    assert (tmp_path / "summary.json").exists()

@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from lcm.data.fit import task_rng
+from lcm.data.pipeline import processes
 from lcm.data.records import Record, record_id
 from lcm.data.tokenizers import tokenizer_name
 
@@ -248,14 +249,10 @@ def listops_batches(records, *, batch_size: int,
     `{'next_index': k}` resumes exactly. Process index and count default to JAX's."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")
-    if process_index is None or process_count is None:
-        import jax
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count or batch_size % process_count:
-        raise ValueError(f"process_index={process_index}, process_count={process_count}, "
-                         f"batch_size={batch_size}; expected 0 <= index < count and a "
-                         f"batch_size divisible by the count")
+    process_index, process_count = processes(process_index, process_count)
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size}; expected a multiple of process_count="
+                         f"{process_count}")
     source = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(
         list(records))
     share = batch_size // process_count

@@ -214,12 +214,9 @@ def encode_batch(records: Sequence[Record | None], tokenizer, *, bucket: int,
             "bucket": bucket, "max_new_tokens": max_new_tokens, "pad_side": pad_side}
 
 
-def batch_dataset(records: grain.MapDataset, plan: Sequence[BatchSpec], tokenizer, *,
-                  truncation: Truncation = Truncation(), pad_side: str = "right",
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
-    """A grain.MapDataset whose element k is this process's rows of global batch plan[k]
-    (an `encode_batch` dict). Process index and count default to JAX's."""
+def processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process index, process count), each defaulting to JAX's; raises unless 0 <= index <
+    count."""
     if process_index is None or process_count is None:
         import jax
         process_index = jax.process_index() if process_index is None else process_index
@@ -227,6 +224,16 @@ def batch_dataset(records: grain.MapDataset, plan: Sequence[BatchSpec], tokenize
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index}; expected 0 <= index < "
                          f"process_count={process_count}")
+    return process_index, process_count
+
+
+def batch_dataset(records: grain.MapDataset, plan: Sequence[BatchSpec], tokenizer, *,
+                  truncation: Truncation = Truncation(), pad_side: str = "right",
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+    """A grain.MapDataset whose element k is this process's rows of global batch plan[k]
+    (an `encode_batch` dict). Process index and count default to JAX's."""
+    process_index, process_count = processes(process_index, process_count)
     plan = list(plan)
     for spec in plan:
         if len(spec.indices) % process_count:

@@ -39,12 +39,10 @@ def run(config, workdir: str) -> dict:
     cfg, params, tokenizer = load_smollm2()
     shutil.rmtree(f"{workdir}/loop", ignore_errors=True)  # a fresh timing every run
     loop = bench_loop(config, cfg, params, tokenizer, workdir)
-    summary = {"loop": loop}
-    lines = [f"eval loop at {loop['length']} tokens/sample: {loop['samples']} samples, "
-             f"model {loop['model_s']} s, loop {loop['loop_s']} s, outside the model "
-             f"{100 * loop['outside_model_share']:.2f}%"]
-    markdown = "\n".join(lines)
+    markdown = (f"eval loop at {loop['length']} tokens/sample: {loop['samples']} samples, "
+                f"model {loop['model_s']} s, loop {loop['loop_s']} s, outside the model "
+                f"{100 * loop['outside_model_share']:.2f}%")
     logging.info("bench_eval:\n%s", markdown)
     print(markdown)
-    summary["cpu_count"] = os.cpu_count()
-    return write_summary(workdir, summary, markdown=markdown)
+    return write_summary(workdir, {"loop": loop, "cpu_count": os.cpu_count()},
+                         markdown=markdown)

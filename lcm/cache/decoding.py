@@ -8,7 +8,7 @@
   hidden states; SnapKV's window is the last `window_size` of them (kvpress asserts the buffer
   is longer than the window; here a shorter buffer is a shorter window). Each scorer keeps
   its prefill definition over those queries, each at its own position: what kvpress 0.5.5's
-  scorers compute when given position-correct inputs (tests/test_cache_parity_decoding.py).
+  scorers compute when given position-correct inputs (tests/cache/test_decoding_parity.py).
   kvpress itself keeps compressed caches in score order (SnapKV then pools over score-order
   neighbours), rotates SnapKV's buffered queries at the newest position, scores
   ObservedAttention by the current query alone divided by (length - slot), and averages

@@ -35,9 +35,10 @@ jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id
 
 import dataclasses  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_eval_multihost import OPTIONS, RECORDS  # noqa: E402
-from test_eval import CFG, PARAMS, TOK  # noqa: E402
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_TESTS, os.path.join(_TESTS, "eval")]  # helpers and the eval tests' data
+from test_loop_multihost import OPTIONS, RECORDS  # noqa: E402
+from test_loop import CFG, PARAMS, TOK  # noqa: E402
 
 from lcm.eval import evaluate  # noqa: E402
 from lcm.sharding import make_mesh  # noqa: E402

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from multihost_launch import run_processes
 
-WORKER = Path(__file__).parent / "multihost" / "ring_worker.py"
+WORKER = Path(__file__).parents[1] / "multihost" / "ring_worker.py"
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import pytest
 
 from lcm.eval import metrics
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "metrics", "expected.json")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(TESTS, "fixtures", "metrics", "expected.json")
 PAIR_METRICS = ["qa_f1_score", "qa_f1_zh_score", "rouge_score", "rouge_zh_score",
                 "code_sim_score", "count_score", "retrieval_score", "retrieval_zh_score"]
 

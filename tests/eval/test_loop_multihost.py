@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 from multihost_launch import run_processes
-from test_eval import _records
+from test_loop import _records
 
 from lcm.eval import EvalOptions
 
-WORKER = Path(__file__).parent / "multihost" / "eval_worker.py"
+WORKER = Path(__file__).parents[1] / "multihost" / "eval_worker.py"
 RECORDS = _records(lengths=(24, 56), depths=(0.0, 0.5, 1.0), tasks=("passkey",))
 OPTIONS = EvalOptions(batch_size=4, pad_multiple=32, progress=False, heatmaps=False)
 
 
 @pytest.mark.slow
 def test_two_process_evaluation_writes_the_one_process_results(tmp_path):
-    from test_eval import CFG, PARAMS, TOK
+    from test_loop import CFG, PARAMS, TOK
 
     from lcm.eval import evaluate
 

@@ -18,7 +18,7 @@ from lcm.cache import (AdaKV, Decoding, ExpectedAttention, Knorm, ObservedAttent
                        decode_step, prefill)
 from lcm.io import load_hf_checkpoint
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 META = json.loads((FIXTURES / "kvpress_decoding" / "meta.json").read_text())
 BASE = {"stock_snapkv_w1_k1": SnapKV(window_size=1, kernel_size=1),
         "stock_snapkv_w1_k5": SnapKV(window_size=1),

@@ -20,7 +20,7 @@ import pytest
 from lcm.cache import H2O, decode_step, prefill
 from lcm.io import load_hf_checkpoint
 
-FIXTURES = Path(__file__).parent / "fixtures" / "h2o"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "h2o"
 META = json.loads((FIXTURES / "meta.json").read_text())
 DATA = np.load(FIXTURES / "expected.npz")
 CASES = [("mha", "mean", "hh6_recent10"), ("gqa", "query_head", "hh12_recent4")]

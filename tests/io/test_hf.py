@@ -19,7 +19,7 @@ from lcm.config import ModelConfig, RopeConfig
 from lcm.io import load_hf_checkpoint, save_hf_checkpoint
 from lcm.model import forward, param_shapes
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 NAMES = ["llama", "qwen2", "mistral", "llama_sharded"]
 # config.json keys whose values lcm cannot know (no tokenizer, no init, no transformers).
 UNKNOWABLE = {"bos_token_id", "eos_token_id", "initializer_range", "max_window_layers",

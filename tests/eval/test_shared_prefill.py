@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_eval import CFG, PARAMS, TOK, _records
+from test_loop import CFG, PARAMS, TOK, _records
 
 import lcm.cache
 import lcm.eval.loop

@@ -5,7 +5,7 @@ import dataclasses
 import filecmp
 
 import pytest
-from test_eval import CFG, PARAMS, TOK, _records
+from test_loop import CFG, PARAMS, TOK, _records
 
 from lcm.eval import EvalOptions, evaluate
 from lcm.sharding import make_mesh

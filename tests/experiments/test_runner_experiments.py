@@ -10,7 +10,7 @@ import pytest
 from experiments import bench_model, bench_model_peer, bench_remat, finetune_longctx
 from experiments.run import load_config_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_passkey_rows_follow_their_statement():

@@ -14,7 +14,7 @@ from lcm.data import (LRA_VOCAB, ByteTokenizer, ListOpsEncoder, listops_batches,
                       listops_examples, make_listops, read_lra_listops)
 from lcm.data.listops import PAD_ID, lra_source
 
-FIXTURE = Path(__file__).parent / "fixtures" / "listops_lra" / "lra_ids.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "listops_lra" / "lra_ids.json"
 
 
 def test_encoder_gives_lra_ids():

@@ -11,7 +11,8 @@ from lcm.data import ByteTokenizer
 from lcm.data.ruler import load_hotpotqa, load_squad, make_cwe, make_fwe, make_qa, make_vt
 
 TOK = ByteTokenizer()
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(TESTS, "fixtures", "data")
 SQUAD = os.path.join(FIXTURES, "squad_tiny.json")
 HOTPOT = os.path.join(FIXTURES, "hotpotqa_tiny.json")
 

@@ -11,7 +11,8 @@ from lcm.data.longbench import (DATASET2MAXLEN, LONGBENCH_E_DATASETS, NO_CHAT, r
 from lcm.data.longbench_prompts import DATASET2PROMPT
 
 TOK = ByteTokenizer()
-DIR = os.path.join(os.path.dirname(__file__), "fixtures", "longbench")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIR = os.path.join(TESTS, "fixtures", "longbench")
 
 
 def _path(name):

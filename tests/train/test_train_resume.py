@@ -16,7 +16,7 @@ from experiments.run import load_config_file
 from lcm.data.packing import packed_batches, synthetic_documents, text_documents
 from lcm.data.tokenizers import ByteTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMPARED = ("loss", "grad_norm", "param_norm", "tokens", "learning_rate")
 
 

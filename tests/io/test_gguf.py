@@ -22,7 +22,7 @@ from lcm.io.tokenizer import bytes_to_unicode
 from lcm.model import forward
 from lcm.positions import apply_rope, rope_frequencies
 
-FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "gguf"
 Q = gguf.GGMLQuantizationType
 PAD_TO = 64  # every SmolLM2 forward here is [1, 64]: one compilation
 

@@ -18,7 +18,7 @@ from lcm.cache import (Decoding, ExpectedAttention, ObservedAttention, SnapKV, c
 from lcm.cache.compress import capacity
 from lcm.io import load_hf_checkpoint
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 META = json.loads((FIXTURES / "kvpress_query_head" / "meta.json").read_text())
 PREFILL = {"snapkv_45": SnapKV(0.45, gqa="query_head"),
            "snapkv_w16k7_30": SnapKV(0.3, window_size=16, kernel_size=7, gqa="query_head"),

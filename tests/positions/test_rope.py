@@ -19,7 +19,7 @@ from lcm.io import load_hf_checkpoint, save_hf_checkpoint
 from lcm.model import forward
 from lcm.positions import apply_rope, rope_frequencies
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 CASES = json.loads((FIXTURES / "rope" / "rope_cases.json").read_text())
 TABLES = dict(np.load(FIXTURES / "rope" / "rope_tables.npz"))
 CHECKPOINTS = sorted(p.name for p in (FIXTURES / "hf_rope").iterdir() if p.is_dir())

@@ -17,7 +17,7 @@ from lcm.cache import (TOVA, AdaKV, Decoding, ExpectedAttention, Knorm, Merging,
 from lcm.cache.compress import capacity
 from lcm.io import load_hf_checkpoint
 
-FIXTURES = Path(__file__).parent / "fixtures" / "kvpress"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "kvpress"
 META = json.loads((FIXTURES / "meta.json").read_text())
 NAMES = sorted(n for n in META["configurations"] if not n.startswith(("decoding_", "greedy_")))
 DECODING = {"decoding_knorm": Decoding(Knorm(), compression_interval=8, target_size=100),

@@ -22,7 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPECTED = ("01_quickstart.ipynb", "02_long_context.ipynb", "03_kv_eviction.ipynb",
             "04_kernels_and_ring.ipynb")
 CELL_TIMEOUT_S = 600  # per cell; a whole notebook is sized to run in a minute or two on a CPU

@@ -18,7 +18,8 @@ import pytest
 from lcm.data import HFTokenizer, make_record
 from lcm.data.haystack import NOISE, essay_words
 
-DIR = os.path.join(os.path.dirname(__file__), "fixtures", "data")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIR = os.path.join(TESTS, "fixtures", "data")
 FIXTURES = json.load(open(os.path.join(DIR, "ruler", "ruler_samples.json"), encoding="utf-8"))
 QA_FILES = {"qa_1": os.path.join(DIR, "squad_tiny.json"),
             "qa_2": os.path.join(DIR, "hotpotqa_tiny.json")}

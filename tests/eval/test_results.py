@@ -12,7 +12,8 @@ from lcm.eval import metrics
 from lcm.eval.results import csv_table, depth_grid, markdown_table, summarize
 from lcm.eval.scoring import aggregate, score_sample
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "metrics", "expected.json")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(TESTS, "fixtures", "metrics", "expected.json")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_table
 from lcm.cache.generate import _check_sampling, sampling_loop
 from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens, check_prompt_lengths
 from lcm.config import ModelConfig, PositionConfig
-from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.model import embed, run_layers, unembed
 from lcm.positions import position_attention, rope_frequencies
 
 
@@ -161,17 +161,14 @@ def _prefill(params, tokens, lengths, *, cfg, chunk, room, all_logits):
         y = jnp.where(real[:, :, None, None], y, 0).astype(y.dtype).transpose(0, 2, 1, 3)
         return jnp.pad(y, ((0, 0), (0, 0), (0, room), (0, 0)))
 
-    def layer(x, p):
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
-        out = position_attention(q, k, v, positions=positions, inv_freq=inv_freq,
-                                 attention_factor=factor, mask=mask, position=cfg.positions,
-                                 impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
-        x = x + project_out(out.astype(x.dtype), p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        return x, (store(k), store(v))
+    def attention(inputs, xs, carry):
+        out = position_attention(inputs.q, inputs.k, inputs.v, positions=positions,
+                                 inv_freq=inv_freq, attention_factor=factor, mask=mask,
+                                 position=cfg.positions, impl=cfg.attention.impl,
+                                 block_q=chunk, block_k=chunk)
+        return out, (store(inputs.k), store(inputs.v)), carry
 
-    x, (k, v) = jax.lax.scan(layer, x, params["layers"])
+    x, (k, v), _ = run_layers(x, params["layers"], cfg, attention)
     if all_logits:
         logits = unembed(params, x, cfg)
     else:
@@ -190,19 +187,17 @@ def _decode_step(params, cache, tokens, *, cfg):
                          position=cfg.positions, sliding_window=cfg.sliding_window)
     x = embed(params, tokens[:, None], cfg)
 
-    def layer(x, xs):
-        p, k_cache, v_cache = xs
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
-        k, v = k[:, 0], v[:, 0]  # [B, K, D]
-        out = decode_attention(q, k, v, k_cache, v_cache, tables, position=cfg.positions)
-        x = x + project_out(out.astype(x.dtype), p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        return x, (k, v)
+    def attention(inputs, xs, carry):
+        k_cache, v_cache = xs
+        k, v = inputs.k[:, 0], inputs.v[:, 0]  # [B, K, D]
+        out = decode_attention(inputs.q, k, v, k_cache, v_cache, tables,
+                               position=cfg.positions)
+        return out, (k, v), carry
 
     # The cache is only read inside the scan; the new entries are written after it, one
     # scatter per array, so a decode loop updates the cache in place.
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v))
+    x, (k_new, v_new), _ = run_layers(x, params["layers"], cfg, attention,
+                                      xs=(cache.k, cache.v))
     logits = unembed(params, x, cfg)[:, 0]
     rows = jnp.arange(position.shape[0])
 

@@ -29,7 +29,7 @@ import numpy as np
 from lcm.attention import Causal, attend
 from lcm.cache import duo, kivi, quest
 from lcm.config import ModelConfig
-from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.model import embed, run_layers, unembed
 from lcm.positions import apply_rope, rope_frequencies
 
 FORMAT_POLICIES = (kivi.KIVI, quest.Quest, duo.DuoAttention)
@@ -141,22 +141,6 @@ def _unrolled(policy) -> bool:
     return isinstance(policy, duo.DuoAttention)
 
 
-def _run_layers(body, x, params, states, num_layers, unrolled):
-    """body(x, p, state, layer) -> (x, state) over the layers: scanned or unrolled."""
-    if unrolled:
-        out = []
-        for i in range(num_layers):
-            p = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-            x, s = body(x, p, None if states is None else states[i], i)
-            out.append(s)
-        return x, tuple(out)
-
-    def step(x, xs):
-        p, state, i = xs
-        return body(x, p, state, i)
-    return jax.lax.scan(step, x, (params["layers"], states, jnp.arange(num_layers)))
-
-
 def _evict(evict, q, qr, kr, v, lengths, layer, cfg, chunk, inv_freq, factor):
     """One layer's entries kept by `evict` (as `prefill(..., policy=evict)` keeps them), in
     position order: {k, v [B, K, kept, D], pos [B, K, kept], length [B, K]}."""
@@ -182,23 +166,21 @@ def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_log
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
 
-    def body(x, p, _, layer):
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
-        qr = apply_rope(q, positions, inv_freq, factor)
-        kr = apply_rope(k, positions, inv_freq, factor)
-        out = _layer_prefill_attention(policy, qr, kr, v, layer, cfg, chunk)
-        x = x + project_out(out.astype(x.dtype), p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+    def attention(inputs, xs, carry):
+        layer = inputs.index
+        qr = apply_rope(inputs.q, positions, inv_freq, factor)
+        kr = apply_rope(inputs.k, positions, inv_freq, factor)
+        out = _layer_prefill_attention(policy, qr, kr, inputs.v, layer, cfg, chunk)
         if evict is not None:
-            kept = _evict(evict, q, qr, kr, v, lengths, layer, cfg, chunk, inv_freq, factor)
-            return x, kivi.kivi_prefill(policy, kept["k"].transpose(0, 2, 1, 3),
-                                        kept["v"].transpose(0, 2, 1, 3),
-                                        kept["length"][:, 0], capacity=capacity)
-        return x, _layer_store(policy, kr, v, lengths, capacity, layer)
+            kept = _evict(evict, inputs.q, qr, kr, inputs.v, lengths, layer, cfg, chunk,
+                          inv_freq, factor)
+            return out, kivi.kivi_prefill(policy, kept["k"].transpose(0, 2, 1, 3),
+                                          kept["v"].transpose(0, 2, 1, 3),
+                                          kept["length"][:, 0], capacity=capacity), carry
+        return out, _layer_store(policy, kr, inputs.v, lengths, capacity, layer), carry
 
     x = embed(params, tokens, cfg)
-    x, layers = _run_layers(body, x, params, None, cfg.num_layers, _unrolled(policy))
+    x, layers, _ = run_layers(x, params["layers"], cfg, attention, unrolled=_unrolled(policy))
     if all_logits:
         logits = unembed(params, x, cfg)
     else:
@@ -213,17 +195,14 @@ def format_decode_step(params, cache, tokens, *, cfg):
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
 
-    def body(x, p, state, layer):
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
-        qr = apply_rope(q, position[:, None], inv_freq, factor)
-        kr = apply_rope(k, position[:, None], inv_freq, factor)
-        out, state = _layer_decode(policy, state, qr, kr[:, 0], v[:, 0], layer)
-        x = x + project_out(out.astype(x.dtype), p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        return x, state
+    def attention(inputs, state, carry):
+        qr = apply_rope(inputs.q, position[:, None], inv_freq, factor)
+        kr = apply_rope(inputs.k, position[:, None], inv_freq, factor)
+        out, state = _layer_decode(policy, state, qr, kr[:, 0], inputs.v[:, 0], inputs.index)
+        return out, state, carry
 
     x = embed(params, tokens[:, None], cfg)
-    x, layers = _run_layers(body, x, params, cache.layers, cfg.num_layers, _unrolled(policy))
+    x, layers, _ = run_layers(x, params["layers"], cfg, attention, xs=cache.layers,
+                              unrolled=_unrolled(policy))
     logits = unembed(params, x, cfg)[:, 0]
     return logits, dataclasses.replace(cache, layers=layers, next_pos=position + 1)

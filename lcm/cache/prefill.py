@@ -25,7 +25,7 @@ from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
 from lcm.cache.layouts import check_layout, make_cache, storage
 from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
-from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.model import embed, run_layers, unembed
 from lcm.positions import apply_rope, rope_frequencies
 from lcm.sharding.mesh import host_array
 
@@ -135,16 +135,13 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
     kind = storage(policy, layout)
     x = embed(params, tokens, cfg)
 
-    def layer(x, xs):
-        p, index = xs
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
+    def attention(inputs, xs, carry):
+        q, index = inputs.q, inputs.index
         qr = apply_rope(q, positions, inv_freq, factor)
-        kr = apply_rope(k, positions, inv_freq, factor)
-        out = attend(qr, kr, v, mask, impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
-        x = x + project_out(out.astype(x.dtype), p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-        entries = _prompt_entries(kr, v, real, lengths)
+        kr = apply_rope(inputs.k, positions, inv_freq, factor)
+        out = attend(qr, kr, inputs.v, mask, impl=cfg.attention.impl, block_q=chunk,
+                     block_k=chunk)
+        entries = _prompt_entries(kr, inputs.v, real, lengths)
         kept = {}
         if observe is not None:
             window, colsum, sink = observe
@@ -157,9 +154,10 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
             entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
                                      inv_freq=inv_freq, factor=factor, next_pos=lengths)
             entries = to_rotation(entries, rotation, inv_freq, factor)
-        return x, (store_layer(policy, entries, kind, room=room, length=T, cfg=cfg), kept)
+        stored = store_layer(policy, entries, kind, room=room, length=T, cfg=cfg)
+        return out, (stored, kept), carry
 
-    x, (layers, kept) = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
+    x, (layers, kept), _ = run_layers(x, params["layers"], cfg, attention)
     if all_logits:
         logits = unembed(params, x, cfg)
     else:
@@ -205,10 +203,9 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
     if buffered:
         query_pos = jnp.concatenate([cache.query_pos[:, 1:], position[:, None]], axis=1)
 
-    def layer(x, xs):
-        p, entries, queries, index = xs
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
+    def attention(inputs, xs, carry):
+        entries, queries = xs
+        q, k, v = inputs.q, inputs.k, inputs.v
         kr = apply_rope(k, position[:, None], inv_freq, factor)
         stored = kr if cache.rotation == "original" else k
         groups = cache.k.shape[2] // cfg.num_kv_heads  # > 1: one entry set per query head
@@ -222,19 +219,17 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
                             rank_positions(entries), entries_valid(entries),
                             sliding_window=cfg.sliding_window)
         probs = cattn.attention_probs(qr, keys, vis)
-        out = cattn.attend_cache(probs, entries["v"], x.dtype)
-        x = x + project_out(out, p)
-        x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+        out = cattn.attend_cache(probs, entries["v"], inputs.h.dtype)
         if buffered:
             queries = jnp.concatenate([queries[:, 1:], q[:, :1].astype(queries.dtype)], 1)
         if policy is not None:
-            entries = decode_update(policy, entries, probs, step=step, layer=index, cfg=cfg,
-                                    inv_freq=inv_freq, factor=factor, position=position,
-                                    queries=queries, query_pos=query_pos)
-        return x, (entries, queries)
+            entries = decode_update(policy, entries, probs, step=step, layer=inputs.index,
+                                    cfg=cfg, inv_freq=inv_freq, factor=factor,
+                                    position=position, queries=queries, query_pos=query_pos)
+        return out, (entries, queries), carry
 
-    xs = (params["layers"], layer_slices(cache), cache.queries, jnp.arange(cfg.num_layers))
-    x, (layers, queries) = jax.lax.scan(layer, x, xs)
+    x, (layers, queries), _ = run_layers(x, params["layers"], cfg, attention,
+                                         xs=(layer_slices(cache), cache.queries))
     logits = unembed(params, x, cfg)[:, 0]
     if policy is not None:
         step = next_step(policy, step)

@@ -20,7 +20,7 @@ from lcm.cache import attention as cattn
 from lcm.cache.kv import cache_rotation, entries_valid, rank_positions
 from lcm.cache.layouts import (layer_runs, pooled_attention, pooled_visible, write_pooled,
                                write_uniform, write_window)
-from lcm.model import embed, project_out, project_qkv, rms_norm, swiglu_mlp, unembed
+from lcm.model import embed, run_layers, unembed
 from lcm.positions import apply_rope, rope_frequencies
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
@@ -39,20 +39,14 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
     store = {n: getattr(cache, n) for n in FIELDS if getattr(cache, n) is not None}
     groups = cache.num_heads // cfg.num_kv_heads  # > 1: one entry set per query head
 
-    def project(x, p):
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p)
-        stored = apply_rope(k, position[:, None], inv_freq, factor)
+    def entry(inputs):  # the new entry of one layer: k, v [B, heads of the cache, D]
+        stored = apply_rope(inputs.k, position[:, None], inv_freq, factor)
         if cache.rotation == "cache":
-            stored = k
-        stored, v = jnp.repeat(stored, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        return q, stored[:, 0], v[:, 0]
+            stored = inputs.k
+        stored = jnp.repeat(stored, groups, axis=2)
+        return stored[:, 0], jnp.repeat(inputs.v, groups, axis=2)[:, 0]
 
-    def finish(x, out, p):
-        x = x + project_out(out.astype(x.dtype), p)
-        return x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
-
-    def attend(q, entries):
+    def read(q, entries):
         if cache.head is not None:
             qr = apply_rope(q, position[:, None], inv_freq, factor)
             vis = pooled_visible(entries, position, sliding_window=cfg.sliding_window)
@@ -64,37 +58,33 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
         qr = rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, k_pos, entries_valid(entries),
                             sliding_window=cfg.sliding_window)
-        return cattn.attend_cache(cattn.attention_probs(qr, keys, vis), entries["v"], x.dtype)
+        return cattn.attend_cache(cattn.attention_probs(qr, keys, vis), entries["v"], q.dtype)
 
     if cache.layer_slots is not None:  # runs of layers, each scanned through one window
         for first, count, window in layer_runs(cache.layer_slots, max_runs):
             layers = range(first, first + count)
-            xs = (jax.tree.map(lambda a: a[first:first + count], params["layers"]),
-                  jnp.asarray(layers, jnp.int32),
-                  jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
+            xs = (jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
                   jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
 
-            def run(carry, xs, window=window):
-                x, store = carry
-                p, index, start, size = xs
-                q, k, v = project(x, p)
-                store, entries = write_window(store, index, start, size, window, k, v,
+            def attention(inputs, xs, store, window=window):
+                start, size = xs
+                k, v = entry(inputs)
+                store, entries = write_window(store, inputs.index, start, size, window, k, v,
                                               position)
-                return (finish(x, attend(q, entries), p), store), None
+                return read(inputs.q, entries), None, store
 
-            (x, store), _ = jax.lax.scan(run, (x, store), xs)
+            x, _, store = run_layers(
+                x, jax.tree.map(lambda a: a[first:first + count], params["layers"]), cfg,
+                attention, xs=xs, carry=store, indices=jnp.asarray(layers, jnp.int32))
     else:
         write = write_pooled if cache.head is not None else write_uniform
 
-        def layer(carry, xs):
-            x, store = carry
-            p, index = xs
-            q, k, v = project(x, p)
-            store, entries = write(store, index, k, v, position)
-            return (finish(x, attend(q, entries), p), store), None
+        def attention(inputs, xs, store):
+            k, v = entry(inputs)
+            store, entries = write(store, inputs.index, k, v, position)
+            return read(inputs.q, entries), None, store
 
-        (x, store), _ = jax.lax.scan(layer, (x, store),
-                                     (params["layers"], jnp.arange(cfg.num_layers)))
+        x, _, store = run_layers(x, params["layers"], cfg, attention, carry=store)
     logits = unembed(params, x, cfg)[:, 0]
     return logits, cache.replace(next_pos=position + 1, **{n: store[n] for n in store})
 

@@ -15,19 +15,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from lcm.config import ModelConfig
 from lcm.memory.base import Memory, NoMemory, SegmentContext
 from lcm.memory.scan import segment_scan
-from lcm.model import (WeightSpec, embed, project_out, project_qkv, rms_norm, swiglu_mlp,
-                       unembed)
+from lcm.model import WeightSpec, embed, identity, run_layers, unembed
 from lcm.positions import rope_frequencies
-
-
-def _identity(x, axes):
-    del axes
-    return x
 
 
 def _is_spec(x):
@@ -116,7 +109,7 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
         raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                          f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
     memory_params = _checked_params(memory, cfg, memory_params)
-    shard = _identity if shard is None else shard
+    shard = identity if shard is None else shard
     B, T = tokens.shape
     N = -(-T // segment_len)
     pad = N * segment_len - T
@@ -168,7 +161,7 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
 
 
 def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, valid,
-                    shard=_identity, *, next_tokens=None):
+                    shard=identity, *, next_tokens=None):
     """One segment: (next carry, logits [B, T, vocab]). tokens [B, T]; valid [B, T] bool;
     next_tokens: (the token after each position [B, T], whether it is known [B, T]) for kinds
     that read it at the segment's end (`Memory.end_segment`)."""
@@ -186,22 +179,17 @@ def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, v
     layer_states = jax.tree.map(lambda s: jnp.moveaxis(s, 1, 0), mstate.get("layers", {}))
     layer_params = memory_params.get("layers", {})
 
-    def layer(carry, xs):
-        x, carried = carry
-        p, mp, ls, index = xs
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = project_qkv(h, p, shard=shard)
-        out, ls, carried = memory.carried_layer(ls, carried, mp, h, q, k, v,
-                                                dataclasses.replace(ctx, layer=index))
-        x = x + project_out(out.astype(x.dtype), p, shard=shard)
-        h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-        x = x + swiglu_mlp(h, p, shard=shard)
-        return (shard(x, ("batch", "seq", "embed")), carried), ls
+    def attention(inputs, xs, carried):
+        mp, ls = xs
+        out, ls, carried = memory.carried_layer(
+            ls, carried, mp, inputs.h, inputs.q, inputs.k, inputs.v,
+            dataclasses.replace(ctx, layer=inputs.index))
+        return out, ls, carried
 
     # "carried": state that is not one slice per layer (e.g. kNN memory in a few layers only).
-    (x, carried), layer_states = lax.scan(
-        layer, (x, mstate.get("carried")),
-        (params["layers"], layer_params, layer_states, jnp.arange(cfg.num_layers)))
+    x, layer_states, carried = run_layers(x, params["layers"], cfg, attention,
+                                          xs=(layer_params, layer_states),
+                                          carry=mstate.get("carried"), shard=shard)
     new_memory = dict(mstate)
     if "layers" in mstate:
         new_memory["layers"] = jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1), layer_states)

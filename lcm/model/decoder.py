@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from lcm.attention import Causal, Document, Local
 from lcm.config import ModelConfig
-from lcm.model.layers import _identity, attention_block, rms_norm, swiglu_mlp
+from lcm.model.layers import identity, rms_norm, run_layers, self_attention
 from lcm.positions import rope_frequencies
 from lcm.sharding.ring import context_axis_size, ring_order_for
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in backward
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep nothing on the device: each layer's input goes to pinned host memory in the forward
-    # pass and comes back for the layer's recomputation in the backward pass.
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
-        offload_src="device", offload_dst="pinned_host"),
-}
-
 
 def segment_positions(segment_ids):
     """Positions that restart at 0 at each new segment. segment_ids [B, T] -> [B, T] int32.
@@ -46,7 +34,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     activations to a mesh (see `lcm.sharding.LogicalSharding`); None leaves placement to XLA.
     """
     _check_forward_inputs(tokens, cfg, positions, segment_ids)
-    shard = _identity if shard is None else shard
+    shard = identity if shard is None else shard
     B, T = tokens.shape
     order = _context_order(T, cfg)
     if positions is None:
@@ -64,20 +52,13 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
 
     x = shard(embed(params, tokens, cfg), ("batch", "seq", "embed"))
 
-    def layer(x, p):
-        x = checkpoint_name(x, "layer_input")  # the name remat="offload" moves to the host
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        x = x + attention_block(h, p, positions=positions, inv_freq=inv_freq,
-                                attention_factor=attention_factor, mask=mask,
-                                attention=cfg.attention, shard=shard, position=cfg.positions,
-                                ring_order=order)
-        h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-        x = x + swiglu_mlp(h, p, shard=shard)
-        return shard(x, ("batch", "seq", "embed")), None
+    def attention(inputs, xs, carry):
+        out = self_attention(inputs.q, inputs.k, inputs.v, positions=positions,
+                             inv_freq=inv_freq, attention_factor=attention_factor, mask=mask,
+                             attention=cfg.attention, position=cfg.positions, ring_order=order)
+        return out, None, carry
 
-    if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x, _, _ = run_layers(x, params["layers"], cfg, attention, remat=cfg.remat, shard=shard)
     logits = unembed(params, x, cfg)
     if order is not None:
         logits = order.from_ring(shard(logits, ("batch", "seq", "vocab")))

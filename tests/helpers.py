@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse.layout import FULL, PARTIAL, SKIP
+from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP
 
 
 def random_qkv(key, B, T, S, H, K, D, dtype):
@@ -39,8 +39,8 @@ def merged_two_pass(fwd, bwd, q, k, v, d_out, near, far, *, block_q, block_k, al
     """Self-Extend-style merge of two kernel passes (near and far mask_fns) by their logsumexp,
     through a kernel's `*_fwd` (out, lse) and `*_bwd` (given the merged out and lse); returns
     (out, dq, dk, dv) for comparison with one reference pass over near | far."""
-    from kernels.block_sparse.layout import layout_from_kinds
-    from kernels.block_sparse.reference import dense_mask
+    from lcm.kernels.block_sparse.layout import layout_from_kinds
+    from lcm.kernels.block_sparse.reference import dense_mask
     T, S = q.shape[1], k.shape[1]
 
     def options(fn):

@@ -5,13 +5,13 @@ visit and each visit's kind) and in-kernel mask protocol (reference.py), includi
 masks that read per-head tables (scalar prefetch on TPU).
 """
 
-from kernels.block_sparse.gpu import (block_sparse_attention_gpu, block_sparse_attention_gpu_bwd,
-                                      block_sparse_attention_gpu_fwd)
-from kernels.block_sparse.layout import (FULL, PARTIAL, SKIP, layout_from_kinds, max_q_visits_of,
-                                         transpose_layout, transpose_visits)
-from kernels.block_sparse.reference import attention_reference, dense_mask
-from kernels.block_sparse.tpu import (block_sparse_attention_tpu, block_sparse_attention_tpu_bwd,
-                                      block_sparse_attention_tpu_fwd)
+from .gpu import (block_sparse_attention_gpu, block_sparse_attention_gpu_bwd,
+                  block_sparse_attention_gpu_fwd)
+from .layout import (FULL, PARTIAL, SKIP, layout_from_kinds, max_q_visits_of, transpose_layout,
+                     transpose_visits)
+from .reference import attention_reference, dense_mask
+from .tpu import (block_sparse_attention_tpu, block_sparse_attention_tpu_bwd,
+                  block_sparse_attention_tpu_fwd)
 
 __all__ = ["block_sparse_attention_tpu", "block_sparse_attention_gpu", "attention_reference",
            "block_sparse_attention_tpu_fwd", "block_sparse_attention_tpu_bwd",

@@ -27,9 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.block_sparse.common import alibi_bias, pad_axis
-from kernels.block_sparse.gpu_checks import _defaults, _Params, _prepare
-from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, transpose_visits
+from .common import alibi_bias, pad_axis
+from .gpu_checks import _defaults, _Params, _prepare
+from .layout import FULL, PARTIAL, SKIP, transpose_visits
 
 f32 = jnp.float32
 

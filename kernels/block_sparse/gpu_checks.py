@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kernels.block_sparse.common import check_alibi_slopes, check_mask_tables
+from .common import check_alibi_slopes, check_mask_tables
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.block_sparse.common import alibi_bias
+from .common import alibi_bias
 
 
 def dense_mask(mask_fn, q_len, kv_len, q_segment_ids=None, kv_segment_ids=None, *,

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse.common import (
+from .common import (
     alibi_bias,
     cap_logits,
     f32,
@@ -36,8 +36,8 @@ from kernels.block_sparse.common import (
     online_softmax_step,
     pad_axis,
 )
-from kernels.block_sparse.layout import FULL, transpose_visits
-from kernels.block_sparse.tpu_checks import _check_inputs, _defaults, _prepare
+from .layout import FULL, transpose_visits
+from .tpu_checks import _check_inputs, _defaults, _prepare
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile, and the width of the m/l scratch rows.
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T

@@ -13,9 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kernels.block_sparse.common import (check_alibi_slopes, check_mask_tables, num_blocks,
-                                         pad_axis)
-from kernels.block_sparse.layout import max_q_visits_of
+from .common import check_alibi_slopes, check_mask_tables, num_blocks, pad_axis
+from .layout import max_q_visits_of
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile
 

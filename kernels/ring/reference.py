@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.block_sparse.common import finish_softmax, online_softmax_step
-from kernels.ring.tpu import shard_positions
+from ..block_sparse.common import finish_softmax, online_softmax_step
+from .tpu import shard_positions
 
 
 def ring_attention_reference(q, k, v, *, axis_name: str, num_devices: int, order: str = "zigzag",

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.block_sparse.common import finish_softmax, online_softmax_step
+from ..block_sparse.common import finish_softmax, online_softmax_step
 
 ORDERS = ("none", "zigzag")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T

@@ -8,6 +8,6 @@ static floats; gradients never flow into them. The helpers live beside the kerne
 the same option.
 """
 
-from kernels.block_sparse.common import alibi_bias, check_alibi_slopes
+from lcm.kernels.block_sparse.common import alibi_bias, check_alibi_slopes
 
 __all__ = ["alibi_bias", "check_alibi_slopes"]

@@ -28,9 +28,9 @@ def pallas_attention(q, k, v, mask, *, scale, softcap, block_q, block_k, platfor
     platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
                                       alibi_slopes)
     if platform == "gpu":
-        from kernels.block_sparse.gpu import block_sparse_attention_gpu
+        from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
         return block_sparse_attention_gpu(q, k, v, **kwargs)
-    from kernels.block_sparse.tpu import block_sparse_attention_tpu
+    from lcm.kernels.block_sparse.tpu import block_sparse_attention_tpu
     return block_sparse_attention_tpu(q, k, v, interpret=platform == "interpret", **kwargs)
 
 
@@ -42,10 +42,10 @@ def pallas_attention_with_lse(q, k, v, mask, *, scale, softcap=None, block_q, bl
     platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
                                       alibi_slopes)
     if platform == "gpu":
-        from kernels.block_sparse.gpu import block_sparse_attention_gpu_fwd
+        from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu_fwd
         out, lse = block_sparse_attention_gpu_fwd(q, k, v, **kwargs)
     else:
-        from kernels.block_sparse.tpu import block_sparse_attention_tpu_fwd
+        from lcm.kernels.block_sparse.tpu import block_sparse_attention_tpu_fwd
         out, lse = block_sparse_attention_tpu_fwd(q, k, v, interpret=platform == "interpret",
                                                   **kwargs)
     return out, lse[..., None]
@@ -58,9 +58,9 @@ def pallas_attention_backward(q, k, v, mask, out, lse, d_out, *, scale, softcap=
     platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
                                       alibi_slopes)
     if platform == "gpu":
-        from kernels.block_sparse.gpu import block_sparse_attention_gpu_bwd
+        from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu_bwd
         return block_sparse_attention_gpu_bwd(q, k, v, out, lse[..., 0], d_out, **kwargs)
-    from kernels.block_sparse.tpu import block_sparse_attention_tpu_bwd
+    from lcm.kernels.block_sparse.tpu import block_sparse_attention_tpu_bwd
     return block_sparse_attention_tpu_bwd(q, k, v, out, lse[..., 0], d_out,
                                           interpret=platform == "interpret", **kwargs)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.ring import ring_attention_tpu, ring_attention_tpu_bwd
+from lcm.kernels.ring import ring_attention_tpu, ring_attention_tpu_bwd
 from lcm.attention.masks import And, IndexMask, Or
 from lcm.attention.pallas import default_platform
 

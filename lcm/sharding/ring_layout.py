@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_sparse.layout import layout_from_kinds
+from lcm.kernels.block_sparse.layout import layout_from_kinds
 from lcm.attention.layout import FULL, PARTIAL, SKIP, BlockLayout
 from lcm.attention.masks import BlockGeometry, Mask
 from lcm.sharding.ring_order import RingOrder

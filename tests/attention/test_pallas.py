@@ -126,7 +126,7 @@ def test_pallas_head_aware_masks_match_reference(name):
 def test_gpu_kernel_evaluates_vertical_slash():
     """The GPU kernel (interpreted) from the same lowering: VerticalSlash with one shared slash
     list and per-head columns, GQA, T < S; values and gradients vs the reference."""
-    from kernels.block_sparse.gpu import block_sparse_attention_gpu
+    from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
     from lcm.attention.kernel_masks import kernel_mask
     from lcm.attention.layout import mask_layout
 

@@ -234,7 +234,7 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     """The pre-blocked entry ring steps use: keys in two ranges, float32 statistics carried
     across two calls, equal one dense pass; each range's backward with the merged lse sums to
     the reference gradient (FULL, PARTIAL and skipped blocks; documents; GQA)."""
-    from kernels.block_sparse.layout import layout_from_kinds
+    from lcm.kernels.block_sparse.layout import layout_from_kinds
     from lcm.attention import blocked as bw
     from lcm.attention.layout import BlockLayout, mask_layout
     from lcm.attention.masks import BlockGeometry

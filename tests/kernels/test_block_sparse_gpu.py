@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.block_sparse.gpu import block_sparse_attention_gpu
+from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
 from helpers import block_kinds, merged_two_pass, random_qkv
-from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
-from kernels.block_sparse.reference import attention_reference, dense_mask
+from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
+from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 4e-2}
 
@@ -229,8 +229,8 @@ def test_bad_layout_shapes_raise():
 def test_forward_lse_and_backward_merge_two_passes():
     """The exposed forward (out, lse) and backward (given a merged out and lse) of two disjoint
     passes, near (distance < 11) and far, merged by logsumexp, equal one causal pass."""
-    from kernels.block_sparse.gpu import (block_sparse_attention_gpu_bwd,
-                                          block_sparse_attention_gpu_fwd)
+    from lcm.kernels.block_sparse.gpu import (block_sparse_attention_gpu_bwd,
+                                              block_sparse_attention_gpu_fwd)
     B, T, S, K, G, D, bq, bk, w = 2, 37, 45, 2, 2, 32, 16, 16, 11
     off = S - T
     near = lambda qi, ki, qs, ks: (ki <= qi + off) & (ki > qi + off - w)  # noqa: E731

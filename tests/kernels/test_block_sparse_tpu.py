@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from helpers import block_kinds, merged_two_pass
-from kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
-from kernels.block_sparse.reference import attention_reference, dense_mask
-from kernels.block_sparse.tpu import _make_specs, block_sparse_attention_tpu
-from kernels.block_sparse.tpu_checks import _Static
+from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
+from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
+from lcm.kernels.block_sparse.tpu import _make_specs, block_sparse_attention_tpu
+from lcm.kernels.block_sparse.tpu_checks import _Static
 
 MASKS = ("none", "causal", "local", "document")
 
@@ -277,8 +277,8 @@ def test_traced_alibi_slopes_raise():
 def test_forward_lse_and_backward_merge_two_passes():
     """The exposed forward (out, lse) and backward (given a merged out and lse) of two disjoint
     passes, near (distance < 11) and far, merged by logsumexp, equal one causal pass."""
-    from kernels.block_sparse.tpu import (block_sparse_attention_tpu_bwd,
-                                          block_sparse_attention_tpu_fwd)
+    from lcm.kernels.block_sparse.tpu import (block_sparse_attention_tpu_bwd,
+                                              block_sparse_attention_tpu_fwd)
     B, T, S, K, G, D, bq, bk, w = 2, 37, 45, 2, 2, 32, 8, 16, 11
     off = S - T
     near = lambda q, k, qs, ks: (k <= q + off) & (k > q + off - w)  # noqa: E731

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.block_sparse.gpu import block_sparse_attention_gpu
-from kernels.block_sparse.layout import (layout_from_kinds, max_q_visits_of, transpose_layout,
-                                         transpose_visits)
-from kernels.block_sparse.tpu import block_sparse_attention_tpu
+from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
+from lcm.kernels.block_sparse.layout import (layout_from_kinds, max_q_visits_of, transpose_layout,
+                                             transpose_visits)
+from lcm.kernels.block_sparse.tpu import block_sparse_attention_tpu
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -9,10 +9,10 @@ from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 from helpers import block_kinds, random_qkv
-from kernels.block_sparse.gpu import block_sparse_attention_gpu
-from kernels.block_sparse.layout import layout_from_kinds
-from kernels.block_sparse.reference import attention_reference, dense_mask
-from kernels.block_sparse.tpu import block_sparse_attention_tpu
+from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
+from lcm.kernels.block_sparse.layout import layout_from_kinds
+from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
+from lcm.kernels.block_sparse.tpu import block_sparse_attention_tpu
 
 
 def sinks_and_windows(T, S, n_cols):

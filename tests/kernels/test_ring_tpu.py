@@ -11,7 +11,7 @@ from helpers import random_qkv
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from kernels.ring import ring_attention_reference, ring_attention_tpu, ring_attention_tpu_bwd
+from lcm.kernels.ring import ring_attention_reference, ring_attention_tpu, ring_attention_tpu_bwd
 from lcm.attention import Causal, Local, attend
 from lcm.sharding import make_mesh, ring_attention
 from lcm.sharding.ring_order import make_ring_order

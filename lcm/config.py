@@ -318,7 +318,7 @@ class AttentionConfig:
 
     `load_balance` (read by impl "ring" and "allgather" only): the order in which the sequence
     is split over the mesh's `context` axis, "zigzag" (balanced causal), "striped" or "none"
-    (contiguous shards); see `lcm.sharding.make_ring_order`. The decoder permutes its tokens,
+    (contiguous shards); see `lcm.attention.make_ring_order`. The decoder permutes its tokens,
     positions and segment ids into that order once at its input and its logits back once at its
     output, so no layer reshuffles activations.
     """

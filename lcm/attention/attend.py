@@ -12,6 +12,7 @@ from lcm.attention.layout import mask_layout
 from lcm.attention.masks import Mask
 from lcm.attention.pallas import default_platform, pallas_attention
 from lcm.attention.reference import reference_attention
+from lcm.attention.ring.attention import ring_attention
 
 IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -39,7 +40,7 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     "auto" ("pallas" on a TPU or GPU, "xla" on a CPU), or context parallelism over the mesh axis
     `axis_name` of `mesh` (default: the mesh of `jax.set_mesh`): "ring" (K/V passed around a
     ring) or "allgather" (K/V gathered), both with `load_balance` ("none", "zigzag", "striped",
-    "mask_aware" or a RingOrder); see lcm.sharding.ring_attention. block_q / block_k are the
+    "mask_aware" or a RingOrder); see lcm.attention.ring_attention. block_q / block_k are the
     block sizes of the blockwise backends, clipped to the (rounded-up) lengths; lengths need not
     be multiples of them.
     """
@@ -58,7 +59,6 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
         if alibi is not None:
             raise ValueError(f"alibi_slopes with impl={impl!r}: not supported (ring shards hold "
                              f"permuted positions); use impl='xla' or 'pallas'")
-        from lcm.sharding.ring import ring_attention  # lcm.sharding imports lcm.attention
         return ring_attention(q, k, v, mask, mesh=mesh, axis_name=axis_name,
                               load_balance=load_balance, scale=scale, softcap=softcap,
                               block_q=block_q, block_k=block_k, strategy=impl)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lcm.attention import Causal, Document, Local
+from lcm.attention.ring import context_axis_size, ring_order_for
 from lcm.config import ModelConfig
 from lcm.model.layers import _identity, attention_block, rms_norm, swiglu_mlp
 from lcm.positions import rope_frequencies
-from lcm.sharding.ring import context_axis_size, ring_order_for
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in backward

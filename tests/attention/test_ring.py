@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, PrefixLM, SinkWindow,
-                           VerticalSlash, attend)
-from lcm.sharding import make_mesh, make_ring_order, ring_attention
+                           VerticalSlash, attend, make_ring_order, ring_attention)
+from lcm.sharding import make_mesh
 
 TOL = {jnp.float32: 3e-5, jnp.bfloat16: 3e-2}
 MASKS = ["none", "causal", "local", "sinkwindow", "causal&document", "local|document",
@@ -175,7 +175,7 @@ def test_ring_order_helpers():
 
 def test_load_balance_evens_out_ring_steps():
     """The slowest device per ring step: zigzag fixes causal; mask_aware fixes sliding windows."""
-    from lcm.sharding.ring_order import chunk_work, ring_cost
+    from lcm.attention.ring.order import chunk_work, ring_cost
 
     L, P = 1024, 4
 
@@ -194,7 +194,7 @@ def test_load_balance_evens_out_ring_steps():
 
 
 def test_plan_skips_ring_steps_no_device_needs():
-    from lcm.sharding.ring_layout import make_plan
+    from lcm.attention.ring.layout import make_plan
 
     order = make_ring_order(256, 8, "none", block=8)
     assert make_plan(Local(20), order, 8, 8).num_steps == 2  # a window reaches one shard back
@@ -238,7 +238,7 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     from lcm.attention import blocked as bw
     from lcm.attention.layout import BlockLayout, mask_layout
     from lcm.attention.masks import BlockGeometry
-    from lcm.sharding.ring_layout import PlacedMask
+    from lcm.attention.ring.layout import PlacedMask
 
     B, L, H, K, D, bq, bk = 2, 32, 4, 2, 8, 8, 8
     half = L // 2

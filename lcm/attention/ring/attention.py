@@ -31,11 +31,11 @@ from lcm.attention.blocked import (blocked_backward_step, blocked_delta, blocked
                                    blocked_forward_step, blocked_init, from_blocks, to_blocks)
 from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.masks import Mask
-from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
-                                      placed_mask, static_kinds, step_layout)
-from lcm.sharding.ring_order import LOAD_BALANCE, RingOrder, make_ring_order
-from lcm.sharding.ring_kernel import check_kernel_order, kernel_mask_fn, pallas_ring_local
-from lcm.sharding.ring_specs import check_and_prepare, shard_specs
+from lcm.attention.ring.kernel import check_kernel_order, kernel_mask_fn, pallas_ring_local
+from lcm.attention.ring.layout import (RingPlan, gathered_layout, global_kinds, make_plan,
+                                       placed_mask, static_kinds, step_layout)
+from lcm.attention.ring.order import LOAD_BALANCE, RingOrder, make_ring_order
+from lcm.attention.ring.specs import check_and_prepare, shard_specs
 
 f32 = jnp.float32
 STRATEGIES = ("ring", "allgather", "pallas")
@@ -52,7 +52,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     `mesh`: a Mesh (default: the mesh set by `jax.set_mesh`). Batch and heads are also split over
     the mesh's data/fsdp and tensor axes when they divide (lcm.sharding.DEFAULT_RULES).
 
-    load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.sharding.ring_order):
+    load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.attention.ring.order):
     q, k, v are in the original order; they are padded and permuted to that ring order here and
     the output permuted back (one reshuffle of q, k, v and the output). Or a `RingOrder` over
     this axis size: q, k, v are already in that ring order and padded (`order.to_ring`), as a
@@ -62,7 +62,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
     "pallas" (forward and backward as fused Pallas TPU kernels moving K/V, and dK/dV, by remote
     DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see
-    lcm.sharding.ring_kernel).
+    lcm.attention.ring.kernel).
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
     if strategy not in STRATEGIES:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 
 from lcm.attention.alibi import check_alibi_slopes
 from lcm.attention.blockwise import blockwise_attention
+from lcm.attention.checks import check_inputs
 from lcm.attention.layout import mask_layout
 from lcm.attention.masks import Mask
 from lcm.attention.pallas import default_platform, pallas_attention
@@ -15,7 +15,6 @@ from lcm.attention.reference import reference_attention
 from lcm.attention.ring.attention import ring_attention
 
 IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: float | None = None,
@@ -49,7 +48,7 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     # Context parallelism checks the mask itself, at the true length (ring-order inputs are
     # padded; the mask is not).
     ring = impl in ("ring", "allgather")
-    _check_inputs(q, k, v, None if ring else mask, scale, softcap, block_q, block_k)
+    check_inputs(q, k, v, None if ring else mask, scale, softcap, block_q, block_k)
     B, T, H, D = q.shape
     S = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -85,37 +84,3 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
-
-
-def _check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} has shape {getattr(x, 'shape', None)}; expected 4 dims "
-                             f"[batch, length, heads, head_dim]")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}.dtype={x.dtype}; expected float32, bfloat16 or float16")
-    B, T, H, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k/v shape {k.shape} does not fit q shape {q.shape}: batch and "
-                         f"head_dim must match")
-    if min(B, T, H, D, k.shape[1], k.shape[2]) == 0:
-        raise ValueError(f"empty dimension in q {q.shape} or k {k.shape}")
-    if H % k.shape[2]:
-        raise ValueError(f"q has {H} heads, not a multiple of the {k.shape[2]} KV heads of k/v")
-    if T > k.shape[1]:
-        raise ValueError(f"q_len={T} > kv_len={k.shape[1]}: queries are aligned to the end of "
-                         f"the keys, so q_len may not exceed kv_len")
-    if mask is not None:
-        if not isinstance(mask, Mask):
-            raise ValueError(f"mask={mask!r}; expected None or a Mask (Causal(), Local(w), "
-                             f"Document(ids), combined with & and |)")
-        mask.validate(B, H, T, k.shape[1])
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale={scale!r}; expected a positive float or None")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap={softcap!r}; expected a positive float or None")
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise ValueError(f"{name}={b!r}; expected a positive int")

@@ -7,6 +7,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
+from lcm.attention.checks import check_inputs
 from lcm.attention.data_masks import BlockMask, Document, VerticalSlash
 from lcm.attention.masks import And, Mask, Or
 from lcm.sharding.rules import DEFAULT_RULES
@@ -21,10 +22,8 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     order, [batch, order.length]: the layout and the element mask read them there, and every
     device holds them whole, so a model permutes only its activations (no gather per call).
     """
-    from lcm.attention.attend import _check_inputs
-
     if any(getattr(x, "ndim", None) != 4 for x in (q, k, v)):
-        _check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
+        check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q_len={q.shape[1]} != kv_len={k.shape[1]}: context-parallel "
                          f"attention is self-attention over one sharded sequence")
@@ -35,7 +34,7 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     def shape(x):
         return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
 
-    _check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
+    check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
     if mask is not None:
         mask = mask.prepare(length, length)
     return mask, float(scale), None if softcap is None else float(softcap), length

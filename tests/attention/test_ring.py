@@ -155,6 +155,34 @@ def test_errors_name_axis_and_length(devices):
         ring_attention(q, k[..., :4], v[..., :4], mesh=mesh)
 
 
+def test_rules_table_places_batch_and_heads(devices):
+    """The shard_map specs come from lcm.sharding.logical_to_spec over the rules table: the
+    default splits batch over data and KV heads over tensor; a table without them replicates
+    both, with the same result; a rules value that is not a mapping is refused."""
+    from jax.sharding import PartitionSpec
+
+    from lcm.attention.ring.specs import shard_specs
+    from lcm.sharding import DEFAULT_RULES
+
+    mesh = make_mesh((2, 1, 2, 2), devices=devices)
+    q, k, v = random_qkv(jax.random.key(6), 2, 32, 32, 4, 2, 8, jnp.float32)
+    order = make_ring_order(32, 2, "zigzag", block=8)
+    assert shard_specs(mesh, "context", q, k, Causal(), order)[0] == PartitionSpec(
+        "data", "context", "tensor", None)
+    whole = {**DEFAULT_RULES, "batch": None, "kv_heads": None}
+    assert shard_specs(mesh, "context", q, k, Causal(), order, whole)[0] == PartitionSpec(
+        None, "context", None, None)
+    want = attend(q, k, v, Causal(), impl="reference")
+    for rules in (DEFAULT_RULES, whole):
+        got = jax.jit(lambda q, k, v: ring_attention(q, k, v, Causal(), mesh=mesh, rules=rules,
+                                                     block_q=8, block_k=8))(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+    with pytest.raises(ValueError, match="rules=.*expected a mapping"):
+        ring_attention(q, k, v, mesh=mesh, rules=["batch"])
+    with pytest.raises(ValueError, match="logical axis 'kv_heads' has no rule"):
+        ring_attention(q, k, v, mesh=mesh, rules={"batch": "data"})
+
+
 def test_ring_order_helpers():
     order = make_ring_order(50, 4, "zigzag", block=8)
     assert order.chunks == ((0, 7), (1, 6), (2, 5), (3, 4)) and order.chunk_size == 8

@@ -35,7 +35,8 @@ from lcm.attention.ring.kernel import check_kernel_order, kernel_mask_fn, pallas
 from lcm.attention.ring.layout import (RingPlan, gathered_layout, global_kinds, make_plan,
                                        placed_mask, static_kinds, step_layout)
 from lcm.attention.ring.order import LOAD_BALANCE, RingOrder, make_ring_order
-from lcm.attention.ring.specs import check_and_prepare, shard_specs
+from lcm.attention.ring.specs import check_and_prepare, check_rules, shard_specs
+from lcm.sharding.rules import DEFAULT_RULES
 
 f32 = jnp.float32
 STRATEGIES = ("ring", "allgather", "pallas")
@@ -44,13 +45,15 @@ STRATEGIES = ("ring", "allgather", "pallas")
 def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: str = "context",
                    load_balance: str | RingOrder = "zigzag", scale: float | None = None,
                    softcap: float | None = None, block_q: int = 512, block_k: int = 512,
-                   strategy: str = "ring"):
+                   strategy: str = "ring", rules=DEFAULT_RULES):
     """Self-attention with the sequence split over mesh axis `axis_name`.
 
     q [B, L, H, D]; k, v [B, L, K, D] (H a multiple of K); `mask` as for `lcm.attention.attend`
     (every kind; per-token arrays such as Document's segment ids in the original order).
     `mesh`: a Mesh (default: the mesh set by `jax.set_mesh`). Batch and heads are also split over
-    the mesh's data/fsdp and tensor axes when they divide (lcm.sharding.DEFAULT_RULES).
+    the mesh axes `rules` gives the logical axes "batch" and "kv_heads" when they divide
+    (`lcm.sharding.logical_to_spec`; default lcm.sharding.DEFAULT_RULES: data/fsdp and tensor);
+    the sequence goes over `axis_name` whatever rules["seq"] says.
 
     load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.attention.ring.order):
     q, k, v are in the original order; they are padded and permuted to that ring order here and
@@ -67,6 +70,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; expected one of {list(STRATEGIES)}")
+    check_rules(rules)
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     P = context_axis_size(mesh, axis_name)
     B, L, H, D = q.shape
@@ -101,7 +105,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
             raise ValueError("softcap with strategy='pallas': not in the kernel; use 'ring'")
         check_kernel_order(order, axis_name)
         mask_fn = kernel_mask_fn(mask)
-    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask)
+    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask, order, rules)
     # Contiguous shards without padding are already in ring order: nothing to permute.
     permute = not in_order and (order.load_balance != "none" or order.padded_length != L)
     if permute:

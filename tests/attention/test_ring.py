@@ -311,3 +311,45 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     for name, a, b in zip("qkv", g_got, vjp(do)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5,
                                    err_msg=f"d{name}")
+
+
+def test_attend_ring_pallas_matches_reference(devices):
+    """attend(impl="ring_pallas"): the fused Pallas ring kernels (interpreted) over the 8 CPU
+    devices, values and gradients against the dense reference."""
+    mesh = ring_mesh(devices, 8)
+    q, k, v = random_qkv(jax.random.key(0), 1, 128, 128, 2, 1, 8, jnp.float32)
+    do = jax.random.normal(jax.random.key(1), q.shape)
+
+    def loss(impl, **kw):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, Causal(), impl=impl, **kw) * do)
+
+    got = jax.jit(jax.value_and_grad(loss("ring_pallas", mesh=mesh, block_q=8, block_k=8),
+                                     argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+def test_attend_context_parallel_options_are_checked(devices):
+    """Bad impl names and options of the context-parallel impls raise before tracing, naming
+    the argument and the choices."""
+    from lcm.attention import IMPLS
+
+    mesh = ring_mesh(devices, 4)
+    q, k, v = random_qkv(jax.random.key(0), 1, 64, 64, 2, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match=r"impl='ring_palas'; expected one of .*'ring_pallas'"):
+        attend(q, k, v, Causal(), impl="ring_palas", mesh=mesh)
+    assert {"ring", "allgather", "ring_pallas"} <= set(IMPLS)
+    with pytest.raises(ValueError, match="not Document; use strategy='ring'"):
+        attend(q, k, v, Document(jnp.zeros((1, 64), jnp.int32)), impl="ring_pallas", mesh=mesh)
+    with pytest.raises(ValueError, match="softcap with strategy='pallas' \\(impl='ring_pallas'\\)"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, softcap=5.0)
+    with pytest.raises(ValueError, match="load_balance 'none' or 'zigzag'"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, load_balance="striped")
+    with pytest.raises(ValueError, match="alibi_slopes with impl='ring_pallas'"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, alibi_slopes=np.ones(2))
+    with pytest.raises(ValueError, match=r"rules=\['batch'\]; expected a mapping"):
+        attend(q, k, v, Causal(), impl="ring", mesh=mesh, rules=["batch"])
+    for name in ("mesh", "rules"):
+        with pytest.raises(ValueError, match=f"{name}= is for impl in .*'ring_pallas'.*'xla'"):
+            attend(q, k, v, Causal(), impl="xla", **{name: {"mesh": mesh, "rules": {}}[name]})

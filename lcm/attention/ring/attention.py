@@ -65,7 +65,8 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
     "pallas" (forward and backward as fused Pallas TPU kernels moving K/V, and dK/dV, by remote
     DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see
-    lcm.attention.ring.kernel).
+    lcm.attention.ring.kernel). `attend` reaches them as impl "ring", "allgather" and
+    "ring_pallas".
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
     if strategy not in STRATEGIES:
@@ -102,7 +103,8 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
                                mask=mask)
     if strategy == "pallas":
         if softcap is not None:
-            raise ValueError("softcap with strategy='pallas': not in the kernel; use 'ring'")
+            raise ValueError("softcap with strategy='pallas' (impl='ring_pallas'): not in the "
+                             "kernel; use strategy='ring' (impl='ring')")
         check_kernel_order(order, axis_name)
         mask_fn = kernel_mask_fn(mask)
     qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask, order, rules)

@@ -4,7 +4,7 @@ For each causal sequence length (batch 1, 8 heads = 8 KV heads, head_dim 64, flo
 heads because the `ringattention` package has no GQA) it runs, in one process on the same
 inputs:
 
-- `ring`: lcm.sharding.ring_attention, zigzag load balancing, over the 8-device `context` axis,
+- `ring`: lcm.attention.ring_attention, zigzag load balancing, over the 8-device `context` axis,
   its inputs already in zigzag ring order (as a model permutes its tokens once, by
   `RingOrder.to_ring`; the output is compared after `from_ring`, outside the timing);
 - `allgather`: the same with strategy="allgather";
@@ -42,8 +42,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments.workdir import write_summary
-from lcm.attention import Causal, attend
-from lcm.sharding import make_mesh, make_ring_order, ring_attention
+from lcm.attention import Causal, attend, make_ring_order, ring_attention
+from lcm.sharding import make_mesh
 
 IMPLS = ("ring", "allgather", "xla", "ringattention", "tokamax_ring")
 HEADS, HEAD_DIM = 8, 64

@@ -13,7 +13,11 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
-ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
+# The backends of lcm.attention.attend (its IMPLS; a test keeps the two equal).
+ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather", "ring_pallas")
+# Those that split the sequence over the mesh's context axis (lcm.attention.attend's
+# CONTEXT_PARALLEL_IMPLS).
+CONTEXT_PARALLEL_IMPLS = ("ring", "allgather", "ring_pallas")
 # Orders a model can apply at its input inside jit ("mask_aware" needs a concrete mask).
 MODEL_LOAD_BALANCE = ("none", "zigzag", "striped")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
@@ -316,9 +320,11 @@ class RopeConfig:
 class AttentionConfig:
     """How attention runs: the backend of `lcm.attention.attend` and its block sizes.
 
-    `load_balance` (read by impl "ring" and "allgather" only): the order in which the sequence
-    is split over the mesh's `context` axis, "zigzag" (balanced causal), "striped" or "none"
-    (contiguous shards); see `lcm.sharding.make_ring_order`. The decoder permutes its tokens,
+    `load_balance` (read by the context-parallel impls "ring", "allgather" and "ring_pallas"
+    only): the order in which the sequence is split over the mesh's `context` axis, "zigzag"
+    (balanced causal), "striped" or "none" (contiguous shards); see
+    `lcm.attention.make_ring_order`. "ring_pallas" (the fused Pallas ring kernels) takes
+    "zigzag" or "none" and index masks (no Document). The decoder permutes its tokens,
     positions and segment ids into that order once at its input and its logits back once at its
     output, so no layer reshuffles activations.
     """
@@ -332,14 +338,15 @@ class AttentionConfig:
         _choice(self, "impl", ATTENTION_IMPLS)
         _positive(self, "block_q", "block_k")
         _choice(self, "load_balance", MODEL_LOAD_BALANCE)
-        if self.load_balance != "zigzag" and self.impl not in ("ring", "allgather"):
+        if self.load_balance != "zigzag" and not self.context_parallel:
             raise ValueError(f"AttentionConfig.load_balance={self.load_balance!r} is read only by "
-                             f"impl 'ring' or 'allgather', not impl={self.impl!r}")
+                             f"impl 'ring' or 'allgather' or 'ring_pallas', not "
+                             f"impl={self.impl!r}")
 
     @property
     def context_parallel(self) -> bool:
         """Whether the sequence is split over the mesh's context axis."""
-        return self.impl in ("ring", "allgather")
+        return self.impl in CONTEXT_PARALLEL_IMPLS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,18 @@ def test_model_config_rejects(field, value, match):
         ModelConfig(**{**BASE, field: value})
 
 
+def test_attention_config_impls_are_attends():
+    """AttentionConfig offers exactly attend's backends, so the decoder reaches every one."""
+    from lcm.attention.attend import CONTEXT_PARALLEL_IMPLS, IMPLS
+    from lcm.config import ATTENTION_IMPLS
+    from lcm.config import CONTEXT_PARALLEL_IMPLS as CONFIG_CONTEXT_PARALLEL
+
+    assert ATTENTION_IMPLS == IMPLS and CONFIG_CONTEXT_PARALLEL == CONTEXT_PARALLEL_IMPLS
+    assert all(AttentionConfig(impl=impl).context_parallel == (impl in CONTEXT_PARALLEL_IMPLS)
+               for impl in IMPLS)
+    assert AttentionConfig(impl="ring_pallas", load_balance="none").load_balance == "none"
+
+
 def test_attention_and_rope_configs_reject():
     with pytest.raises(ValueError, match="impl='flash'"):
         AttentionConfig(impl="flash")

@@ -10,7 +10,7 @@ about to be overwritten. Steps whose block pair is fully masked skip the matmuls
 Call it inside `jax.shard_map` over a 1-D mesh axis of P devices, with the sequence split
 contiguously ("none") or zigzag (device d holds chunks d and 2P-1-d). Softmax statistics are
 float32; it returns the output and the per-row logsumexp (+inf for rows that see nothing), so a
-caller can merge it or differentiate it with a ring backward (lcm.sharding.ring does).
+caller can merge it or differentiate it with a ring backward (lcm.attention.ring does).
 Runs on CPU with `interpret=pltpu.InterpretParams()` (remote DMAs and semaphores included).
 """
 

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-
-import jax.numpy as jnp
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from lcm.attention.alibi import check_alibi_slopes
 from lcm.attention.blockwise import blockwise_attention
+from lcm.attention.checks import check_inputs
 from lcm.attention.layout import mask_layout
 from lcm.attention.masks import Mask
 from lcm.attention.pallas import default_platform, pallas_attention
 from lcm.attention.reference import reference_attention
-
-IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather")
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+from lcm.attention.ring.attention import ring_attention
+from lcm.sharding.rules import DEFAULT_RULES
 
 
 def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: float | None = None,
            softcap: float | None = None, block_q: int = 512, block_k: int = 512,
            alibi_slopes=None, mesh=None, axis_name: str = "context",
-           load_balance="zigzag"):
+           load_balance="zigzag", rules: Mapping | None = None):
     """Multi-head attention with grouped KV heads.
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (GQA/MQA; K/V are never repeated).
@@ -33,89 +35,120 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     capped logits; xla and pallas build it per block (no [T, S] bias array). Returns
     [B, T, H, D] in q's dtype; rows that see no key are zeros.
 
-    impl: "reference" (dense float32, the ground truth), "xla" (blockwise online softmax over the
-    mask's block layout, O(seq * block) memory), "pallas" (the block-sparse Pallas kernels: TPU
-    Mosaic on a TPU, Triton on a GPU, the TPU kernel interpreted on a CPU, which is slow), or
-    "auto" ("pallas" on a TPU or GPU, "xla" on a CPU), or context parallelism over the mesh axis
-    `axis_name` of `mesh` (default: the mesh of `jax.set_mesh`): "ring" (K/V passed around a
-    ring) or "allgather" (K/V gathered), both with `load_balance` ("none", "zigzag", "striped",
-    "mask_aware" or a RingOrder); see lcm.sharding.ring_attention. block_q / block_k are the
-    block sizes of the blockwise backends, clipped to the (rounded-up) lengths; lengths need not
-    be multiples of them.
+    impl, one of IMPLS (one backend each, from one table):
+    - "reference": dense float32, the ground truth;
+    - "xla": blockwise online softmax over the mask's block layout, O(seq * block) memory;
+    - "pallas": the block-sparse Pallas kernels: TPU Mosaic on a TPU, Triton on a GPU, the TPU
+      kernel interpreted on a CPU (slow);
+    - "auto": "pallas" on a TPU or GPU, "xla" on a CPU;
+    - context parallelism (CONTEXT_PARALLEL_IMPLS; self-attention, T == S) over the mesh axis
+      `axis_name` of `mesh` (default: the mesh of `jax.set_mesh`), with `load_balance` ("none",
+      "zigzag", "striped", "mask_aware" or a RingOrder) and `rules` (logical axis -> mesh axes
+      for batch and KV heads; default lcm.sharding.DEFAULT_RULES); see
+      lcm.attention.ring_attention: "ring" (K/V passed around a ring, the xla local step),
+      "allgather" (K/V gathered, the xla local step) or "ring_pallas" (the ring as fused Pallas
+      TPU kernels moving K/V and dK/dV by remote DMA: index masks only, load_balance "none" or
+      "zigzag" with a length that splits evenly into whole blocks, no softcap; interpreted, and
+      slow, off TPU).
+    block_q / block_k are the block sizes of the blockwise backends, clipped to the (rounded-up)
+    lengths; lengths need not be multiples of them.
     """
-    if impl not in IMPLS:
+    backend = _BACKENDS.get(impl) if isinstance(impl, str) else None
+    if backend is None:
         raise ValueError(f"impl={impl!r}; expected one of {list(IMPLS)}")
     # Context parallelism checks the mask itself, at the true length (ring-order inputs are
     # padded; the mask is not).
-    ring = impl in ("ring", "allgather")
-    _check_inputs(q, k, v, None if ring else mask, scale, softcap, block_q, block_k)
-    B, T, H, D = q.shape
-    S = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    softcap = None if softcap is None else float(softcap)
+    check_inputs(q, k, v, None if backend.context_parallel else mask, scale, softcap, block_q,
+                 block_k)
+    H, D = q.shape[2], q.shape[3]
     alibi = check_alibi_slopes(alibi_slopes, H)
-    if ring:
-        if alibi is not None:
-            raise ValueError(f"alibi_slopes with impl={impl!r}: not supported (ring shards hold "
-                             f"permuted positions); use impl='xla' or 'pallas'")
-        from lcm.sharding.ring import ring_attention  # lcm.sharding imports lcm.attention
-        return ring_attention(q, k, v, mask, mesh=mesh, axis_name=axis_name,
-                              load_balance=load_balance, scale=scale, softcap=softcap,
-                              block_q=block_q, block_k=block_k, strategy=impl)
-    if mesh is not None:
-        raise ValueError(f"mesh= is for impl='ring' or 'allgather', not impl={impl!r}")
-    if impl == "auto":
-        impl = "pallas" if default_platform() != "interpret" else "xla"
-    if impl == "reference":
-        return reference_attention(q, k, v, mask, scale=scale, softcap=softcap,
-                                   alibi_slopes=alibi)
-    if impl == "pallas":
-        # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
-        block_q, block_k = min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 128))
-        return pallas_attention(q, k, v, mask.prepare(T, S) if mask is not None else None,
-                                scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
-                                alibi_slopes=alibi)
-    layout = mask_layout(mask, T, S, min(block_q, T), min(block_k, S), num_heads=H,
+    if backend.context_parallel and alibi is not None:
+        raise ValueError(f"alibi_slopes with impl={impl!r}: not supported (ring shards hold "
+                         f"permuted positions); use impl='xla' or 'pallas'")
+    if not backend.context_parallel:
+        for name, value in (("mesh", mesh), ("rules", rules)):
+            if value is not None:
+                raise ValueError(f"{name}= is for impl in {list(CONTEXT_PARALLEL_IMPLS)}, not "
+                                 f"impl={impl!r}")
+    options = _Options(scale=1.0 / math.sqrt(D) if scale is None else float(scale),
+                       softcap=None if softcap is None else float(softcap), block_q=block_q,
+                       block_k=block_k, alibi=alibi, mesh=mesh, axis_name=axis_name,
+                       load_balance=load_balance,
+                       rules=DEFAULT_RULES if rules is None else rules)
+    return backend.run(q, k, v, mask, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """attend's checked keyword options; each backend reads the ones it uses."""
+
+    scale: float
+    softcap: float | None
+    block_q: int
+    block_k: int
+    alibi: Any
+    mesh: Any
+    axis_name: str
+    load_balance: Any
+    rules: Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backend:
+    """run(q, k, v, mask, options) -> out. A context-parallel backend splits the sequence over a
+    mesh axis, validates the mask itself and takes mesh / load_balance / rules; the others
+    reject mesh and rules."""
+
+    run: Callable
+    context_parallel: bool = False
+
+
+def _reference(q, k, v, mask, o):
+    return reference_attention(q, k, v, mask, scale=o.scale, softcap=o.softcap,
+                               alibi_slopes=o.alibi)
+
+
+def _xla(q, k, v, mask, o):
+    T, S = q.shape[1], k.shape[1]
+    layout = mask_layout(mask, T, S, min(o.block_q, T), min(o.block_k, S), num_heads=q.shape[2],
                          num_kv_heads=k.shape[2])
-    if mask is not None:
-        mask = mask.prepare(T, S)
-    return blockwise_attention(q, k, v, mask, layout, scale=scale, softcap=softcap,
-                               alibi_slopes=alibi)
+    return blockwise_attention(q, k, v, None if mask is None else mask.prepare(T, S), layout,
+                               scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi)
+
+
+def _pallas(q, k, v, mask, o):
+    T, S = q.shape[1], k.shape[1]
+    # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
+    block_q, block_k = min(o.block_q, _round_up(T, 8)), min(o.block_k, _round_up(S, 128))
+    return pallas_attention(q, k, v, None if mask is None else mask.prepare(T, S), scale=o.scale,
+                            softcap=o.softcap, block_q=block_q, block_k=block_k,
+                            alibi_slopes=o.alibi)
+
+
+def _auto(q, k, v, mask, o):
+    return (_pallas if default_platform() != "interpret" else _xla)(q, k, v, mask, o)
+
+
+def _context_parallel(strategy, q, k, v, mask, o):
+    return ring_attention(q, k, v, mask, mesh=o.mesh, axis_name=o.axis_name,
+                          load_balance=o.load_balance, scale=o.scale, softcap=o.softcap,
+                          block_q=o.block_q, block_k=o.block_k, strategy=strategy, rules=o.rules)
 
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
-def _check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} has shape {getattr(x, 'shape', None)}; expected 4 dims "
-                             f"[batch, length, heads, head_dim]")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}.dtype={x.dtype}; expected float32, bfloat16 or float16")
-    B, T, H, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k/v shape {k.shape} does not fit q shape {q.shape}: batch and "
-                         f"head_dim must match")
-    if min(B, T, H, D, k.shape[1], k.shape[2]) == 0:
-        raise ValueError(f"empty dimension in q {q.shape} or k {k.shape}")
-    if H % k.shape[2]:
-        raise ValueError(f"q has {H} heads, not a multiple of the {k.shape[2]} KV heads of k/v")
-    if T > k.shape[1]:
-        raise ValueError(f"q_len={T} > kv_len={k.shape[1]}: queries are aligned to the end of "
-                         f"the keys, so q_len may not exceed kv_len")
-    if mask is not None:
-        if not isinstance(mask, Mask):
-            raise ValueError(f"mask={mask!r}; expected None or a Mask (Causal(), Local(w), "
-                             f"Document(ids), combined with & and |)")
-        mask.validate(B, H, T, k.shape[1])
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale={scale!r}; expected a positive float or None")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap={softcap!r}; expected a positive float or None")
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise ValueError(f"{name}={b!r}; expected a positive int")
+_BACKENDS = {
+    "auto": _Backend(_auto),
+    "reference": _Backend(_reference),
+    "xla": _Backend(_xla),
+    "pallas": _Backend(_pallas),
+    "ring": _Backend(functools.partial(_context_parallel, "ring"), context_parallel=True),
+    "allgather": _Backend(functools.partial(_context_parallel, "allgather"),
+                          context_parallel=True),
+    "ring_pallas": _Backend(functools.partial(_context_parallel, "pallas"),
+                            context_parallel=True),
+}
+IMPLS = tuple(_BACKENDS)
+CONTEXT_PARALLEL_IMPLS = tuple(name for name, b in _BACKENDS.items() if b.context_parallel)

@@ -1,6 +1,6 @@
 """The pre-blocked entry of the `xla` backend: attend the same queries to many key ranges.
 
-Ring attention's steps (lcm.sharding.ring) block q, k, v once and carry float32 online-softmax
+Ring attention's steps (lcm.attention.ring) block q, k, v once and carry float32 online-softmax
 statistics across calls, so no step re-lays out its inputs or allocates a partial output to
 merge. Queries and outputs are blocked by a reshape ([B, T, H, D] -> [B, nq, bq, K, G, D], no
 copy); keys and values once into the layout the block matmuls read ([B, S, K, D] ->

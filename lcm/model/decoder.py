@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from lcm.attention import Causal, Document, Local
+from lcm.attention.ring import context_axis_size, ring_order_for
 from lcm.config import ModelConfig
 from lcm.model.layers import identity, rms_norm, run_layers, self_attention
 from lcm.positions import rope_frequencies
-from lcm.sharding.ring import context_axis_size, ring_order_for
 
 def segment_positions(segment_ids):
     """Positions that restart at 0 at each new segment. segment_ids [B, T] -> [B, T] int32.

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, PrefixLM, SinkWindow,
-                           VerticalSlash, attend)
-from lcm.sharding import make_mesh, make_ring_order, ring_attention
+                           VerticalSlash, attend, make_ring_order, ring_attention)
+from lcm.sharding import make_mesh
 
 TOL = {jnp.float32: 3e-5, jnp.bfloat16: 3e-2}
 MASKS = ["none", "causal", "local", "sinkwindow", "causal&document", "local|document",
@@ -155,6 +155,34 @@ def test_errors_name_axis_and_length(devices):
         ring_attention(q, k[..., :4], v[..., :4], mesh=mesh)
 
 
+def test_rules_table_places_batch_and_heads(devices):
+    """The shard_map specs come from lcm.sharding.logical_to_spec over the rules table: the
+    default splits batch over data and KV heads over tensor; a table without them replicates
+    both, with the same result; a rules value that is not a mapping is refused."""
+    from jax.sharding import PartitionSpec
+
+    from lcm.attention.ring.specs import shard_specs
+    from lcm.sharding import DEFAULT_RULES
+
+    mesh = make_mesh((2, 1, 2, 2), devices=devices)
+    q, k, v = random_qkv(jax.random.key(6), 2, 32, 32, 4, 2, 8, jnp.float32)
+    order = make_ring_order(32, 2, "zigzag", block=8)
+    assert shard_specs(mesh, "context", q, k, Causal(), order)[0] == PartitionSpec(
+        "data", "context", "tensor", None)
+    whole = {**DEFAULT_RULES, "batch": None, "kv_heads": None}
+    assert shard_specs(mesh, "context", q, k, Causal(), order, whole)[0] == PartitionSpec(
+        None, "context", None, None)
+    want = attend(q, k, v, Causal(), impl="reference")
+    for rules in (DEFAULT_RULES, whole):
+        got = jax.jit(lambda q, k, v: ring_attention(q, k, v, Causal(), mesh=mesh, rules=rules,
+                                                     block_q=8, block_k=8))(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+    with pytest.raises(ValueError, match="rules=.*expected a mapping"):
+        ring_attention(q, k, v, mesh=mesh, rules=["batch"])
+    with pytest.raises(ValueError, match="logical axis 'kv_heads' has no rule"):
+        ring_attention(q, k, v, mesh=mesh, rules={"batch": "data"})
+
+
 def test_ring_order_helpers():
     order = make_ring_order(50, 4, "zigzag", block=8)
     assert order.chunks == ((0, 7), (1, 6), (2, 5), (3, 4)) and order.chunk_size == 8
@@ -175,7 +203,7 @@ def test_ring_order_helpers():
 
 def test_load_balance_evens_out_ring_steps():
     """The slowest device per ring step: zigzag fixes causal; mask_aware fixes sliding windows."""
-    from lcm.sharding.ring_order import chunk_work, ring_cost
+    from lcm.attention.ring.order import chunk_work, ring_cost
 
     L, P = 1024, 4
 
@@ -194,7 +222,7 @@ def test_load_balance_evens_out_ring_steps():
 
 
 def test_plan_skips_ring_steps_no_device_needs():
-    from lcm.sharding.ring_layout import make_plan
+    from lcm.attention.ring.layout import make_plan
 
     order = make_ring_order(256, 8, "none", block=8)
     assert make_plan(Local(20), order, 8, 8).num_steps == 2  # a window reaches one shard back
@@ -238,7 +266,7 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     from lcm.attention import blocked as bw
     from lcm.attention.layout import BlockLayout, mask_layout
     from lcm.attention.masks import BlockGeometry
-    from lcm.sharding.ring_layout import PlacedMask
+    from lcm.attention.ring.layout import PlacedMask
 
     B, L, H, K, D, bq, bk = 2, 32, 4, 2, 8, 8, 8
     half = L // 2
@@ -283,3 +311,45 @@ def test_blocked_steps_carry_statistics_across_key_ranges(softcap):
     for name, a, b in zip("qkv", g_got, vjp(do)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=5e-5,
                                    err_msg=f"d{name}")
+
+
+def test_attend_ring_pallas_matches_reference(devices):
+    """attend(impl="ring_pallas"): the fused Pallas ring kernels (interpreted) over the 8 CPU
+    devices, values and gradients against the dense reference."""
+    mesh = ring_mesh(devices, 8)
+    q, k, v = random_qkv(jax.random.key(0), 1, 128, 128, 2, 1, 8, jnp.float32)
+    do = jax.random.normal(jax.random.key(1), q.shape)
+
+    def loss(impl, **kw):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, Causal(), impl=impl, **kw) * do)
+
+    got = jax.jit(jax.value_and_grad(loss("ring_pallas", mesh=mesh, block_q=8, block_k=8),
+                                     argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+def test_attend_context_parallel_options_are_checked(devices):
+    """Bad impl names and options of the context-parallel impls raise before tracing, naming
+    the argument and the choices."""
+    from lcm.attention import IMPLS
+
+    mesh = ring_mesh(devices, 4)
+    q, k, v = random_qkv(jax.random.key(0), 1, 64, 64, 2, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match=r"impl='ring_palas'; expected one of .*'ring_pallas'"):
+        attend(q, k, v, Causal(), impl="ring_palas", mesh=mesh)
+    assert {"ring", "allgather", "ring_pallas"} <= set(IMPLS)
+    with pytest.raises(ValueError, match="not Document; use strategy='ring'"):
+        attend(q, k, v, Document(jnp.zeros((1, 64), jnp.int32)), impl="ring_pallas", mesh=mesh)
+    with pytest.raises(ValueError, match="softcap with strategy='pallas' \\(impl='ring_pallas'\\)"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, softcap=5.0)
+    with pytest.raises(ValueError, match="load_balance 'none' or 'zigzag'"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, load_balance="striped")
+    with pytest.raises(ValueError, match="alibi_slopes with impl='ring_pallas'"):
+        attend(q, k, v, Causal(), impl="ring_pallas", mesh=mesh, alibi_slopes=np.ones(2))
+    with pytest.raises(ValueError, match=r"rules=\['batch'\]; expected a mapping"):
+        attend(q, k, v, Causal(), impl="ring", mesh=mesh, rules=["batch"])
+    for name in ("mesh", "rules"):
+        with pytest.raises(ValueError, match=f"{name}= is for impl in .*'ring_pallas'.*'xla'"):
+            attend(q, k, v, Causal(), impl="xla", **{name: {"mesh": mesh, "rules": {}}[name]})

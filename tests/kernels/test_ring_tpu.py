@@ -12,9 +12,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
 from lcm.kernels.ring import ring_attention_reference, ring_attention_tpu, ring_attention_tpu_bwd
-from lcm.attention import Causal, Local, attend
-from lcm.sharding import make_mesh, ring_attention
-from lcm.sharding.ring_order import make_ring_order
+from lcm.attention import Causal, Local, attend, make_ring_order, ring_attention
+from lcm.sharding import make_mesh
 
 
 def _run_kernel(fn, mesh, P, order, mask_fn, q, k, v, **kw):

@@ -134,3 +134,19 @@ def test_ring_without_a_mesh_names_the_fix(model):
     params, _, tokens, segs = model
     with pytest.raises(ValueError, match="axis_name='context' is not an axis of the mesh"):
         forward(params, tokens, RING, segment_ids=segs)
+
+
+def test_ring_pallas_model_matches_unsharded(devices, model):
+    """AttentionConfig(impl="ring_pallas") reaches the fused Pallas ring kernels from the
+    decoder (interpreted on the CPU devices): forward equals the unsharded one (causal, no
+    documents: the kernel takes index masks)."""
+    params, axes, _, _ = model
+    tokens = jax.random.randint(jax.random.key(2), (1, 64), 0, CFG.vocab_size)
+    cfg = dataclasses.replace(CFG, attention=AttentionConfig(impl="ring_pallas", block_q=8,
+                                                             block_k=8))
+    want = jax.jit(forward, static_argnames="cfg")(params, tokens, CFG)
+    mesh = make_mesh((1, 1, 1, 4), devices=devices[:4])
+    with jax.set_mesh(mesh):
+        got = jax.jit(forward, static_argnames=("cfg", "shard"))(
+            shard_params(params, axes, mesh), tokens, cfg, shard=LogicalSharding(mesh))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)

@@ -30,8 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from lcm.attention import Causal, Document, attend  # noqa: E402
-from lcm.sharding import make_mesh, ring_attention  # noqa: E402
+from lcm.attention import Causal, Document, attend, ring_attention  # noqa: E402
+from lcm.sharding import make_mesh  # noqa: E402
 
 B, L, H, K, D = 2, 96, 4, 2, 8
 mesh = make_mesh((1, 1, 1, jax.device_count()))  # global devices: every process's

@@ -20,7 +20,7 @@ import numpy as np
 from lcm.kernels.block_sparse.layout import layout_from_kinds
 from lcm.attention.layout import FULL, PARTIAL, SKIP, BlockLayout
 from lcm.attention.masks import BlockGeometry, Mask
-from lcm.sharding.ring_order import RingOrder
+from lcm.attention.ring.order import RingOrder
 
 
 @jax.tree_util.register_dataclass

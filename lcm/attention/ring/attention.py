@@ -31,11 +31,12 @@ from lcm.attention.blocked import (blocked_backward_step, blocked_delta, blocked
                                    blocked_forward_step, blocked_init, from_blocks, to_blocks)
 from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.masks import Mask
-from lcm.sharding.ring_layout import (RingPlan, gathered_layout, global_kinds, make_plan,
-                                      placed_mask, static_kinds, step_layout)
-from lcm.sharding.ring_order import LOAD_BALANCE, RingOrder, make_ring_order
-from lcm.sharding.ring_kernel import check_kernel_order, kernel_mask_fn, pallas_ring_local
-from lcm.sharding.ring_specs import check_and_prepare, shard_specs
+from lcm.attention.ring.kernel import check_kernel_order, kernel_mask_fn, pallas_ring_local
+from lcm.attention.ring.layout import (RingPlan, gathered_layout, global_kinds, make_plan,
+                                       placed_mask, static_kinds, step_layout)
+from lcm.attention.ring.order import LOAD_BALANCE, RingOrder, make_ring_order
+from lcm.attention.ring.specs import check_and_prepare, check_rules, shard_specs
+from lcm.sharding.rules import DEFAULT_RULES
 
 f32 = jnp.float32
 STRATEGIES = ("ring", "allgather", "pallas")
@@ -44,15 +45,17 @@ STRATEGIES = ("ring", "allgather", "pallas")
 def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: str = "context",
                    load_balance: str | RingOrder = "zigzag", scale: float | None = None,
                    softcap: float | None = None, block_q: int = 512, block_k: int = 512,
-                   strategy: str = "ring"):
+                   strategy: str = "ring", rules=DEFAULT_RULES):
     """Self-attention with the sequence split over mesh axis `axis_name`.
 
     q [B, L, H, D]; k, v [B, L, K, D] (H a multiple of K); `mask` as for `lcm.attention.attend`
     (every kind; per-token arrays such as Document's segment ids in the original order).
     `mesh`: a Mesh (default: the mesh set by `jax.set_mesh`). Batch and heads are also split over
-    the mesh's data/fsdp and tensor axes when they divide (lcm.sharding.DEFAULT_RULES).
+    the mesh axes `rules` gives the logical axes "batch" and "kv_heads" when they divide
+    (`lcm.sharding.logical_to_spec`; default lcm.sharding.DEFAULT_RULES: data/fsdp and tensor);
+    the sequence goes over `axis_name` whatever rules["seq"] says.
 
-    load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.sharding.ring_order):
+    load_balance: "none", "zigzag", "striped" or "mask_aware" (see lcm.attention.ring.order):
     q, k, v are in the original order; they are padded and permuted to that ring order here and
     the output permuted back (one reshuffle of q, k, v and the output). Or a `RingOrder` over
     this axis size: q, k, v are already in that ring order and padded (`order.to_ring`), as a
@@ -62,11 +65,13 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     strategy: "ring" (pass K/V around), "allgather" (gather K/V, then compute locally) or
     "pallas" (forward and backward as fused Pallas TPU kernels moving K/V, and dK/dV, by remote
     DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see
-    lcm.sharding.ring_kernel).
+    lcm.attention.ring.kernel). `attend` reaches them as impl "ring", "allgather" and
+    "ring_pallas".
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; expected one of {list(STRATEGIES)}")
+    check_rules(rules)
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     P = context_axis_size(mesh, axis_name)
     B, L, H, D = q.shape
@@ -98,10 +103,11 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
                                mask=mask)
     if strategy == "pallas":
         if softcap is not None:
-            raise ValueError("softcap with strategy='pallas': not in the kernel; use 'ring'")
+            raise ValueError("softcap with strategy='pallas' (impl='ring_pallas'): not in the "
+                             "kernel; use strategy='ring' (impl='ring')")
         check_kernel_order(order, axis_name)
         mask_fn = kernel_mask_fn(mask)
-    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask)
+    qspec, kspec, mask_spec = shard_specs(mesh, axis_name, q, k, mask, order, rules)
     # Contiguous shards without padding are already in ring order: nothing to permute.
     permute = not in_order and (order.load_balance != "none" or order.padded_length != L)
     if permute:

@@ -1,5 +1,6 @@
-"""strategy="pallas": ring attention's forward and backward as fused Pallas TPU kernels
-(kernels/ring): K/V, and in the backward the dK/dV accumulators, move by in-kernel remote DMA.
+"""strategy="pallas" (`attend(..., impl="ring_pallas")`): ring attention's forward and backward
+as fused Pallas TPU kernels (kernels/ring): K/V, and in the backward the dK/dV accumulators, move
+by in-kernel remote DMA.
 
 The kernel evaluates index masks (Causal, Local, SinkWindow, Chunked, PrefixLM and their & / |)
 at original positions, for the "none" and "zigzag" orders without padding; other masks and
@@ -34,17 +35,18 @@ def kernel_mask_fn(mask):
                 out = (out | f(q, k)) if isinstance(mask, Or) else (out & f(q, k))
             return out
         return combined
-    raise ValueError(f"strategy='pallas' evaluates index masks (Causal, Local, SinkWindow, "
-                     f"Chunked, PrefixLM) in-kernel, not {type(mask).__name__}; use "
-                     f"strategy='ring'")
+    raise ValueError(f"strategy='pallas' (impl='ring_pallas') evaluates index masks (Causal, "
+                     f"Local, SinkWindow, Chunked, PrefixLM) in-kernel, not "
+                     f"{type(mask).__name__}; use strategy='ring' (impl='ring')")
 
 
 def check_kernel_order(order, axis_name):
     if order.load_balance not in ("none", "zigzag") or order.padded_length != order.length:
-        raise ValueError(f"strategy='pallas' needs load_balance 'none' or 'zigzag' and a "
-                         f"sequence length ({order.length}) that splits evenly over mesh axis "
-                         f"{axis_name!r} (multiple of {order.num_chunks} chunks of whole blocks, "
-                         f"here {order.padded_length}); use strategy='ring' otherwise")
+        raise ValueError(f"strategy='pallas' (impl='ring_pallas') needs load_balance 'none' or "
+                         f"'zigzag' and a sequence length ({order.length}) that splits evenly "
+                         f"over mesh axis {axis_name!r} (multiple of {order.num_chunks} chunks of "
+                         f"whole blocks, here {order.padded_length}); use strategy='ring' "
+                         f"(impl='ring') otherwise")
 
 
 def _interpret():

@@ -27,6 +27,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from lcm.attention.masks import BlockGeometry
+
 LOAD_BALANCE = ("none", "zigzag", "striped", "mask_aware")
 
 
@@ -158,8 +160,6 @@ def chunk_work(mask, padded_length: int, length: int, chunk_size: int) -> np.nda
     Counted exactly on a grid of cells of at most 64 tokens through the mask's block
     visibility (FULL cells count whole, PARTIAL ones half), over the concrete mask.
     """
-    from lcm.attention.masks import BlockGeometry
-
     C = padded_length // chunk_size
     cell = math.gcd(chunk_size, 64)
     geom = BlockGeometry(length, length, cell, cell)

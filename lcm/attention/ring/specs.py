@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 
 import jax
 from jax.sharding import PartitionSpec
 
+from lcm.attention.checks import check_inputs
 from lcm.attention.data_masks import BlockMask, Document, VerticalSlash
 from lcm.attention.masks import And, Mask, Or
-from lcm.sharding.rules import DEFAULT_RULES
+from lcm.sharding.rules import DEFAULT_RULES, logical_to_spec
 
 _SEGMENT_FIELDS = ("q_segment_ids", "kv_segment_ids")
 
@@ -21,10 +22,8 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     order, [batch, order.length]: the layout and the element mask read them there, and every
     device holds them whole, so a model permutes only its activations (no gather per call).
     """
-    from lcm.attention.attend import _check_inputs
-
     if any(getattr(x, "ndim", None) != 4 for x in (q, k, v)):
-        _check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
+        check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q_len={q.shape[1]} != kv_len={k.shape[1]}: context-parallel "
                          f"attention is self-attention over one sharded sequence")
@@ -35,7 +34,7 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     def shape(x):
         return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
 
-    _check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
+    check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
     if mask is not None:
         mask = mask.prepare(length, length)
     return mask, float(scale), None if softcap is None else float(softcap), length
@@ -65,33 +64,38 @@ def per_head(mask) -> bool:
     return False
 
 
-def _axes_for(logical, size, mesh, used, rules=DEFAULT_RULES):
-    wanted = rules.get(logical)
-    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())
-    kept = []
-    for axis in wanted:
-        n = dict(mesh.shape).get(axis, 1)
-        if axis in used or n == 1 or size % (math.prod(mesh.shape[a] for a in kept) * n):
-            continue
-        kept.append(axis)
-    return tuple(kept)
+def check_rules(rules):
+    """rules: a mapping from logical axis names to mesh axes (lcm.sharding.DEFAULT_RULES)."""
+    if not isinstance(rules, Mapping):
+        raise ValueError(f"rules={rules!r}; expected a mapping from logical axis names to mesh "
+                         f"axes, e.g. lcm.sharding.DEFAULT_RULES")
+    return rules
 
 
-def shard_specs(mesh, axis_name, q, k, mask: Mask | None):
-    """(q spec, k/v spec, mask spec tree): sequence over axis_name; batch over the rules'
-    batch axes; heads over the tensor axes when they divide both H and K and the mask is the
-    same for every head. Other mesh axes replicate. Segment ids follow the batch."""
-    B, _, H, _ = q.shape
-    K = k.shape[2]
-    batch = _axes_for("batch", B, mesh, {axis_name})
-    heads = ()
-    if not per_head(mask):
-        heads = _axes_for("kv_heads", K, mesh, {axis_name, *batch})
-        if heads and H % math.prod(mesh.shape[a] for a in heads):
-            heads = ()
-    b = None if not batch else batch[0] if len(batch) == 1 else batch
-    h = None if not heads else heads[0] if len(heads) == 1 else heads
-    qspec = PartitionSpec(b, axis_name, h, None)
+def context_rules(rules, axis_name):
+    """`rules` for context parallelism: the sequence over `axis_name` (whatever rules['seq']
+    says), and `axis_name` taken out of every other rule."""
+    def without(axes):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return tuple(a for a in axes if a != axis_name)
+
+    return {**{name: without(axes) for name, axes in rules.items()}, "seq": axis_name}
+
+
+def shard_specs(mesh, axis_name, q, k, mask: Mask | None, order, rules=DEFAULT_RULES):
+    """(q spec, k/v spec, mask spec tree) by `lcm.sharding.logical_to_spec` over
+    `context_rules(rules, axis_name)`: batch by rules['batch'], the sequence (padded to
+    order.padded_length) over axis_name, heads by rules['kv_heads'] when those axes divide both
+    H and K and the mask is the same for every head; head_dim whole (attention contracts over
+    it). Other mesh axes replicate. Segment ids follow the batch."""
+    B, _, _, D = q.shape
+    heads = None if per_head(mask) else "kv_heads"
+    spec = logical_to_spec(("batch", "seq", heads, None), (B, order.padded_length, k.shape[2], D),
+                           mesh, context_rules(rules, axis_name))
+    b = spec[0]
+    # q's heads split like K's: H is a multiple of K, so axes that divide K divide H, and the
+    # query heads of one KV group land on the device holding that KV head.
+    qspec = spec
 
     def leaf_spec(path, _):
         name = getattr(path[-1], "name", None) if path else None

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .common import alibi_bias, pad_axis
-from .gpu_checks import _defaults, _Params, _prepare
+from .gpu_checks import defaults, GpuParams, prepare
 from .layout import FULL, PARTIAL, SKIP, transpose_visits
 
 f32 = jnp.float32
@@ -50,7 +50,7 @@ def block_sparse_attention_gpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
     mask_tables: None or a tuple of 1-D int arrays (may be traced) read by a head-aware mask_fn
     (reference.py); each program passes its own query head.
     """
-    p, segs, layout, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+    p, segs, layout, tables = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
                                        q_segment_ids, kv_segment_ids, scale, softcap, block_q,
                                        block_k, num_warps, num_stages, interpret, alibi_slopes,
                                        mask_tables, visit_kinds)
@@ -61,7 +61,7 @@ def block_sparse_attention_gpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
     `block_sparse_attention_gpu`. Differentiate merged results with `..._gpu_bwd`."""
-    p, segs, layout, tables = _prepare(q, k, v, **_defaults(kwargs))
+    p, segs, layout, tables = prepare(q, k, v, **defaults(kwargs))
     out, lse = _forward(p, q, k, v, segs, layout, tables)
     return out, lse[:, :, :q.shape[1]].transpose(0, 2, 1)
 
@@ -70,7 +70,7 @@ def block_sparse_attention_gpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
     pass's backward gives its share of the merged softmax's gradient."""
-    p, segs, layout, tables = _prepare(q, k, v, **_defaults(kwargs))
+    p, segs, layout, tables = prepare(q, k, v, **defaults(kwargs))
     Tp = -(-p.q_len // p.block_q) * p.block_q
     lse = jnp.pad(jnp.asarray(lse, f32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, Tp - p.q_len)),
                   constant_values=jnp.inf)
@@ -88,7 +88,7 @@ def _dot(a, b, contract):
                            precision=precision)
 
 
-def _logits(q, k, p: _Params):
+def _logits(q, k, p: GpuParams):
     """q [bq, D] . k [bk, D] -> float32 [bq, bk] scaled (and soft-capped), plus tanh for bwd."""
     s = _dot(q, k, ((1,), (1,))) * p.scale
     if p.softcap is None:
@@ -97,7 +97,7 @@ def _logits(q, k, p: _Params):
     return p.softcap * t, t
 
 
-def _biased(s, slopes_ref, head, i, j, p: _Params):
+def _biased(s, slopes_ref, head, i, j, p: GpuParams):
     """s plus the ALiBi bias of query block i, key block j for query head `head`."""
     if slopes_ref is None:
         return s
@@ -106,7 +106,7 @@ def _biased(s, slopes_ref, head, i, j, p: _Params):
     return s + alibi_bias(slopes_ref[head], q_pos + (p.kv_len - p.q_len), k_pos)
 
 
-def _optional_refs(refs, p: _Params, num_out):
+def _optional_refs(refs, p: GpuParams, num_out):
     """(q_seg_ref, kv_seg_ref, slopes_ref, mask tables, outputs) from the refs after the fixed
     inputs."""
     segs, rest = ((refs[0], refs[1]), refs[2:]) if p.segments else ((None, None), refs)
@@ -116,7 +116,7 @@ def _optional_refs(refs, p: _Params, num_out):
     return (*segs, slopes, tables, rest)
 
 
-def _masked(s, kind, i, j, q_seg, k_seg, p: _Params, head, tables):
+def _masked(s, kind, i, j, q_seg, k_seg, p: GpuParams, head, tables):
     """Hides invisible pairs with -inf: mask_fn on non-FULL blocks, keys >= kv_len always.
     A head-aware mask_fn (p.n_tables > 0) gets the query head, the tables and the block origin."""
     bq, bk = p.block_q, p.block_k
@@ -135,7 +135,7 @@ def _masked(s, kind, i, j, q_seg, k_seg, p: _Params, head, tables):
     return s
 
 
-def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: _Params):
+def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: GpuParams):
     q_seg_ref, kv_seg_ref, slopes_ref, tables, (out_ref, lse_ref) = _optional_refs(refs, p, 2)
     bq, bk = p.block_q, p.block_k
     i, h = pl.program_id(0), pl.program_id(2)
@@ -169,7 +169,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
 
 
 def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, *refs, p: _Params):
+               delta_ref, *refs, p: GpuParams):
     q_seg_ref, kv_seg_ref, slopes_ref, tables, (dq_ref,) = _optional_refs(refs, p, 1)
     bk = p.block_k
     i, h = pl.program_id(0), pl.program_id(2)
@@ -192,7 +192,7 @@ def _dq_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, do_ref
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dlogits(s, tanh, lse, delta, dp, p: _Params):
+def _dlogits(s, tanh, lse, delta, dp, p: GpuParams):
     """dL/d(q k^T) of one block from p = exp(s - lse); lse = +inf rows give exactly 0."""
     ds = jnp.exp(s - lse) * (dp - delta)
     if p.softcap is not None:
@@ -201,7 +201,7 @@ def _dlogits(s, tanh, lse, delta, dp, p: _Params):
 
 
 def _dkdv_kernel(kinds_t_ref, q_blocks_ref, counts_t_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, *refs, p: _Params):
+                 delta_ref, *refs, p: GpuParams):
     q_seg_ref, kv_seg_ref, slopes_ref, tables, (dk_ref, dv_ref) = _optional_refs(refs, p, 2)
     bq = p.block_q
     j, kv_head = pl.program_id(0), pl.program_id(2)
@@ -241,7 +241,7 @@ def _head_dim(D):
     return max(16, pl.next_power_of_2(D))  # tl.dot tiles: power of two, at least 16
 
 
-def _compiler_params(p: _Params, head_dim):
+def _compiler_params(p: GpuParams, head_dim):
     num_warps = p.num_warps
     if num_warps is None:
         num_warps = 4 if head_dim <= 64 and p.block_q * p.block_k <= 64 * 64 else 8
@@ -249,7 +249,7 @@ def _compiler_params(p: _Params, head_dim):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _layout_specs(p: _Params, rows, visits):
+def _layout_specs(p: GpuParams, rows, visits):
     """Specs for visit kinds, visits, counts of one layout head: h // group when per KV head,
     else 0."""
     def lh(h):
@@ -260,7 +260,7 @@ def _layout_specs(p: _Params, rows, visits):
             pl.BlockSpec((None, rows), lambda x, b, h: (lh(h), 0))]
 
 
-def _row_specs(p: _Params, Sp, Dp):
+def _row_specs(p: GpuParams, Sp, Dp):
     """Specs for a (query block i, batch b, head h) grid: q-like, whole K/V, per-row, segments."""
     bq, G = p.block_q, p.group
     q_spec = pl.BlockSpec((None, bq, None, Dp), lambda i, b, h: (b, i, h, 0))
@@ -281,25 +281,25 @@ def _padded_tables(tables):
     return [pad_axis(t, 0, max(16, pl.next_power_of_2(t.shape[0]))) for t in tables]
 
 
-def _slopes_specs(p: _Params):
+def _slopes_specs(p: GpuParams):
     """The whole (padded) slopes vector for every program, when ALiBi is on."""
     if p.alibi is None:
         return []
     return [pl.BlockSpec((_slopes_length(p),), lambda *_: (0,))]
 
 
-def _slopes_length(p: _Params):
+def _slopes_length(p: GpuParams):
     return max(16, pl.next_power_of_2(len(p.alibi)))  # Triton blocks: powers of two
 
 
-def _clipped(layout, p: _Params):
+def _clipped(layout, p: GpuParams):
     """Out-of-range entries would read outside K/V on a GPU; clip them instead of faulting."""
     kinds, kv_blocks, counts = layout
     return (kinds, jnp.clip(kv_blocks, 0, -(-p.kv_len // p.block_k) - 1),
             jnp.clip(counts, 0, kv_blocks.shape[-1]))
 
 
-def _padded_inputs(p: _Params, q, k, v, segs):
+def _padded_inputs(p: GpuParams, q, k, v, segs):
     """Zero-pads T, S to whole blocks and D to a power of two; pads segment ids with -1."""
     Tp = -(-p.q_len // p.block_q) * p.block_q
     Sp = -(-p.kv_len // p.block_k) * p.block_k
@@ -317,7 +317,7 @@ def _padded_inputs(p: _Params, q, k, v, segs):
     return q, k, v, seg_args
 
 
-def _forward(p: _Params, q, k, v, segs, layout, tables):
+def _forward(p: GpuParams, q, k, v, segs, layout, tables):
     """(out [B, T, H, D], lse float32 [B, H, Tp])."""
     kinds, kv_blocks, counts = _clipped(layout, p)
     tables = _padded_tables(tables)
@@ -348,7 +348,7 @@ def _visited_kinds(kinds, counts):
     return jnp.where(real, jnp.maximum(kinds, PARTIAL), SKIP)
 
 
-def _backward(p: _Params, q, k, v, segs, layout, tables, out, lse, d_out):
+def _backward(p: GpuParams, q, k, v, segs, layout, tables, out, lse, d_out):
     kinds, kv_blocks, counts = _clipped(layout, p)
     tables = _padded_tables(tables)
     B, T, H, D = q.shape

@@ -18,7 +18,7 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float1
 
 
 @dataclasses.dataclass(frozen=True)
-class _Params:
+class GpuParams:
     """Static configuration of one call (hashable: it is a custom_vjp nondiff argument)."""
 
     q_len: int
@@ -45,7 +45,7 @@ _OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
                 mask_tables=None)
 
 
-def _defaults(kwargs):
+def defaults(kwargs):
     unknown = set(kwargs) - set(_OPTIONS) - {"kv_blocks", "counts", "scale"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; expected those of "
@@ -53,7 +53,7 @@ def _defaults(kwargs):
     return {**_OPTIONS, **kwargs}
 
 
-def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
+def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
              softcap, block_q, block_k, num_warps, num_stages, interpret, alibi_slopes,
              mask_tables=None, visit_kinds=None):
     """(static parameters, segment ids or None, layout arrays, mask tables: a tuple of 1-D int32
@@ -80,7 +80,7 @@ def _is_pow2_block(b):
 
 
 def _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_seg, kv_seg, scale, softcap,
-           block_q, block_k, num_warps, num_stages, interpret) -> _Params:
+           block_q, block_k, num_warps, num_stages, interpret) -> GpuParams:
     """Validates everything static before tracing; returns the call's static parameters."""
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if not _is_pow2_block(b):
@@ -138,7 +138,7 @@ def _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_seg, kv_se
     for name, x in (("num_warps", num_warps), ("num_stages", num_stages)):
         if x is not None and (not isinstance(x, int) or x < 1):
             raise ValueError(f"{name}={x!r}; expected a positive int or None")
-    return _Params(q_len=T, kv_len=S, block_q=block_q, block_k=block_k, group=H // K,
+    return GpuParams(q_len=T, kv_len=S, block_q=block_q, block_k=block_k, group=H // K,
                    per_head_layout=Lh > 1, scale=float(scale),
                    softcap=None if softcap is None else float(softcap), mask_fn=mask_fn,
                    # Segment ids only ever reach mask_fn (reference.dense_mask ignores them

@@ -37,7 +37,7 @@ from .common import (
     pad_axis,
 )
 from .layout import FULL, transpose_visits
-from .tpu_checks import _check_inputs, _defaults, _prepare
+from .tpu_checks import check_inputs, defaults, prepare
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile, and the width of the m/l scratch rows.
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -77,7 +77,7 @@ def block_sparse_attention_tpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
     per query head of the group on PARTIAL blocks, so each head applies its own mask while the
     group shares the K/V fetch (the layout must then be the union over each group's heads).
     """
-    st, layout, segs, tables = _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+    st, layout, segs, tables = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
                                         q_segment_ids, kv_segment_ids, scale, softcap, block_q,
                                         block_k, interpret, max_q_visits, alibi_slopes,
                                         mask_tables, visit_kinds)
@@ -88,7 +88,7 @@ def block_sparse_attention_tpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
     `block_sparse_attention_tpu`. Differentiate merged results with `..._tpu_bwd`."""
-    st, layout, segs, tables = _prepare(q, k, v, **_defaults(kwargs))
+    st, layout, segs, tables = prepare(q, k, v, **defaults(kwargs))
     out, lse = _forward(st, q, k, v, layout, segs, tables)
     return out, _from_heads_major(lse, q.shape[1])[..., 0]
 
@@ -97,7 +97,7 @@ def block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
     pass's backward gives its share of the merged softmax's gradient."""
-    st, layout, segs, tables = _prepare(q, k, v, **_defaults(kwargs))
+    st, layout, segs, tables = prepare(q, k, v, **defaults(kwargs))
     B, T, H, _ = q.shape
     K = k.shape[2]
     Tp = num_blocks(T, st.block_q) * st.block_q
@@ -324,7 +324,7 @@ class _Specs:
     slopes: pl.BlockSpec  # [K, G, 1, 1]
 
 
-def _make_specs(st, G, D, rows, width, *, q_major):
+def make_specs(st, G, D, rows, width, *, q_major):
     bq, bk = st.block_q, st.block_k
 
     def visited(b, h, x, t, visits_ref, counts_ref, *tables):
@@ -366,11 +366,11 @@ def _pallas(kernel, st, *, name, grid, prefetch, inputs, in_specs, segs, specs, 
 
 def _forward(st, q, k, v, layout, segs, tables):
     """(out [B, T, H, D], lse [B, K, G, Tp, 1] float32)."""
-    B, T, H, D, S, K = _check_inputs(q, k, v)
+    B, T, H, D, S, K = check_inputs(q, k, v)
     G, nq, nk = H // K, num_blocks(T, st.block_q), num_blocks(S, st.block_k)
     kinds, kv_blocks, counts = layout
     width = kv_blocks.shape[-1]
-    specs = _make_specs(st, G, D, nq, width, q_major=True)
+    specs = make_specs(st, G, D, nq, width, q_major=True)
     q5 = _to_heads_major(q, K, nq * st.block_q)
     kernel = functools.partial(_fwd_kernel, st=st, rows=nq, width=width,
                                segmented=segs is not None)
@@ -389,7 +389,7 @@ def _forward(st, q, k, v, layout, segs, tables):
 
 
 def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
-    B, T, H, D, S, K = _check_inputs(q, k, v)
+    B, T, H, D, S, K = check_inputs(q, k, v)
     G, nq, nk = H // K, num_blocks(T, st.block_q), num_blocks(S, st.block_k)
     Tp, Sp = nq * st.block_q, nk * st.block_k
     kinds, kv_blocks, counts = layout
@@ -401,7 +401,7 @@ def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
     segmented = segs is not None
 
     width = kv_blocks.shape[-1]
-    specs = _make_specs(st, G, D, nq, width, q_major=True)
+    specs = make_specs(st, G, D, nq, width, q_major=True)
     dq5 = _pallas(
         functools.partial(_dq_kernel, st=st, rows=nq, width=width, segmented=segmented), st,
         name="block_sparse_dq", grid=(B, K, nq, width),
@@ -412,7 +412,7 @@ def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
 
     q_blocks, kinds_t, counts_t = transpose_visits(kv_blocks, kinds, counts, nk, st.max_q_visits)
     width_t = q_blocks.shape[-1]
-    specs = _make_specs(st, G, D, nk, width_t, q_major=False)
+    specs = make_specs(st, G, D, nk, width_t, q_major=False)
     dk4, dv4 = _pallas(
         functools.partial(_dkv_kernel, st=st, rows=nk, width=width_t, segmented=segmented), st,
         name="block_sparse_dkv", grid=(B, K, nk, width_t),

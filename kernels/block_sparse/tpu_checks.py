@@ -20,7 +20,7 @@ _LANES = 128  # TPU vreg lanes: the minor-dim tile
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class TpuStatic:
     """Everything static about one call: hashed as custom_vjp's nondiff argument."""
     mask_fn: Callable | None
     scale: float
@@ -42,7 +42,7 @@ _OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
                 mask_tables=None)
 
 
-def _defaults(kwargs):
+def defaults(kwargs):
     unknown = set(kwargs) - set(_OPTIONS) - {"kv_blocks", "counts", "scale"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; expected those of "
@@ -50,12 +50,12 @@ def _defaults(kwargs):
     return {**_OPTIONS, **kwargs}
 
 
-def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
+def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
              softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes, mask_tables=None,
              visit_kinds=None):
     """Validates everything static; returns (static config, layout arrays, segment ids, mask
     tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware)."""
-    B, T, H, _, S, K = _check_inputs(q, k, v)
+    B, T, H, _, S, K = check_inputs(q, k, v)
     segmented = mask_fn is not None and q_segment_ids is not None
     _check_blocks(block_q, block_k, interpret, segmented)
     nq, nk = num_blocks(T, block_q), num_blocks(S, block_k)
@@ -68,7 +68,7 @@ def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segme
     if mask_fn is None:
         segs = None  # segment ids only ever reach the mask through mask_fn
     tables = check_mask_tables(mask_tables, mask_fn)
-    st = _Static(mask_fn, float(scale), None if softcap is None else float(softcap), block_q,
+    st = TpuStatic(mask_fn, float(scale), None if softcap is None else float(softcap), block_q,
                  block_k, T, S, per_head, _q_visit_bound(kv_blocks, counts, nq, nk, max_q_visits),
                  interpret,
                  check_alibi_slopes(alibi_slopes, H), len(tables))
@@ -79,7 +79,7 @@ def _prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segme
     return st, layout, segs, tables
 
 
-def _check_inputs(q, k, v):
+def check_inputs(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} has shape {getattr(x, 'shape', None)}; expected 4 dims "

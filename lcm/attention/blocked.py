@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcm.attention.blockwise import _apply_mask, block_grads
+from lcm.attention.blockwise import apply_mask, block_grads
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask
 
@@ -26,7 +26,7 @@ def _on_visible(fn, kind, mask, i, j, geom, num_kv_heads):
     identity). fn computes the logits inside the branch: a block-sized cond operand would be
     copied into the branch, a third block-sized buffer next to the logits and probabilities."""
     return lax.cond(kind == FULL, lambda: fn(lambda s: s),
-                    lambda: fn(lambda s: _apply_mask(s, mask, i, j, geom, None, num_kv_heads)))
+                    lambda: fn(lambda s: apply_mask(s, mask, i, j, geom, None, num_kv_heads)))
 
 
 def to_blocks(x, block: int, num_kv_heads: int | None = None):

@@ -129,7 +129,7 @@ def _biased(s, alibi, i, j, geom, head, num_kv_heads):
 def _masked(s, kind, mask, i, j, geom, head, num_kv_heads):
     """Hides invisible pairs of a PARTIAL block with -inf; FULL blocks pass through untouched."""
     return lax.cond(kind == FULL, lambda s: s,
-                    lambda s: _apply_mask(s, mask, i, j, geom, head, num_kv_heads), s)
+                    lambda s: apply_mask(s, mask, i, j, geom, head, num_kv_heads), s)
 
 
 def _visible(mask, i, j, geom, head, num_kv_heads):
@@ -145,7 +145,7 @@ def _visible(mask, i, j, geom, head, num_kv_heads):
     return vis
 
 
-def _apply_mask(s, mask, i, j, geom, head, num_kv_heads):
+def apply_mask(s, mask, i, j, geom, head, num_kv_heads):
     """s [B, K, G, bq, bk] with the invisible pairs of block (i, j) set to -inf."""
     return jnp.where(_visible(mask, i, j, geom, head, num_kv_heads), s, -jnp.inf)
 

@@ -112,7 +112,7 @@ def _parts(m, kind):
     return m.masks if isinstance(m, kind) else (m,)
 
 
-def _positive_int(owner, name, value, minimum=1):
+def positive_int(owner, name, value, minimum=1):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{owner}({name}={value!r}); expected an int >= {minimum}")
 
@@ -141,7 +141,7 @@ class IndexMask(Mask):
         return np.broadcast_to(any_, shape)[None, None], np.broadcast_to(all_, shape)[None, None]
 
 
-def _causal_bounds(qlo, qhi, klo, khi):
+def causal_bounds(qlo, qhi, klo, khi):
     return klo <= qhi, khi <= qlo
 
 
@@ -154,7 +154,7 @@ class Causal(IndexMask):
         return k <= qpos
 
     def block_bounds(self, qlo, qhi, klo, khi):
-        return _causal_bounds(qlo, qhi, klo, khi)
+        return causal_bounds(qlo, qhi, klo, khi)
 
 
 @jax.tree_util.register_dataclass
@@ -168,7 +168,7 @@ class Local(IndexMask):
     window: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        _positive_int("Local", "window", self.window)
+        positive_int("Local", "window", self.window)
 
     def fn(self, qpos, k):
         return (k <= qpos) & (k > qpos - self.window)
@@ -187,15 +187,15 @@ class SinkWindow(IndexMask):
     window: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        _positive_int("SinkWindow", "sinks", self.sinks, minimum=0)
-        _positive_int("SinkWindow", "window", self.window)
+        positive_int("SinkWindow", "sinks", self.sinks, minimum=0)
+        positive_int("SinkWindow", "window", self.window)
 
     def fn(self, qpos, k):
         return (k <= qpos) & ((k < self.sinks) | (k > qpos - self.window))
 
     def block_bounds(self, qlo, qhi, klo, khi):
         s, w = self.sinks, self.window
-        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        causal_any, causal_all = causal_bounds(qlo, qhi, klo, khi)
         any_ = causal_any & ((klo < s) | (khi > qlo - w))
         all_ = causal_all & ((khi < s) | (klo > qhi - w))
         return any_, all_
@@ -209,14 +209,14 @@ class Chunked(IndexMask):
     size: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        _positive_int("Chunked", "size", self.size)
+        positive_int("Chunked", "size", self.size)
 
     def fn(self, qpos, k):
         return (k <= qpos) & (k // self.size == qpos // self.size)
 
     def block_bounds(self, qlo, qhi, klo, khi):
         c = self.size
-        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        causal_any, causal_all = causal_bounds(qlo, qhi, klo, khi)
         # Chunk ranges [qlo//c, qhi//c] and [klo//c, khi//c] must overlap for any pair.
         any_ = causal_any & (klo // c <= qhi // c) & (khi // c >= qlo // c)
         all_ = causal_all & (qlo // c == qhi // c) & (klo // c == khi // c) & (qlo // c == klo // c)
@@ -231,13 +231,13 @@ class PrefixLM(IndexMask):
     prefix_len: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        _positive_int("PrefixLM", "prefix_len", self.prefix_len, minimum=0)
+        positive_int("PrefixLM", "prefix_len", self.prefix_len, minimum=0)
 
     def fn(self, qpos, k):
         return (k <= qpos) | (k < self.prefix_len)
 
     def block_bounds(self, qlo, qhi, klo, khi):
-        causal_any, causal_all = _causal_bounds(qlo, qhi, klo, khi)
+        causal_any, causal_all = causal_bounds(qlo, qhi, klo, khi)
         return causal_any | (klo < self.prefix_len), causal_all | (khi < self.prefix_len)
 
 

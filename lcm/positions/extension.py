@@ -33,7 +33,7 @@ from lcm.attention import Causal, Local, attend, mask_layout
 from lcm.attention.blockwise import attention_backward, attention_with_lse
 from lcm.attention.pallas import (default_platform, pallas_attention_backward,
                                   pallas_attention_with_lse)
-from lcm.attention.masks import IndexMask, Mask, _causal_bounds, _positive_int, group_heads
+from lcm.attention.masks import IndexMask, Mask, causal_bounds, positive_int, group_heads
 from lcm.config import PositionConfig
 from lcm.positions.rope import apply_rope
 
@@ -51,13 +51,13 @@ class FarCausal(IndexMask):
     window: int = dataclasses.field(metadata=dict(static=True))
 
     def __post_init__(self):
-        _positive_int("FarCausal", "window", self.window)
+        positive_int("FarCausal", "window", self.window)
 
     def fn(self, qpos, k):
         return k <= qpos - self.window
 
     def block_bounds(self, qlo, qhi, klo, khi):
-        return _causal_bounds(qlo - self.window, qhi - self.window, klo, khi)
+        return causal_bounds(qlo - self.window, qhi - self.window, klo, khi)
 
 
 # ---------------------------------------------------------------------------- position maps

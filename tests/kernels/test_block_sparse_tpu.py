@@ -11,8 +11,8 @@ from jax.experimental.pallas import tpu as pltpu
 from helpers import block_kinds, merged_two_pass
 from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
-from lcm.kernels.block_sparse.tpu import _make_specs, block_sparse_attention_tpu
-from lcm.kernels.block_sparse.tpu_checks import _Static
+from lcm.kernels.block_sparse.tpu import make_specs, block_sparse_attention_tpu
+from lcm.kernels.block_sparse.tpu_checks import TpuStatic
 
 MASKS = ("none", "causal", "local", "document")
 
@@ -202,8 +202,8 @@ def test_runtime_layouts_do_not_recompile_and_only_listed_blocks_count():
 
 def test_steps_past_the_count_repeat_the_block_index():
     """Index maps clamp visits past a row's count to its last block: no new DMA there."""
-    stat = _Static(None, 1.0, None, 8, 8, 16, 32, False, 2, True)
-    specs = _make_specs(stat, 1, 32, rows=2, width=4, q_major=True)
+    stat = TpuStatic(None, 1.0, None, 8, 8, 16, 32, False, 2, True)
+    specs = make_specs(stat, 1, 32, rows=2, width=4, q_major=True)
     blocks = np.array([0, 2, 3, 1, 3, 0, 0, 0], np.int32)  # rows 0 and 1, width 4
     visits = blocks * 4 + PARTIAL  # packed as block << 2 | kind
     counts = np.array([3, 1], np.int32)

@@ -108,21 +108,28 @@ def _reference(q, k, v, mask, o):
                                alibi_slopes=o.alibi)
 
 
+def _prepared(mask, q, k):
+    """The mask with its per-call tables and the sizes it reads (batch, heads) bound."""
+    if mask is None:
+        return None
+    return mask.prepare(q.shape[1], k.shape[1], batch=q.shape[0], num_heads=q.shape[2])
+
+
 def _xla(q, k, v, mask, o):
     T, S = q.shape[1], k.shape[1]
+    mask = _prepared(mask, q, k)
     layout = mask_layout(mask, T, S, min(o.block_q, T), min(o.block_k, S), num_heads=q.shape[2],
                          num_kv_heads=k.shape[2])
-    return blockwise_attention(q, k, v, None if mask is None else mask.prepare(T, S), layout,
-                               scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi)
+    return blockwise_attention(q, k, v, mask, layout, scale=o.scale, softcap=o.softcap,
+                               alibi_slopes=o.alibi)
 
 
 def _pallas(q, k, v, mask, o):
     T, S = q.shape[1], k.shape[1]
     # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
     block_q, block_k = min(o.block_q, _round_up(T, 8)), min(o.block_k, _round_up(S, 128))
-    return pallas_attention(q, k, v, None if mask is None else mask.prepare(T, S), scale=o.scale,
-                            softcap=o.softcap, block_q=block_q, block_k=block_k,
-                            alibi_slopes=o.alibi)
+    return pallas_attention(q, k, v, _prepared(mask, q, k), scale=o.scale, softcap=o.softcap,
+                            block_q=block_q, block_k=block_k, alibi_slopes=o.alibi)
 
 
 def _auto(q, k, v, mask, o):

@@ -7,7 +7,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
 
+from lcm.attention.kernel_masks import any_equal, div
 from lcm.attention.masks import Causal, Mask
 
 
@@ -49,6 +52,25 @@ class Document(Mask):
                              f"[batch, kv_len] = {(batch, kv_len)}{hint}")
         for name, ids in (("q_segment_ids", q), ("kv_segment_ids", kv)):
             _check_int_array("Document", name, ids, "[batch, length]", (2,))
+
+    def check_original_order(self, length):
+        for ids in (self.q_segment_ids, self.kv_segment_ids):
+            if ids is not None and (getattr(ids, "ndim", None) != 2 or ids.shape[1] != length):
+                raise ValueError(f"Document segment ids shape {getattr(ids, 'shape', None)}: "
+                                 f"with a RingOrder they stay in the original order, [batch, "
+                                 f"{length}] (do not pass them through order.to_ring)")
+
+    def shard_specs(self, batch_spec):
+        """Segment ids follow the batch and stay whole along the sequence: the layout and the
+        element mask read them at original positions on every device."""
+        spec = PartitionSpec(batch_spec, None)
+        return dataclasses.replace(self, q_segment_ids=spec,
+                                   kv_segment_ids=None if self.kv_segment_ids is None else spec)
+
+    def kernel_fn(self, lowering, *, under_or=False):
+        """The kernels slice the segment ids per block (q_seg [bq, 1], k_seg [1, bk])."""
+        lowering.add_segments(self.q_segment_ids, self.kv_ids)
+        return lambda q, k, qs, ks, ctx: qs == ks
 
     def visible(self, q_idx, k_idx, offset):
         del offset
@@ -100,6 +122,39 @@ class BlockMask(Mask):
     def _grid(self):
         """[H or 1, q_blocks, k_blocks]."""
         return self.blocks if self.blocks.ndim == 3 else self.blocks[None]
+
+    @property
+    def per_head(self):
+        return self.blocks.ndim == 3 and self.blocks.shape[0] > 1
+
+    def kernel_fn(self, lowering, *, under_or=False):
+        """None when the cells are whole kernel blocks, not under `|`, and shared by each
+        group: the layout is then exact. Otherwise head-aware: the grid travels flattened as a
+        table and a block ORs the cells of its head's grid that it overlaps."""
+        bs = self.block_size
+        aligned = bs % lowering.block_q == 0 and bs % lowering.block_k == 0
+        if aligned and not under_or and not (self.per_head and lowering.grouped):
+            return None
+        hb, nr, nc = self._grid.shape
+        tb = lowering.add_table(jnp.asarray(self._grid).astype(jnp.int32))
+
+        def fn(q, k, qs, ks, ctx):
+            head, tabs, q0, k0 = ctx
+            bq, bk = q.shape[0], k.shape[1]
+            base = (head if hb > 1 else 0) * (nr * nc)
+            q_cell, k_cell = div(q, bs), div(k, bs)
+
+            def row(r, vis):
+                def col(c, cols):
+                    return cols | ((k_cell == c) & (tabs[tb][base + r * nc + c] != 0))
+                cols = lax.fori_loop(jnp.minimum(div(k0, bs), nc - 1),
+                                     jnp.minimum(div(k0 + bk - 1, bs), nc - 1) + 1, col,
+                                     jnp.zeros(k_cell.shape, jnp.bool_))
+                return vis | ((q_cell == r) & cols)
+            return lax.fori_loop(jnp.minimum(div(q0, bs), nr - 1),
+                                 jnp.minimum(div(q0 + bq - 1, bs), nr - 1) + 1, row,
+                                 jnp.zeros((bq, bk), jnp.bool_))
+        return fn
 
     def validate(self, batch, num_heads, q_len, kv_len):
         if getattr(self.blocks, "ndim", None) not in (2, 3) or self.blocks.dtype != bool:
@@ -158,11 +213,38 @@ class VerticalSlash(Mask):
                 raise ValueError(f"VerticalSlash {name} has {x.shape[0]} heads; expected 1 or "
                                  f"{num_heads}")
 
+    @property
+    def per_head(self):
+        return max(self.vertical_idx.shape[0], self.slash_offsets.shape[0]) > 1
+
     def static_bound(self, geom):
         """Causal: no block above the diagonal is ever needed."""
         return Causal().static_bound(geom)
 
-    def prepare(self, q_len, kv_len):
+    def kernel_fn(self, lowering, *, under_or=False):
+        """Head-aware: causal, and the key is a listed column or on a listed diagonal of the
+        query's head. The sorted lists travel as tables; a block reads only the entries that
+        cross it (two binary searches per list), so its cost is O(log n + hits) scalar reads
+        and one compare per hit, never a dense [T, S] mask. Entries outside [0, kv_len) never
+        match a real key (as in prepare)."""
+        offset = lowering.offset
+        vert = jnp.sort(jnp.asarray(self.vertical_idx, jnp.int32), axis=-1)
+        slash = jnp.sort(jnp.asarray(self.slash_offsets, jnp.int32), axis=-1)
+        (hv, nv), (hs, ns) = vert.shape, slash.shape
+        tv, ts = lowering.add_table(vert), lowering.add_table(slash)
+
+        def fn(q, k, qs, ks, ctx):
+            head, tabs, q0, k0 = ctx
+            bq, bk = q.shape[0], k.shape[1]
+            d = q + offset - k  # [bq, bk] diagonal offsets
+            cols = any_equal(k, tabs[tv], (head if hv > 1 else 0) * nv, nv, k0, k0 + bk - 1)
+            lo = jnp.maximum(q0 + offset - (k0 + bk - 1), 0)
+            diags = any_equal(d, tabs[ts], (head if hs > 1 else 0) * ns, ns, lo,
+                              q0 + bq - 1 + offset - k0)
+            return (d >= 0) & (cols | diags)
+        return fn
+
+    def prepare(self, q_len, kv_len, *, batch=None, num_heads=None):
         """Dense per-head tables over key positions and diagonal offsets (0..kv_len-1)."""
         def table(idx):
             heads = jnp.arange(idx.shape[0])[:, None]

@@ -12,9 +12,20 @@ aligned to the end of the keys, as in decoding. Static masks answer with NumPy a
 masks holding arrays (Document, data-dependent BlockMask, VerticalSlash) answer with jnp inside
 `jit`. `&` and `|` combine any masks. Masks are pytrees, so they cross `jit` boundaries.
 
-Index masks (Causal, Local, SinkWindow, Chunked, PrefixLM) are pure functions of positions, so
-kernels evaluate them in-kernel; masks holding per-head arrays (VerticalSlash, BlockMask) reach
-the kernels as per-head index tables. See `kernel_mask` in lcm.attention.kernel_masks.
+Each mask kind is one class that also carries its own lowering, so no backend asks what kind of
+mask it holds:
+  * `kernel_fn(lowering, under_or=)`: the in-kernel mask of PARTIAL blocks for the block-sparse
+    kernels (lcm.attention.kernel_masks.kernel_mask collects it, with segment ids and per-head
+    index tables);
+  * `position_fn(backend)`: `fn(q_pos, k_pos)` for kernels that see positions only (the fused
+    ring), or ValueError;
+  * `per_head` / `reads_batch_index`: whether visibility differs between heads, and whether the
+    mask reads the example's index in the batch (context parallelism keeps those axes whole);
+  * `shard_specs(batch_spec)` / `check_original_order(length)`: how the mask's arrays are laid
+    out when the sequence is sharded (per-token arrays stay whole, in the original order).
+Index masks (Causal, Local, SinkWindow, Chunked, PrefixLM) and MaskFn are pure functions of
+indices, evaluated in-kernel; masks holding per-head arrays (VerticalSlash, BlockMask) reach the
+kernels as per-head index tables. `And` / `Or` combine every one of these answers in one place.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +91,53 @@ class Mask:
             return np.asarray(self.block_visibility(geom)[0]).any(axis=(0, 1))
         return np.ones((geom.num_q_blocks, geom.num_k_blocks), bool)
 
-    def prepare(self, q_len: int, kv_len: int) -> Mask:
-        """Precomputes per-position tables once per call (before the block loops)."""
-        del q_len, kv_len
+    def prepare(self, q_len: int, kv_len: int, *, batch: int | None = None,
+                num_heads: int | None = None) -> Mask:
+        """Precomputes per-position tables once per call (before the block loops); `batch` and
+        `num_heads` (when known) bind the sizes a mask that reads those indices needs."""
+        del q_len, kv_len, batch, num_heads
         return self
 
     def validate(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
         """Raises ValueError if the mask cannot apply to these shapes."""
+
+    @property
+    def per_head(self) -> bool:
+        """Whether visibility may differ between heads (then context parallelism keeps heads
+        whole on each device, and GQA layouts are the union over each group)."""
+        return False
+
+    @property
+    def reads_batch_index(self) -> bool:
+        """Whether visibility depends on the example's index in the batch (not on per-example
+        arrays, which shard with the batch): context parallelism then keeps the batch whole."""
+        return False
+
+    def kernel_fn(self, lowering, *, under_or: bool = False):
+        """The in-kernel mask of PARTIAL blocks: `fn(q_row, k, q_seg, k_seg, ctx) -> bool`, or
+        None when the block layout alone applies the mask. `lowering` (a
+        lcm.attention.kernel_masks.KernelLowering) gives the offset and block sizes and collects
+        segment ids and per-head tables; ctx is (head, tables, q_start, k_start) when the
+        lowering is head-aware, else None. `under_or`: the mask sits under an `|`."""
+        del lowering, under_or
+        raise ValueError(f"impl='pallas' cannot evaluate a {type(self).__name__} mask in-kernel")
+
+    def position_fn(self, backend: str):
+        """`fn(q_pos, k_pos) -> bool` over key coordinates, for kernels that see positions
+        only; ValueError naming `backend` when the mask needs more (arrays, batch or head)."""
+        raise ValueError(f"{backend} evaluates index masks (Causal, Local, SinkWindow, Chunked, "
+                         f"PrefixLM, MaskFn of positions) in-kernel, not {type(self).__name__}")
+
+    def shard_specs(self, batch_spec):
+        """A PartitionSpec per array leaf (a pytree like the mask) when the sequence is sharded:
+        replicated unless the mask says otherwise. `batch_spec`: the mesh axes of the batch."""
+        del batch_spec
+        return jax.tree.map(lambda _: PartitionSpec(), self)
+
+    def check_original_order(self, length: int) -> None:
+        """Raises ValueError if per-token arrays are not in the original order, [.., length]
+        (inputs in a ring order keep the mask's arrays unpermuted)."""
+        del length
 
     def __and__(self, other):
         return And(_parts(self, And) + _parts(_check_mask(other), And))
@@ -129,6 +181,13 @@ class IndexMask(Mask):
 
     def visible(self, q_idx, k_idx, offset):
         return self.fn(q_idx[:, None] + offset, k_idx[None, :])[None, None]
+
+    def kernel_fn(self, lowering, *, under_or=False):
+        offset = lowering.offset
+        return lambda q, k, qs, ks, ctx: self.fn(q + offset, k)
+
+    def position_fn(self, backend):
+        return self.fn
 
     def block_bounds(self, qlo, qhi, klo, khi):
         """(any, all) over the rectangle of key coordinates [qlo, qhi] x [klo, khi]."""
@@ -253,6 +312,8 @@ def _lib(arrays):
 
 
 class _Combination(Mask):
+    """`&` / `|` of masks: every answer of the parts, combined by `_op` here and nowhere else."""
+
     masks: tuple
     _op = None  # "and" | "or"
 
@@ -260,12 +321,25 @@ class _Combination(Mask):
     def is_static(self):
         return all(m.is_static for m in self.masks)
 
+    @property
+    def per_head(self):
+        return any(m.per_head for m in self.masks)
+
+    @property
+    def reads_batch_index(self):
+        return any(m.reads_batch_index for m in self.masks)
+
     def validate(self, batch, num_heads, q_len, kv_len):
         for m in self.masks:
             m.validate(batch, num_heads, q_len, kv_len)
 
-    def prepare(self, q_len, kv_len):
-        return type(self)(tuple(m.prepare(q_len, kv_len) for m in self.masks))
+    def check_original_order(self, length):
+        for m in self.masks:
+            m.check_original_order(length)
+
+    def prepare(self, q_len, kv_len, *, batch=None, num_heads=None):
+        return type(self)(tuple(m.prepare(q_len, kv_len, batch=batch, num_heads=num_heads)
+                                for m in self.masks))
 
     def _reduce(self, values):
         lib = _lib(values)
@@ -280,6 +354,23 @@ class _Combination(Mask):
 
     def static_bound(self, geom):
         return self._reduce([m.static_bound(geom) for m in self.masks])
+
+    def kernel_fn(self, lowering, *, under_or=False):
+        under_or = under_or or self._op == "or"
+        fns = [m.kernel_fn(lowering, under_or=under_or) for m in self.masks]
+        # A part the layout applies exactly (None) needs no element work under `&`; under `|`
+        # every part lowers to a function (parts report None only when not under_or).
+        fns = [f for f in fns if f is not None]
+        if not fns:
+            return None
+        return lambda *args: self._reduce([f(*args) for f in fns])
+
+    def position_fn(self, backend):
+        fns = [m.position_fn(backend) for m in self.masks]
+        return lambda q, k: self._reduce([f(q, k) for f in fns])
+
+    def shard_specs(self, batch_spec):
+        return type(self)(tuple(m.shard_specs(batch_spec) for m in self.masks))
 
 
 @jax.tree_util.register_dataclass

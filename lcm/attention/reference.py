@@ -30,7 +30,8 @@ def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, soft
         slopes = jnp.asarray(alibi_slopes, f32).reshape(1, K, G, 1, 1)
         s = s + alibi_bias(slopes, jnp.arange(T)[:, None] + S - T, jnp.arange(S)[None, :])
     if mask is not None:
-        vis = mask.prepare(T, S).visible(jnp.arange(T), jnp.arange(S), S - T)
+        vis = mask.prepare(T, S, batch=B, num_heads=H).visible(jnp.arange(T), jnp.arange(S),
+                                                               S - T)
         s = jnp.where(group_heads(vis, K), s, -jnp.inf)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -2,9 +2,10 @@
 as fused Pallas TPU kernels (kernels/ring): K/V, and in the backward the dK/dV accumulators, move
 by in-kernel remote DMA.
 
-The kernel evaluates index masks (Causal, Local, SinkWindow, Chunked, PrefixLM and their & / |)
-at original positions, for the "none" and "zigzag" orders without padding; other masks and
-orders raise ValueError naming what to use instead.
+The kernel evaluates masks that are functions of positions alone (`Mask.position_fn`: Causal,
+Local, SinkWindow, Chunked, PrefixLM, a MaskFn that reads neither batch nor head, and their
+& / |) at original positions, for the "none" and "zigzag" orders without padding; other masks
+and orders raise ValueError naming what to use instead.
 """
 
 from __future__ import annotations
@@ -16,28 +17,18 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from lcm.kernels.ring import ring_attention_tpu, ring_attention_tpu_bwd
-from lcm.attention.masks import And, IndexMask, Or
 from lcm.attention.pallas import default_platform
 
 
 def kernel_mask_fn(mask):
-    """mask_fn(q_pos, k_pos) over original positions, or None; ValueError if not an index mask."""
+    """mask_fn(q_pos, k_pos) over original positions, or None; ValueError if the mask is not a
+    function of positions alone."""
     if mask is None:
         return None
-    if isinstance(mask, IndexMask):
-        return mask.fn
-    if isinstance(mask, (And, Or)):
-        fns = [kernel_mask_fn(m) for m in mask.masks]
-
-        def combined(q, k):
-            out = fns[0](q, k)
-            for f in fns[1:]:
-                out = (out | f(q, k)) if isinstance(mask, Or) else (out & f(q, k))
-            return out
-        return combined
-    raise ValueError(f"strategy='pallas' (impl='ring_pallas') evaluates index masks (Causal, "
-                     f"Local, SinkWindow, Chunked, PrefixLM) in-kernel, not "
-                     f"{type(mask).__name__}; use strategy='ring' (impl='ring')")
+    try:
+        return mask.position_fn("strategy='pallas' (impl='ring_pallas')")
+    except ValueError as e:
+        raise ValueError(f"{e}; use strategy='ring' (impl='ring')") from None
 
 
 def check_kernel_order(order, axis_name):

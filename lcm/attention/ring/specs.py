@@ -8,11 +8,8 @@ import jax
 from jax.sharding import PartitionSpec
 
 from lcm.attention.checks import check_inputs
-from lcm.attention.data_masks import BlockMask, Document, VerticalSlash
-from lcm.attention.masks import And, Mask, Or
+from lcm.attention.masks import Mask
 from lcm.sharding.rules import DEFAULT_RULES, logical_to_spec
-
-_SEGMENT_FIELDS = ("q_segment_ids", "kv_segment_ids")
 
 
 def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
@@ -29,39 +26,15 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
                          f"attention is self-attention over one sharded sequence")
     length = q.shape[1] if order is None else order.length
     if order is not None and mask is not None:
-        _check_segments_in_order(mask, order)
+        mask.check_original_order(order.length)
     # Validate at the true length; padding (if any) is the ring's business.
     def shape(x):
         return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
 
     check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
     if mask is not None:
-        mask = mask.prepare(length, length)
+        mask = mask.prepare(length, length, batch=q.shape[0], num_heads=q.shape[2])
     return mask, float(scale), None if softcap is None else float(softcap), length
-
-
-def _check_segments_in_order(mask, order):
-    if isinstance(mask, Document):
-        for ids in (mask.q_segment_ids, mask.kv_segment_ids):
-            if ids is not None and (getattr(ids, "ndim", None) != 2
-                                    or ids.shape[1] != order.length):
-                raise ValueError(f"Document segment ids shape {getattr(ids, 'shape', None)}: "
-                                 f"with a RingOrder they stay in the original order, [batch, "
-                                 f"{order.length}] (do not pass them through order.to_ring)")
-    elif isinstance(mask, (And, Or)):
-        for m in mask.masks:
-            _check_segments_in_order(m, order)
-
-
-def per_head(mask) -> bool:
-    """Whether the mask differs between heads (then heads are not split over devices)."""
-    if isinstance(mask, BlockMask):
-        return mask.blocks.ndim == 3 and mask.blocks.shape[0] > 1
-    if isinstance(mask, VerticalSlash):
-        return max(mask.vertical_idx.shape[0], mask.slash_offsets.shape[0]) > 1
-    if isinstance(mask, (And, Or)):
-        return any(per_head(m) for m in mask.masks)
-    return False
 
 
 def check_rules(rules):
@@ -86,21 +59,19 @@ def shard_specs(mesh, axis_name, q, k, mask: Mask | None, order, rules=DEFAULT_R
     """(q spec, k/v spec, mask spec tree) by `lcm.sharding.logical_to_spec` over
     `context_rules(rules, axis_name)`: batch by rules['batch'], the sequence (padded to
     order.padded_length) over axis_name, heads by rules['kv_heads'] when those axes divide both
-    H and K and the mask is the same for every head; head_dim whole (attention contracts over
-    it). Other mesh axes replicate. Segment ids follow the batch."""
+    H and K and the mask is the same for every head (`mask.per_head`); the batch stays whole
+    when the mask reads the batch index (`mask.reads_batch_index`); head_dim whole (attention
+    contracts over it). Other mesh axes replicate. The mask's arrays are laid out as
+    `mask.shard_specs` says (segment ids follow the batch)."""
     B, _, _, D = q.shape
-    heads = None if per_head(mask) else "kv_heads"
-    spec = logical_to_spec(("batch", "seq", heads, None), (B, order.padded_length, k.shape[2], D),
+    heads = None if mask is not None and mask.per_head else "kv_heads"
+    batch = None if mask is not None and mask.reads_batch_index else "batch"
+    spec = logical_to_spec((batch, "seq", heads, None), (B, order.padded_length, k.shape[2], D),
                            mesh, context_rules(rules, axis_name))
     b = spec[0]
     # q's heads split like K's: H is a multiple of K, so axes that divide K divide H, and the
     # query heads of one KV group land on the device holding that KV head.
     qspec = spec
 
-    def leaf_spec(path, _):
-        name = getattr(path[-1], "name", None) if path else None
-        return PartitionSpec(b, None) if name in _SEGMENT_FIELDS else PartitionSpec()
-
-    mask_spec = (PartitionSpec() if mask is None
-                 else jax.tree_util.tree_map_with_path(leaf_spec, mask))
+    mask_spec = PartitionSpec() if mask is None else mask.shard_specs(b)
     return qspec, qspec, mask_spec

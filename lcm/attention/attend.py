@@ -29,8 +29,9 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     Queries are aligned to the end of the keys (query i sits at key position i + S - T), so
     decoding passes T < S. `mask` is a Mask value (Causal(), Local(w), SinkWindow(sinks, w),
     Chunked(size), PrefixLM(n), Document(ids), BlockMask(grid, size), VerticalSlash(cols, diags),
-    and their `&` / `|`) or None for full attention. `scale` defaults to 1/sqrt(D); `softcap`
-    applies softcap * tanh(logits / softcap). `alibi_slopes` (ALiBi: [H] concrete floats, e.g.
+    MaskFn(fn) for a predicate fn(batch, head, q_index, kv_index), and their `&` / `|`) or None
+    for full attention. `scale` defaults to 1/sqrt(D); `softcap` applies
+    softcap * tanh(logits / softcap). `alibi_slopes` (ALiBi: [H] concrete floats, e.g.
     lcm.positions.alibi_slopes(H)) adds -slope_h * (query position - key position) to the
     capped logits; xla and pallas build it per block (no [T, S] bias array). Returns
     [B, T, H, D] in q's dtype; rows that see no key are zeros.

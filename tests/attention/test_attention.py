@@ -8,14 +8,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import random_qkv
 
-from lcm.attention import (FULL, SKIP, BlockMask, Causal, Chunked, Document, Local, PrefixLM,
-                           SinkWindow, VerticalSlash, attend, mask_layout)
+from lcm.attention import (FULL, SKIP, BlockMask, Causal, Chunked, Document, Local, MaskFn,
+                           PrefixLM, SinkWindow, VerticalSlash, attend, mask_layout)
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 MASKS = ["none", "causal", "local", "document", "causal&document", "local|document",
          "causal&local", "sinkwindow", "sinkwindow|document", "chunked", "prefixlm",
-         "blockmask", "blockmask_runtime&causal", "verticalslash", "verticalslash|local"]
+         "blockmask", "blockmask_runtime&causal", "verticalslash", "verticalslash|local",
+         "maskfn_dilated&document"]
+
+
+def dilated(b, h, q, k):
+    """A MaskFn predicate: every third diagonal (q is the query's kv-aligned position)."""
+    return (q - k) % 3 != 1
 
 
 def build_mask(kind, window, seg_q, seg_kv, *, num_heads=2, seed=0):
@@ -35,7 +41,8 @@ def build_mask(kind, window, seg_q, seg_kv, *, num_heads=2, seed=0):
             "chunked": Chunked(window), "prefixlm": PrefixLM(window),
             "blockmask": BlockMask(grid[0], bs),
             "blockmask_runtime&causal": BlockMask(jnp.asarray(grid), bs) & Causal(),
-            "verticalslash": vs, "verticalslash|local": vs | Local(window)}[kind]
+            "verticalslash": vs, "verticalslash|local": vs | Local(window),
+            "maskfn_dilated&document": MaskFn(dilated) & doc}[kind]
 
 
 def f32(x):

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import random_qkv
 
-from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, PrefixLM, SinkWindow,
-                           VerticalSlash, attend)
+from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, MaskFn, PrefixLM,
+                           SinkWindow, VerticalSlash, attend)
 
 B, T, S, H, K, D = 2, 45, 61, 4, 2, 32
 
@@ -157,7 +157,17 @@ def test_gpu_kernel_evaluates_vertical_slash():
 SWEEP_MASKS = ["none", "causal", "local", "sinkwindow", "chunked", "prefixlm", "document",
                "causal&document", "local|document", "sinkwindow|document", "prefixlm&document",
                "blockmask", "blockmask_runtime&causal", "blockmask_per_head", "verticalslash",
-               "blockmask_cells|local", "verticalslash|document"]
+               "blockmask_cells|local", "verticalslash|document", "maskfn_head_window&causal",
+               "maskfn_hash|document"]
+
+
+def head_window(b, h, q, k):
+    """A MaskFn predicate reading the head: query head h sees its last 3 * (h + 1) keys."""
+    return q - k < 3 * (h + 1)
+
+
+def hashed(b, h, q, k):
+    return (q * 7 + k * 13) % 5 != 0
 
 
 def sweep_mask(kind, window, block, seg_q, seg_kv, num_heads, group, rng):
@@ -183,7 +193,9 @@ def sweep_mask(kind, window, block, seg_q, seg_kv, num_heads, group, rng):
             "blockmask_runtime&causal": BlockMask(jnp.asarray(grid[0]), block) & Causal(),
             "blockmask_per_head": BlockMask(grid, block), "verticalslash": vs,
             "blockmask_cells|local": BlockMask(cells, cell) | Local(window),
-            "verticalslash|document": vs | doc}[kind]
+            "verticalslash|document": vs | doc,
+            "maskfn_head_window&causal": MaskFn(head_window) & Causal(),
+            "maskfn_hash|document": MaskFn(hashed) | doc}[kind]
 
 
 @st.composite

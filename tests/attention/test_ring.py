@@ -8,13 +8,19 @@ from helpers import random_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, PrefixLM, SinkWindow,
-                           VerticalSlash, attend, make_ring_order, ring_attention)
+from lcm.attention import (BlockMask, Causal, Chunked, Document, Local, MaskFn, PrefixLM,
+                           SinkWindow, VerticalSlash, attend, make_ring_order, ring_attention)
 from lcm.sharding import make_mesh
 
 TOL = {jnp.float32: 3e-5, jnp.bfloat16: 3e-2}
 MASKS = ["none", "causal", "local", "sinkwindow", "causal&document", "local|document",
-         "chunked", "prefixlm", "blockmask", "blockmask_runtime&causal", "verticalslash"]
+         "chunked", "prefixlm", "blockmask", "blockmask_runtime&causal", "verticalslash",
+         "maskfn_head_batch&causal"]
+
+
+def head_batch_window(b, h, q, k):
+    """A MaskFn predicate reading batch and head: a window of 5 + 3 * h + 7 * b keys."""
+    return q - k < 5 + 3 * h + 7 * b
 
 
 def ring_mesh(devices, P):
@@ -40,6 +46,7 @@ def build_mask(kind, L, H, window, seed=0):
             "blockmask_runtime&causal": BlockMask(jnp.asarray(grid), bs) & Causal(),
             "verticalslash": VerticalSlash(jnp.asarray(rng.integers(0, L, (H, 3)), jnp.int32),
                                            jnp.asarray(rng.integers(0, L, (1, 4)), jnp.int32)),
+            "maskfn_head_batch&causal": MaskFn(head_batch_window) & Causal(),
             }[kind]
 
 

@@ -39,16 +39,27 @@ from lcm.positions import apply_rope
 f32 = jnp.float32
 
 
+def check_decode_press(policy):
+    """Raises ValueError unless `policy` is a decode-time press with what it needs (a stepwise
+    press: a token budget); returns its decode_kind. Needs no cache."""
+    kind = policy.decode_kind if isinstance(policy, Press) else None
+    if kind is None:
+        raise ValueError(f"decode policy={policy!r}; expected Decoding(...), H2O, "
+                         f"TOVA(budget=n) or StreamingLLM(budget=n) (a press with decode_kind "
+                         f"set)")
+    if kind == "stepwise" and policy.decode_budget() is None:
+        raise ValueError(f"decode policy {policy!r} needs a token budget (budget=n)")
+    return kind
+
+
 def check_decode_policy(policy, cache: KVCache):
     """Raises ValueError unless `policy` can run on `cache` at decode time; returns it."""
-    kind = policy.decode_kind if isinstance(policy, Press) else None
+    kind = check_decode_press(policy)
     if kind == "periodic":
         policy.check_decode(cache)
         return policy
     if kind == "stepwise":
         n = policy.decode_budget()
-        if n is None:
-            raise ValueError(f"decode policy {policy!r} needs a token budget (budget=n)")
         if cache.rotation == "cache" and policy.needs().anything:
             raise ValueError(f"decode policy {type(policy).__name__} needs original positions;"
                              f" the cache has rotation='cache'")
@@ -64,9 +75,7 @@ def check_decode_policy(policy, cache: KVCache):
             raise ValueError(f"{type(policy).__name__} decoding needs score accumulators: "
                              f"prefill with policy={type(policy).__name__}(...) (or a cache "
                              f"built with scores=True)")
-        return policy
-    raise ValueError(f"decode policy={policy!r}; expected Decoding(...), H2O, TOVA(budget=n) "
-                     f"or StreamingLLM(budget=n) (a press with decode_kind set)")
+    return policy
 
 
 def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int,

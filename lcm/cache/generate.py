@@ -15,7 +15,8 @@ import numpy as np
 
 from lcm.cache.checks import check_chunk, check_count, check_prompt
 from lcm.cache.compress import all_full, cache_heads, capacity, check_policy
-from lcm.cache.decoding import check_decode_policy, decode_room, with_query_buffer
+from lcm.cache.decoding import (check_decode_policy, check_decode_press, decode_room,
+                                with_query_buffer)
 from lcm.cache.formats import owns_cache
 from lcm.cache.prefill import decode_step_jit, prefill_jit
 from lcm.config import ModelConfig
@@ -47,6 +48,7 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
         raise ValueError(f"decode_policy={decode_policy!r} needs a KVCache; policy="
                          f"{type(policy).__name__} keeps its own cache format")
     if decode_policy is not None:
+        check_decode_press(decode_policy)
         kept = (prompts.shape[1] if policy is None else
                 capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg),
                          layout="uniform"))

@@ -170,3 +170,16 @@ def test_the_readme_press_runs_and_keeps_the_largest_values():
                 assert set(kept) == set(np.argsort(-norms[layer, 0, head])[:12].tolist())
     finally:
         PRESSES.pop("ValueNorm", None)  # registered by the block
+
+
+@pytest.mark.parametrize("press,message", [
+    (PRESSES["TOVA"](0.5), "needs a token budget"),
+    (PRESSES["StreamingLLM"](0.5), "needs a token budget"),
+    (PRESSES["SnapKV"](0.5), "expected Decoding"),
+    (PRESSES["KIVI"](), "expected Decoding")], ids=lambda x: getattr(type(x), "__name__", x))
+def test_generate_refuses_a_press_that_cannot_decode_before_tracing(press, message):
+    with pytest.raises(ValueError, match=message):
+        generate(PARAMS, CFG, TOKENS, lengths=LENGTHS, max_new_tokens=2, decode_policy=press)
+    _, cache = prefill(PARAMS, TOKENS, CFG, lengths=LENGTHS, max_new_tokens=2, layout="uniform")
+    with pytest.raises(ValueError, match=message):
+        decode_step(PARAMS, cache, NEXT, CFG, policy=press)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from lcm.checks import check_int
 from lcm.config import ModelConfig
+from lcm.model import check_params, check_token_ids
 from lcm.sharding.mesh import host_array
 
 
@@ -42,10 +43,15 @@ def check_chunk(chunk_size, cfg):
     return int(chunk_size)
 
 
-def check_prompt(tokens, cfg, lengths):
-    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
+def check_prompt(tokens, cfg, lengths, params=None):
+    """Validates cfg for this cache, params against cfg, tokens [B, T] (ids inside the
+    vocabulary where real) and lengths [B]; returns lengths as int32."""
     check_model(cfg)
-    return check_prompt_lengths(tokens, lengths)
+    if params is not None:
+        check_params(params, cfg)
+    lengths = check_prompt_lengths(tokens, lengths)
+    check_token_ids(tokens, cfg.vocab_size, lengths=lengths)
+    return lengths
 
 
 def check_prompt_lengths(tokens, lengths):

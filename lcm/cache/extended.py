@@ -30,7 +30,7 @@ from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_table
 from lcm.cache.generate import check_sampling, sampling_loop
 from lcm.cache.checks import check_chunk, check_count, check_prompt_lengths, check_tokens
 from lcm.config import ModelConfig, PositionConfig
-from lcm.model import embed, run_layers, unembed
+from lcm.model import check_params, check_token_ids, embed, run_layers, unembed
 from lcm.positions import position_attention, rope_frequencies
 
 
@@ -83,7 +83,7 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, chunk_size=None,
     row's last real token ([B, T, vocab] with all_logits=True) and a cache of capacity
     T + max_new_tokens.
     """
-    lengths = _check_prompt(tokens, cfg, lengths)
+    lengths = _check_prompt(tokens, cfg, lengths, params)
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
     return _prefill(params, tokens, lengths, cfg=cfg, chunk=chunk, room=int(max_new_tokens),
@@ -133,7 +133,7 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
             raise ValueError(f"{name}={value!r}: lcm.cache.extended keeps every token and takes "
                              f"no cache policy; eviction policies run on plain RoPE "
                              f"(cfg.positions.type='rope') through lcm.cache.generate")
-    lengths = _check_prompt(prompts, cfg, lengths)
+    lengths = _check_prompt(prompts, cfg, lengths, params)
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=1)
     stop = check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
@@ -235,7 +235,11 @@ def _check_model(cfg):
                          f"{list(SUPPORTED)};{hint or ' other types have no KV-cache path'}")
 
 
-def _check_prompt(tokens, cfg, lengths):
-    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
+def _check_prompt(tokens, cfg, lengths, params):
+    """Validates cfg for this cache, params against it, tokens [B, T] and lengths [B]; returns
+    lengths as int32."""
     _check_model(cfg)
-    return check_prompt_lengths(tokens, lengths)
+    check_params(params, cfg)
+    lengths = check_prompt_lengths(tokens, lengths)
+    check_token_ids(tokens, cfg.vocab_size, lengths=lengths)
+    return lengths

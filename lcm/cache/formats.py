@@ -70,7 +70,7 @@ def policy_prefill(params, tokens, cfg: ModelConfig, *, policy, lengths=None,
     """Runs right-padded prompts tokens [B, T] (real lengths [B]) into a `PolicyCache` with
     room for max_new_tokens more per row. Returns (logits float32 [B, vocab] at each row's last
     real token, or [B, T, vocab] with all_logits, cache)."""
-    lengths = check_prompt(tokens, cfg, lengths)
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
     if not owns_cache(policy):
         raise ValueError(f"policy={policy!r}; expected a press that keeps its own cache format "

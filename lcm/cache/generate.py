@@ -37,7 +37,7 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     (a jax PRNG key) is then required. chunk_size: prefill's attention block.
     """
     full_rows = all_full(lengths, prompts.shape[1])
-    lengths = check_prompt(prompts, cfg, lengths)
+    lengths = check_prompt(prompts, cfg, lengths, params=params)
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=1)
     stop = check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)

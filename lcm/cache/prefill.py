@@ -52,7 +52,7 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     need (see `lcm.cache.layouts`).
     """
     full_rows = all_full(lengths, tokens.shape[1])
-    lengths = check_prompt(tokens, cfg, lengths)
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
     check_layout(layout)
@@ -72,7 +72,7 @@ def prefill_observed(params, tokens, cfg: ModelConfig, policies, *, lengths=None
     the cache `prefill(..., policy=policy)` would give, without running the prompt again.
     Observations are small except for ObservedAttention / H2O ([L, B, H, T] attention sums).
     """
-    lengths = check_prompt(tokens, cfg, lengths)
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
     chunk = check_chunk(chunk_size, cfg)
     if is_prefill_press(policies):
         policies = (policies,)

@@ -52,11 +52,11 @@ import numpy as np
 
 from experiments.workdir import write_summary
 from lcm.cache import AdaKV, PyramidKV, SnapKV, StreamingLLM, decode_step, prefill
-from lcm.cache.duo import DuoAttention
+from lcm.cache.presses.duo import DuoAttention
 from lcm.cache.formats import policy_decode_step, policy_prefill
-from lcm.cache.kivi import KIVI
+from lcm.cache.presses.kivi import KIVI
 from lcm.cache.prefill import mapped_decode_step
-from lcm.cache.quest import Quest
+from lcm.cache.presses.quest import Quest
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 

@@ -11,6 +11,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lcm.checks import check_choice, check_int
+
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 # The backends of lcm.attention.attend (its IMPLS; a test keeps the two equal).
@@ -28,14 +30,11 @@ POSITION_TYPES = ("rope", "nope", "alibi", "self_extend", "rerope", "leaky_rerop
 def _positive(obj, *names):
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected a positive int")
+        check_int(type(obj).__name__, name, value, 1)
 
 
 def _choice(obj, name, allowed):
-    value = getattr(obj, name)
-    if value not in allowed:
-        raise ValueError(f"{type(obj).__name__}.{name}={value!r}; expected one of {list(allowed)}")
+    check_choice(type(obj).__name__, name, getattr(obj, name), allowed)
 
 
 def dtype_name(value, argument: str = "dtype") -> str:

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lcm.checks import check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockGeometry:
@@ -165,8 +167,8 @@ def _parts(m, kind):
 
 
 def positive_int(owner, name, value, minimum=1):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}({name}={value!r}); expected an int >= {minimum}")
+    """Raises ValueError unless value is an int >= minimum (`Owner(name=value)` in the error)."""
+    check_int(owner, name, value, minimum, call=True)
 
 
 class IndexMask(Mask):

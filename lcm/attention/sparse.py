@@ -23,10 +23,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from lcm.attention.data_masks import BlockMask, VerticalSlash
+from lcm.checks import check_int
 
 f32 = jnp.float32
 
@@ -289,10 +289,7 @@ def _check_qk(fn, q, k):
 
 
 def _check_int(fn, name, value, lo, hi, hi_desc):
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= lo
-    if not ok or (hi is not None and value > hi):
-        allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}] ({hi_desc})"
-        raise ValueError(f"{fn}({name}={value!r}); expected {allowed}")
+    check_int(fn, name, value, lo, hi, call=True, why=hi_desc)
 
 
 def _check_scale(fn, scale, head_dim):

@@ -21,18 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.cache import attention as cattn
-from lcm.cache import scores as S
 from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity
 from lcm.cache.layouts import check_layout, make_cache, pool_layer, storage
-from lcm.cache.merge import merge_values
-from lcm.cache.policies import (H2O, TOVA, AdaKV, ExpectedAttention, Merging, ObservedAttention,
-                                PyramidKV, Scorer, SnapKV)
+from lcm.cache.presses.base import Press, protect_recent
 from lcm.config import ModelConfig
 from lcm.positions import apply_rope, rope_frequencies
 from lcm.sharding.mesh import host_array
 
 f32 = jnp.float32
-PREFILL_POLICIES = (Scorer, H2O, AdaKV, Merging)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -55,40 +51,34 @@ class Observations:
     n_sink: int | None = None
 
 
-def _inner(policy):
-    return policy.press if isinstance(policy, (AdaKV, Merging)) else policy
-
-
 def per_query_head(policy) -> bool:
     """Whether `policy` selects per query head (the cache then holds num_heads heads)."""
-    return getattr(_inner(policy), "gqa", None) == "query_head"
+    return policy.per_query_head
 
 
 def cache_heads(policy, cfg: ModelConfig) -> int:
     """Heads of the cache `policy` leaves: num_heads for per-query-head selection."""
-    return cfg.num_heads if policy is not None and per_query_head(policy) else cfg.num_kv_heads
+    return cfg.num_heads if policy is not None and policy.per_query_head else cfg.num_kv_heads
 
 
-def needs(policy):
-    """(window, column sums, moments' n_sink or None) that `policy` observes."""
-    p = _inner(policy)
-    window = p.window_size if isinstance(p, SnapKV) else 1 if isinstance(p, TOVA) else 0
-    colsum = isinstance(p, (ObservedAttention, H2O))
-    sink = p.n_sink if isinstance(p, ExpectedAttention) else None
-    return window, colsum, sink
+def is_prefill_press(policy) -> bool:
+    """Whether `policy` can run at prefill (and compress a kept prefill unless it owns its
+    cache format)."""
+    return isinstance(policy, Press) and policy.runs_at_prefill
 
 
 def check_policy(policy, cfg: ModelConfig, prompt_len: int):
     """Raises ValueError for anything but a prefill policy; returns it."""
-    from lcm.cache.formats import check_format_policy, owns_cache  # formats imports this module
-    if owns_cache(policy):  # KIVI, Quest, DuoAttention keep their own PolicyCache
-        check_format_policy(policy, cfg)
-        return policy
-    if not isinstance(policy, PREFILL_POLICIES):
+    if not is_prefill_press(policy):
         raise ValueError(f"policy={policy!r}; expected a policy from lcm.cache (Knorm, "
                          f"StreamingLLM, SnapKV, PyramidKV, TOVA, ObservedAttention, "
                          f"ExpectedAttention, H2O, AdaKV, Merging, KIVI, Quest, "
-                         f"DuoAttention) or None")
+                         f"DuoAttention, ...: lcm.cache.PRESSES) or None")
+    if policy.owns_cache:  # KIVI, Quest, DuoAttention keep their own PolicyCache
+        if cfg.sliding_window is not None:
+            raise ValueError(f"{type(policy).__name__} needs a model without sliding_window "
+                             f"(cfg.sliding_window={cfg.sliding_window})")
+        policy.check_model(cfg)
     return policy
 
 
@@ -96,7 +86,7 @@ def observe_layer(policy, q, qr, kr, real, lengths, *, chunk, cfg, window=None, 
                   sink=None):
     """One layer's observations for `policy` (or for the explicit window / colsum / sink)."""
     if policy is not None:
-        window, colsum, sink = needs(policy)
+        window, colsum, sink = policy.needs()
     obs = {}
     if window:
         obs["q_win"], obs["q_pos"] = cattn.last_queries(qr, lengths, window)
@@ -117,14 +107,9 @@ def observe_layer(policy, q, qr, kr, real, lengths, *, chunk, cfg, window=None, 
 
 def budget_table(policy, length: int, num_layers: int) -> np.ndarray:
     """Entries kept per head for every real length 0..length: int32 [L, length + 1]."""
-    p = _inner(policy)
-    rows = []
-    for layer in range(num_layers):
-        if isinstance(p, PyramidKV):
-            row = [0] + [p.layer_budget(n, layer, num_layers) for n in range(1, length + 1)]
-        else:
-            row = [0] + [p.n_kept(n) for n in range(1, length + 1)]
-        rows.append(row)
+    scorer = policy.scorer
+    rows = [[0] + [scorer.layer_budget(n, layer, num_layers) for n in range(1, length + 1)]
+            for layer in range(num_layers)]
     return np.minimum(np.asarray(rows, np.int32), np.arange(length + 1, dtype=np.int32)[None])
 
 
@@ -134,18 +119,9 @@ def capacity(policy, length: int, num_layers: int, num_kv_heads: int, *,
     `capacity` before room for decoding): the largest budget; with layout="uniform", AdaKV's
     heads each get the most one head can win."""
     most = int(budget_table(policy, length, num_layers).max())
-    if isinstance(policy, AdaKV) and storage(policy, layout) == "uniform":
-        most = min(length, adakv_head_capacity(policy, most, num_kv_heads))
+    if storage(policy, layout) == "uniform":  # a head may hold more than n_kept (AdaKV)
+        most = min(length, policy.head_capacity(most, num_kv_heads))
     return max(most, 1)
-
-
-def adakv_head_capacity(policy: AdaKV, n_kept: int, num_heads: int) -> int:
-    """The most entries one head can win when `num_heads` heads compete for num_heads *
-    n_kept: all but the other heads' safeguards, or capacity_factor * n_kept."""
-    most = num_heads * n_kept - (num_heads - 1) * _n_safe(n_kept, policy.alpha_safeguard)
-    if policy.capacity_factor is not None:
-        most = min(most, int(np.ceil(policy.capacity_factor * n_kept)))
-    return most
 
 
 def layer_slots(policy, kind: str, length: int, cfg: ModelConfig, room: int, full_rows: bool):
@@ -178,50 +154,6 @@ def store_layer(policy, entries, kind: str, *, room: int, length: int, cfg: Mode
     return pad_capacity(entries, entries["pos"].shape[-1] + room)
 
 
-def _n_safe(n_kept, alpha):
-    n_safe = int(n_kept * alpha)
-    return max(1, n_safe) if alpha > 0 and n_kept > 0 else 0
-
-
-def protect_recent(scores, pos, n_keep):
-    """Where a head protects (+inf) more entries than it keeps, keep its most recent ones."""
-    protected = jnp.isposinf(scores)
-    over = protected.sum(-1) > n_keep
-    recent = jnp.where(protected, pos.astype(f32), -jnp.inf)
-    return jnp.where(over[..., None], recent, scores)
-
-
-def select(scores, n_keep, cap):
-    """Top `n_keep` [B, K] entries per head by scores [B, K, S] within a static capacity:
-    (idx [B, K, cap] int32, keep [B, K, cap] bool), kept ones first and in slot order."""
-    vals, idx = jax.lax.top_k(scores, cap)
-    rank = jnp.arange(cap, dtype=jnp.int32).reshape(1, 1, cap)
-    keep = (rank < n_keep[..., None]) & (vals > -jnp.inf)
-    return _compact(idx, keep)
-
-
-def _compact(idx, keep):
-    key = jnp.where(keep, idx, jnp.iinfo(jnp.int32).max)
-    order = jnp.argsort(key, axis=-1)
-    return jnp.take_along_axis(idx, order, -1), jnp.take_along_axis(keep, order, -1)
-
-
-def select_adakv(policy: AdaKV, scores, n_kept, cap):
-    """AdaKV: each head's top n_safe, then the layer's K * n_kept best entries overall, at most
-    `cap` per head. n_kept [B] (heads of a row share it)."""
-    B, K, Sn = scores.shape
-    alpha = policy.alpha_safeguard
-    n_safe = jnp.where(alpha > 0, jnp.maximum(1, (n_kept * alpha).astype(jnp.int32)), 0)
-    n_safe = jnp.where(n_kept > 0, n_safe, 0)
-    vals, idx = jax.lax.top_k(scores, cap)  # per head candidates, best first
-    rank = jnp.arange(cap, dtype=jnp.int32).reshape(1, 1, cap)
-    boosted = jnp.where((rank < n_safe[:, None, None]) & (vals > -jnp.inf), jnp.inf, vals)
-    flat = boosted.reshape(B, K * cap)
-    order_rank = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1, stable=True)
-    keep = (order_rank < (K * n_kept)[:, None]) & (flat > -jnp.inf)
-    return _compact(idx, keep.reshape(B, K, cap))
-
-
 def compress_layer(policy, entries, obs, *, layer, cfg, inv_freq, factor, score_keys=None,
                    next_pos=None, target=None):
     """Compresses one layer's entries {k, v, pos, length[, score]} [B, K, S, ...] with
@@ -238,32 +170,19 @@ def compress_layer(policy, entries, obs, *, layer, cfg, inv_freq, factor, score_
     inputs = dict(keys=keys, v=entries["v"], pos=entries["pos"], valid=valid, n=n, obs=obs,
                   inv_freq=inv_freq, factor=factor, sliding_window=cfg.sliding_window,
                   next_pos=n[:, 0] if next_pos is None else next_pos)
-    inner = _inner(policy)
-    if target is not None and isinstance(policy, AdaKV):
-        # The heads of a row compete for K * target slots, whatever each holds now.
-        n_keep = jnp.full_like(n, target)
-        cap = min(adakv_head_capacity(policy, target, K), Sn)
-    elif target is not None:
-        n_keep, cap = jnp.minimum(n, target), min(target, Sn)
+    if target is not None:
+        n_keep, cap = policy.decode_target(target, n, K, Sn)
     else:
         table = jnp.asarray(budget_table(policy, Sn, cfg.num_layers))
         n_keep = table[layer][n]
         cap = min(capacity(policy, Sn, cfg.num_layers, K, layout="uniform"), Sn)
-    accumulated = None
-    if isinstance(inner, H2O):
-        scores, accumulated = S.h2o(inner, **inputs)
-    else:
-        scores = S.score(inner, **inputs)
+    scores, accumulated = policy.scores(**inputs)
     scores = protect_recent(scores, entries["pos"], n_keep)
-    if isinstance(policy, AdaKV):
-        idx, keep = select_adakv(policy, scores, n_keep[:, 0], cap)
-    else:
-        idx, keep = select(scores, n_keep, cap)
+    idx, keep = policy.select(scores, n_keep, cap)
     source = dict(entries)
     if accumulated is not None:
         source["score"] = accumulated
-    if isinstance(policy, Merging):
-        source["v"] = merge_values(policy, keys, entries["v"], valid, idx, keep)
+    source = policy.fold(source, keys, valid, idx, keep)
     out = gather_entries(source, idx, keep)
     if "score" in entries and "score" not in out:
         out["score"] = jnp.zeros(out["pos"].shape, f32)
@@ -276,7 +195,7 @@ def observations_for(policies):
     """(window, colsum, n_sink) covering every policy in `policies`."""
     window, colsum, sinks = 0, False, set()
     for p in policies:
-        w, c, s = needs(p)
+        w, c, s = p.needs()
         window, colsum = max(window, w), colsum or c
         if s is not None:
             sinks.add(s)
@@ -302,11 +221,14 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     if not isinstance(observations, Observations):
         raise ValueError(f"observations={type(observations).__name__}; expected the "
                          f"Observations of prefill_observed")
-    window, colsum, sink = needs(policy)
+    if policy.owns_cache:
+        raise ValueError(f"policy={policy!r} keeps its own cache format; compress takes "
+                         f"eviction policies (run prefill(..., policy=...) instead)")
+    window, colsum, sink = policy.needs()
     have_w = 0 if observations.q_win is None else observations.q_win.shape[2]
     if window > have_w or (colsum and observations.colsum is None) or (
             sink is not None and (observations.q_mean is None or sink != observations.n_sink)):
-        raise ValueError(f"observations lack what {type(_inner(policy)).__name__} needs "
+        raise ValueError(f"observations lack what {type(policy.scorer).__name__} needs "
                          f"(window {window}, attention sums {colsum}, moments from {sink}); "
                          f"pass the policy to prefill_observed")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
@@ -338,7 +260,7 @@ def _compress(cache, policy, observations, *, cfg, room, layout, full_rows):
 
     def layer(_, xs):
         entries, obs, index = xs
-        if per_query_head(policy):
+        if policy.per_query_head:
             entries = expand_heads(entries, cfg.group_size)
         out = compress_layer(policy, entries, obs, layer=index, cfg=cfg, inv_freq=inv_freq,
                              factor=factor, next_pos=cache.next_pos)

@@ -31,105 +31,65 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
-from lcm.cache import scores as S
-from lcm.cache.compress import adakv_head_capacity, compress_layer, needs, select
+from lcm.cache.compress import compress_layer
 from lcm.cache.kv import KVCache, entries_valid, gather_entries, pad_capacity
-from lcm.cache.policies import H2O, TOVA, AdaKV, Decoding, Knorm, StreamingLLM
+from lcm.cache.presses.base import Press, select
 from lcm.positions import apply_rope
 
 f32 = jnp.float32
-STEPWISE = (H2O, TOVA, StreamingLLM)
 
 
-def _inner(policy):
-    base = policy.base_press
-    return base.press if isinstance(base, AdaKV) else base
-
-
-def budget(policy) -> int:
-    """Entries a stepwise policy keeps per head."""
-    if isinstance(policy, H2O):
-        return policy.hh_size + policy.recent_size
-    return policy.budget
-
-
-def buffer_size(policy) -> int:
-    """Queries a Decoding policy buffers between compressions (0: none needed)."""
-    if not isinstance(policy, Decoding):
-        return 0
-    window, colsum, sink = needs(policy.base_press)
-    if colsum or sink is not None:
-        return policy.observed_steps
-    return min(window, policy.observed_steps)
-
-
-def kept_slots(policy: Decoding, num_heads: int) -> int:
-    """Slots a head may hold after a Decoding compression: target_size, or with AdaKV the
-    most one of `num_heads` heads can win of their num_heads * target_size (heads then hold
-    different numbers of entries in a uniform cache sized for the largest)."""
-    if isinstance(policy.base_press, AdaKV):
-        return adakv_head_capacity(policy.base_press, policy.target_size, num_heads)
-    return policy.target_size
+def check_decode_press(policy):
+    """Raises ValueError unless `policy` is a decode-time press with what it needs (a stepwise
+    press: a token budget); returns its decode_kind. Needs no cache."""
+    kind = policy.decode_kind if isinstance(policy, Press) else None
+    if kind is None:
+        raise ValueError(f"decode policy={policy!r}; expected Decoding(...), H2O, "
+                         f"TOVA(budget=n) or StreamingLLM(budget=n) (a press with decode_kind "
+                         f"set)")
+    if kind == "stepwise" and policy.decode_budget() is None:
+        raise ValueError(f"decode policy {policy!r} needs a token budget (budget=n)")
+    return kind
 
 
 def check_decode_policy(policy, cache: KVCache):
-    """Raises ValueError unless `policy` can run on `cache` at decode time."""
-    if isinstance(policy, Decoding):
-        inner = _inner(policy)
-        if cache.rotation == "cache" and not isinstance(inner, (Knorm, StreamingLLM)):
-            raise ValueError(f"Decoding.base_press={inner!r} scores with attention, but the "
-                             f"cache re-rotates keys (rotation='cache'); use Knorm or "
-                             f"StreamingLLM, or a cache with original positions")
-        if inner.positions != cache.rotation:
-            raise ValueError(f"Decoding.base_press.positions={inner.positions!r} differs from "
-                             f"the cache's rotation={cache.rotation!r}")
-        need = kept_slots(policy, cache.num_heads) + policy.compression_interval
-        if not isinstance(cache.length, jax.core.Tracer):  # a concrete cache: its own lengths
-            need = max(need, int(jnp.max(cache.length)) + policy.compression_interval
-                       - int(cache.step))
-        if cache.capacity < need:
-            raise ValueError(f"cache.capacity={cache.capacity}; Decoding needs {need} slots "
-                             f"(the longest head or target_size (with AdaKV: the most one "
-                             f"head can win), plus compression_interval new tokens): prefill "
-                             f"with a larger max_new_tokens")
+    """Raises ValueError unless `policy` can run on `cache` at decode time; returns it."""
+    kind = check_decode_press(policy)
+    if kind == "periodic":
+        policy.check_decode(cache)
         return policy
-    if isinstance(policy, STEPWISE):
-        if budget(policy) is None:
-            raise ValueError(f"decode policy {policy!r} needs a token budget (budget=n)")
-        if cache.rotation == "cache" and not isinstance(policy, StreamingLLM):
+    if kind == "stepwise":
+        n = policy.decode_budget()
+        if cache.rotation == "cache" and policy.needs().anything:
             raise ValueError(f"decode policy {type(policy).__name__} needs original positions;"
                              f" the cache has rotation='cache'")
-        longest = budget(policy)
+        longest = n
         if not isinstance(cache.length, jax.core.Tracer):  # a concrete cache: its own lengths
             longest = max(longest, int(jnp.max(cache.length)))
         if cache.capacity < longest + 1:
             raise ValueError(f"cache.capacity={cache.capacity}; {type(policy).__name__} keeps "
-                             f"{budget(policy)} entries (the cache holds up to {longest}) and "
-                             f"needs one more slot for the incoming token: prefill with a larger "
+                             f"{n} entries (the cache holds up to {longest}) and needs one more "
+                             f"slot for the incoming token: prefill with a larger "
                              f"max_new_tokens")
-        if isinstance(policy, H2O) and cache.score is None:
-            raise ValueError("H2O decoding needs score accumulators: prefill with policy=H2O "
-                             "(or a cache built with scores=True)")
-        return policy
-    raise ValueError(f"decode policy={policy!r}; expected Decoding(...), H2O, TOVA(budget=n) "
-                     f"or StreamingLLM(budget=n)")
+        if policy.accumulates_scores and cache.score is None:
+            raise ValueError(f"{type(policy).__name__} decoding needs score accumulators: "
+                             f"prefill with policy={type(policy).__name__}(...) (or a cache "
+                             f"built with scores=True)")
+    return policy
 
 
 def decode_room(decode_policy, policy, prompt_kept: int, max_new_tokens: int,
                 num_heads: int) -> int:
     """Free slots `generate` gives the prefill cache for `decode_policy` (prompt_kept: slots
     the prefill policy keeps; num_heads: the cache's heads)."""
-    if isinstance(decode_policy, Decoding):
-        need = kept_slots(decode_policy, num_heads) + decode_policy.compression_interval
-        return max(need, prompt_kept + min(max_new_tokens, decode_policy.compression_interval)
-                   ) - prompt_kept
-    return max(budget(decode_policy) + 1 - prompt_kept, 1)
+    if decode_policy.decode_kind == "periodic":
+        return decode_policy.decode_room(prompt_kept, max_new_tokens, num_heads)
+    return max(decode_policy.decode_budget() + 1 - prompt_kept, 1)
 
 
-def per_query_head(policy) -> bool:
-    """Whether a decode policy selects per query head (gqa="query_head")."""
-    inner = _inner(policy) if isinstance(policy, Decoding) else policy
-    return getattr(inner, "gqa", None) == "query_head"
+def buffer_size(policy) -> int:
+    """Queries a decode policy buffers between compressions (0: none)."""
+    return policy.buffer_size() if policy.decode_kind == "periodic" else 0
 
 
 def with_query_buffer(cache: KVCache, policy, cfg) -> KVCache:
@@ -137,7 +97,7 @@ def with_query_buffer(cache: KVCache, policy, cfg) -> KVCache:
     has one) and, for a per-query-head policy on a cache of kv heads, one entry set per query
     head (each kv head's entries repeated for its group, as prefill does for such a policy), so
     that query heads select their own entries instead of voting by the group's mean."""
-    if per_query_head(policy) and cfg.group_size > 1 and cache.length.shape[2] == (
+    if policy.per_query_head and cfg.group_size > 1 and cache.length.shape[2] == (
             cfg.num_kv_heads):
         cache = cache.replace(**{
             name: jnp.repeat(getattr(cache, name), cfg.group_size, axis=2)
@@ -165,19 +125,9 @@ def decode_update(policy, entries, probs, *, step, layer, cfg, inv_freq, factor,
     when the policy says so."""
     C = entries["pos"].shape[-1]
     valid = entries_valid(entries)
-    if isinstance(policy, STEPWISE):
-        n = budget(policy)
-        if isinstance(policy, H2O):
-            entries = dict(entries, score=entries["score"] + jnp.where(
-                valid, S._group(probs[:, :, :, 0], policy.gqa), 0.0))
-            recent = entries["pos"] > (position - policy.recent_size)[:, None, None]
-            scores = S._finish(entries["score"], valid, recent)
-        elif isinstance(policy, TOVA):
-            mean = probs[:, :, :, 0].mean((1, 2))[:, None]
-            scores = S._finish(jnp.broadcast_to(mean, valid.shape), valid,
-                               entries["pos"] == position[:, None, None])
-        else:
-            scores = S.streaming(policy, pos=entries["pos"], valid=valid)
+    if policy.decode_kind == "stepwise":
+        n = policy.decode_budget()
+        scores, entries = policy.step_scores(entries, probs, position, valid)
 
         def evict(entries):
             idx, keep = select(scores, jnp.minimum(entries["length"], n), C)
@@ -199,7 +149,7 @@ def decode_update(policy, entries, probs, *, step, layer, cfg, inv_freq, factor,
 def _observations(policy, entries, queries, query_pos, inv_freq, factor, cfg):
     """What the base press observes, from the buffered queries of the steps since the last
     compression."""
-    window, colsum, sink = needs(policy.base_press)
+    window, colsum, sink = policy.base_press.needs()
     obs = {}
     if queries is None:
         return obs
@@ -225,8 +175,6 @@ def _observations(policy, entries, queries, query_pos, inv_freq, factor, cfg):
 
 
 def next_step(policy, step):
-    """The step counter after a decode step: reset to 0 when Decoding compressed."""
-    if isinstance(policy, Decoding):
-        return jnp.where(step >= policy.compression_interval, 0, step)
-    return step
+    """The step counter after a decode step (a periodic policy resets it when it compressed)."""
+    return policy.next_step(step) if policy.decode_kind == "periodic" else step
 

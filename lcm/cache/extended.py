@@ -27,10 +27,10 @@ import numpy as np
 
 from lcm.attention import Causal, Local
 from lcm.cache.extended_attention import SUPPORTED, decode_attention, step_tables
-from lcm.cache.generate import _check_sampling, sampling_loop
-from lcm.cache.prefill import _check_chunk, _check_count, _check_tokens, check_prompt_lengths
+from lcm.cache.generate import check_sampling, sampling_loop
+from lcm.cache.checks import check_chunk, check_count, check_prompt_lengths, check_tokens
 from lcm.config import ModelConfig, PositionConfig
-from lcm.model import embed, run_layers, unembed
+from lcm.model import check_params, check_token_ids, embed, run_layers, unembed
 from lcm.positions import position_attention, rope_frequencies
 
 
@@ -83,9 +83,9 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, chunk_size=None,
     row's last real token ([B, T, vocab] with all_logits=True) and a cache of capacity
     T + max_new_tokens.
     """
-    lengths = _check_prompt(tokens, cfg, lengths)
-    chunk = _check_chunk(chunk_size, cfg)
-    _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    lengths = _check_prompt(tokens, cfg, lengths, params)
+    chunk = check_chunk(chunk_size, cfg)
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     return _prefill(params, tokens, lengths, cfg=cfg, chunk=chunk, room=int(max_new_tokens),
                     all_logits=bool(all_logits))
 
@@ -107,7 +107,7 @@ def decode_step(params, cache: ExtendedCache, tokens, cfg: ModelConfig):
     if cache.k.shape != expected:
         raise ValueError(f"cache k shape {cache.k.shape} does not fit cfg; expected "
                          f"[num_layers, batch, num_kv_heads, capacity, head_dim] = {expected}")
-    tokens = _check_tokens(tokens, cache.next_pos)
+    tokens = check_tokens(tokens, cache.next_pos)
     if not isinstance(cache.next_pos, jax.core.Tracer):
         top = int(np.max(np.asarray(cache.next_pos)))
         if top >= cache.capacity:
@@ -133,10 +133,10 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
             raise ValueError(f"{name}={value!r}: lcm.cache.extended keeps every token and takes "
                              f"no cache policy; eviction policies run on plain RoPE "
                              f"(cfg.positions.type='rope') through lcm.cache.generate")
-    lengths = _check_prompt(prompts, cfg, lengths)
-    chunk = _check_chunk(chunk_size, cfg)
-    _check_count("max_new_tokens", max_new_tokens, minimum=1)
-    stop = _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
+    lengths = _check_prompt(prompts, cfg, lengths, params)
+    chunk = check_chunk(chunk_size, cfg)
+    check_count("max_new_tokens", max_new_tokens, minimum=1)
+    stop = check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
     if key is None:
         key = jax.random.key(0)  # unused when greedy
     return _generate(params, prompts, lengths, key, cfg=cfg, chunk=chunk,
@@ -235,7 +235,11 @@ def _check_model(cfg):
                          f"{list(SUPPORTED)};{hint or ' other types have no KV-cache path'}")
 
 
-def _check_prompt(tokens, cfg, lengths):
-    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
+def _check_prompt(tokens, cfg, lengths, params):
+    """Validates cfg for this cache, params against it, tokens [B, T] and lengths [B]; returns
+    lengths as int32."""
     _check_model(cfg)
-    return check_prompt_lengths(tokens, lengths)
+    check_params(params, cfg)
+    lengths = check_prompt_lengths(tokens, lengths)
+    check_token_ids(tokens, cfg.vocab_size, lengths=lengths)
+    return lengths

@@ -24,20 +24,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lcm.attention import Causal, attend
-from lcm.cache import duo, kivi, quest
+from lcm.cache.checks import check_chunk, check_count, check_prompt, check_tokens
+from lcm.cache.compress import capacity as kept_slots
+from lcm.cache.compress import check_policy, compress_layer, observe_layer
+from lcm.cache.kv import prompt_entries
+from lcm.cache.presses.base import Press
 from lcm.config import ModelConfig
 from lcm.model import embed, run_layers, unembed
 from lcm.positions import apply_rope, rope_frequencies
 
-FORMAT_POLICIES = (kivi.KIVI, quest.Quest, duo.DuoAttention)
-
 
 def owns_cache(policy) -> bool:
-    """True for policies whose cache is a `PolicyCache` (KIVI, Quest, DuoAttention)."""
-    return isinstance(policy, FORMAT_POLICIES)
+    """True for presses whose cache is a `PolicyCache` (KIVI, Quest, DuoAttention)."""
+    return isinstance(policy, Press) and policy.owns_cache
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "next_pos"],
@@ -64,35 +64,20 @@ class PolicyCache:
         return jax.tree.map(lambda x: x[index], self.layers)
 
 
-def check_format_policy(policy, cfg: ModelConfig) -> None:
-    """Raises ValueError if `policy` cannot run on the model `cfg`."""
-    if cfg.sliding_window is not None:
-        raise ValueError(f"{type(policy).__name__} needs a model without sliding_window "
-                         f"(cfg.sliding_window={cfg.sliding_window})")
-    if isinstance(policy, kivi.KIVI):
-        policy.check_head_dim(cfg.head_dim)
-    if isinstance(policy, duo.DuoAttention):
-        shape = np.asarray(policy.head_scores).shape
-        if shape != (cfg.num_layers, cfg.num_kv_heads):
-            raise ValueError(f"DuoAttention head_scores shape {shape}; expected [num_layers, "
-                             f"num_kv_heads] = {(cfg.num_layers, cfg.num_kv_heads)}")
-
-
 def policy_prefill(params, tokens, cfg: ModelConfig, *, policy, lengths=None,
                    max_new_tokens: int = 0, chunk_size: int | None = None,
                    all_logits: bool = False):
     """Runs right-padded prompts tokens [B, T] (real lengths [B]) into a `PolicyCache` with
     room for max_new_tokens more per row. Returns (logits float32 [B, vocab] at each row's last
     real token, or [B, T, vocab] with all_logits, cache)."""
-    from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt
-    lengths = _check_prompt(tokens, cfg, lengths)
-    _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     if not owns_cache(policy):
-        raise ValueError(f"policy={policy!r}; expected one of "
-                         f"{[p.__name__ for p in FORMAT_POLICIES]}")
-    check_format_policy(policy, cfg)
+        raise ValueError(f"policy={policy!r}; expected a press that keeps its own cache format "
+                         f"(KIVI, Quest, DuoAttention)")
+    check_policy(policy, cfg, tokens.shape[1])
     return format_prefill(params, tokens, lengths, cfg=cfg, policy=policy,
-                          chunk=_check_chunk(chunk_size, cfg), room=int(max_new_tokens),
+                          chunk=check_chunk(chunk_size, cfg), room=int(max_new_tokens),
                           all_logits=bool(all_logits))
 
 
@@ -100,68 +85,27 @@ def policy_decode_step(params, cache: PolicyCache, tokens, cfg: ModelConfig):
     """Feeds one token per row, tokens [B] int -> (logits float32 [B, vocab], cache)."""
     if not isinstance(cache, PolicyCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a PolicyCache")
-    from lcm.cache.prefill import _check_tokens
-    return format_decode_step(params, cache, _check_tokens(tokens, cache.next_pos), cfg=cfg)
+    return format_decode_step(params, cache, check_tokens(tokens, cache.next_pos), cfg=cfg)
 
 
-# ---------------------------------------------------------------------------- per-policy layers
-
-def _layer_prefill_attention(policy, q, k, v, layer, cfg, chunk):
-    if isinstance(policy, duo.DuoAttention):
-        return duo.duo_prefill_attention(q, k, v, policy.layer_heads(layer),
-                                         impl=cfg.attention.impl, block=chunk)
-    # KIVI and Quest prefill with exact attention, as their reference code does.
-    return attend(q, k, v, Causal(), impl=cfg.attention.impl, block_q=chunk, block_k=chunk)
-
-
-def _layer_store(policy, k, v, lengths, capacity, layer):
-    if isinstance(policy, kivi.KIVI):
-        return kivi.kivi_prefill(policy, k, v, lengths, capacity=capacity)
-    if isinstance(policy, quest.Quest):
-        return quest.quest_prefill(policy, k, v, lengths, capacity=capacity)
-    return duo.duo_prefill(policy.layer_heads(layer), k, v, lengths, capacity=capacity)
-
-
-def _layer_decode(policy, state, q, k, v, layer):
-    """Appends k, v [B, K, D] and attends with q [B, 1, H, D]: (out, state)."""
-    if isinstance(policy, kivi.KIVI):
-        state = kivi.kivi_append(state, k, v)
-        return kivi.kivi_attention(q, state), state
-    if isinstance(policy, quest.Quest):
-        state = quest.quest_append(policy, state, k, v)
-        out, _ = quest.quest_attention(q, state.k, state.v, state.length, policy,
-                                       kmin=state.kmin, kmax=state.kmax,
-                                       dense=layer < policy.dense_layers)
-        return out, state
-    state = duo.duo_append(state, k, v)
-    return duo.duo_attention(q, state), state
-
-
-def _unrolled(policy) -> bool:
-    return isinstance(policy, duo.DuoAttention)
-
+# ---------------------------------------------------------------------------- implementations
 
 def _evict(evict, q, qr, kr, v, lengths, layer, cfg, chunk, inv_freq, factor):
     """One layer's entries kept by `evict` (as `prefill(..., policy=evict)` keeps them), in
     position order: {k, v [B, K, kept, D], pos [B, K, kept], length [B, K]}."""
-    from lcm.cache.compress import compress_layer, observe_layer
-    from lcm.cache.prefill import _prompt_entries
     real = jnp.arange(kr.shape[1], dtype=jnp.int32)[None] < lengths[:, None]
-    entries = _prompt_entries(kr, v, real, lengths)
+    entries = prompt_entries(kr, v, real, lengths)
     obs = observe_layer(evict, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
     return compress_layer(evict, entries, obs, layer=layer, cfg=cfg, inv_freq=inv_freq,
                           factor=factor, next_pos=lengths)
 
 
-# ---------------------------------------------------------------------------- implementations
-
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits"))
 def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits):
     B, T = tokens.shape
     capacity = T + room
-    evict = getattr(policy, "evict", None)  # KIVI after an eviction policy's selection
+    evict = policy.evict  # e.g. KIVI after an eviction policy's selection
     if evict is not None:
-        from lcm.cache.compress import capacity as kept_slots
         capacity = min(kept_slots(evict, T, cfg.num_layers, cfg.num_kv_heads), T) + room
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
@@ -170,17 +114,18 @@ def format_prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_log
         layer = inputs.index
         qr = apply_rope(inputs.q, positions, inv_freq, factor)
         kr = apply_rope(inputs.k, positions, inv_freq, factor)
-        out = _layer_prefill_attention(policy, qr, kr, inputs.v, layer, cfg, chunk)
-        if evict is not None:
+        out = policy.prefill_attention(qr, kr, inputs.v, layer=layer, cfg=cfg, chunk=chunk)
+        k, v, kept_lengths = kr, inputs.v, lengths
+        if evict is not None:  # what the eviction press keeps, in position order
             kept = _evict(evict, inputs.q, qr, kr, inputs.v, lengths, layer, cfg, chunk,
                           inv_freq, factor)
-            return out, kivi.kivi_prefill(policy, kept["k"].transpose(0, 2, 1, 3),
-                                          kept["v"].transpose(0, 2, 1, 3),
-                                          kept["length"][:, 0], capacity=capacity), carry
-        return out, _layer_store(policy, kr, inputs.v, lengths, capacity, layer), carry
+            k, v = kept["k"].transpose(0, 2, 1, 3), kept["v"].transpose(0, 2, 1, 3)
+            kept_lengths = kept["length"][:, 0]
+        state = policy.prefill_state(k, v, kept_lengths, capacity=capacity, layer=layer)
+        return out, state, carry
 
     x = embed(params, tokens, cfg)
-    x, layers, _ = run_layers(x, params["layers"], cfg, attention, unrolled=_unrolled(policy))
+    x, layers, _ = run_layers(x, params["layers"], cfg, attention, unrolled=policy.unrolled)
     if all_logits:
         logits = unembed(params, x, cfg)
     else:
@@ -198,11 +143,11 @@ def format_decode_step(params, cache, tokens, *, cfg):
     def attention(inputs, state, carry):
         qr = apply_rope(inputs.q, position[:, None], inv_freq, factor)
         kr = apply_rope(inputs.k, position[:, None], inv_freq, factor)
-        out, state = _layer_decode(policy, state, qr, kr[:, 0], inputs.v[:, 0], inputs.index)
+        out, state = policy.decode_layer(state, qr, kr[:, 0], inputs.v[:, 0], layer=inputs.index)
         return out, state, carry
 
     x = embed(params, tokens[:, None], cfg)
     x, layers, _ = run_layers(x, params["layers"], cfg, attention, xs=cache.layers,
-                              unrolled=_unrolled(policy))
+                              unrolled=policy.unrolled)
     logits = unembed(params, x, cfg)[:, 0]
     return logits, dataclasses.replace(cache, layers=layers, next_pos=position + 1)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm.cache.checks import check_chunk, check_count, check_prompt
 from lcm.cache.compress import all_full, cache_heads, capacity, check_policy
-from lcm.cache.decoding import (check_decode_policy, decode_room, per_query_head,
+from lcm.cache.decoding import (check_decode_policy, check_decode_press, decode_room,
                                 with_query_buffer)
 from lcm.cache.formats import owns_cache
-from lcm.cache.policies import H2O
-from lcm.cache.prefill import _check_chunk, _check_count, _check_prompt, _decode_step, _prefill
+from lcm.cache.prefill import decode_step_jit, prefill_jit
 from lcm.config import ModelConfig
 
 
@@ -37,10 +37,10 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     (a jax PRNG key) is then required. chunk_size: prefill's attention block.
     """
     full_rows = all_full(lengths, prompts.shape[1])
-    lengths = _check_prompt(prompts, cfg, lengths)
-    chunk = _check_chunk(chunk_size, cfg)
-    _check_count("max_new_tokens", max_new_tokens, minimum=1)
-    stop = _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
+    lengths = check_prompt(prompts, cfg, lengths, params=params)
+    chunk = check_chunk(chunk_size, cfg)
+    check_count("max_new_tokens", max_new_tokens, minimum=1)
+    stop = check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)
     if policy is not None:
         check_policy(policy, cfg, prompts.shape[1])
     room = max_new_tokens - 1  # the last token is returned, never fed back
@@ -48,10 +48,11 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
         raise ValueError(f"decode_policy={decode_policy!r} needs a KVCache; policy="
                          f"{type(policy).__name__} keeps its own cache format")
     if decode_policy is not None:
+        check_decode_press(decode_policy)
         kept = (prompts.shape[1] if policy is None else
                 capacity(policy, prompts.shape[1], cfg.num_layers, cache_heads(policy, cfg),
                          layout="uniform"))
-        heads = cfg.num_heads if per_query_head(decode_policy) else cache_heads(policy, cfg)
+        heads = cfg.num_heads if decode_policy.per_query_head else cache_heads(policy, cfg)
         room = decode_room(decode_policy, policy, kept, max_new_tokens, heads)
     if key is None:
         key = jax.random.key(0)  # unused when greedy
@@ -69,16 +70,16 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
 def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chunk, room,
               max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows):
     # Decode-time policies compress every head to one capacity: the uniform layout.
-    logits, cache = _prefill(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
+    logits, cache = prefill_jit(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
                              room=room, all_logits=False,
                              layout="compact" if decode_policy is None else "uniform",
                              full_rows=full_rows)
     if decode_policy is not None:
-        if isinstance(decode_policy, H2O) and cache.score is None:
+        if decode_policy.accumulates_scores and cache.score is None:
             cache = cache.replace(score=jnp.zeros(cache.pos.shape, jnp.float32))
         cache = with_query_buffer(cache, decode_policy, cfg)
         check_decode_policy(decode_policy, cache)  # at trace time: shapes and options only
-    step = functools.partial(_decode_step, params, cfg=cfg, policy=decode_policy)
+    step = functools.partial(decode_step_jit, params, cfg=cfg, policy=decode_policy)
     return sampling_loop(step, cache, logits, key, max_new_tokens=max_new_tokens, stop=stop,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          pad_token=pad_token)
@@ -142,7 +143,7 @@ def sample_logits(logits, key, *, temperature: float, top_k=None, top_p=None):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token):
+def check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token):
     if isinstance(stop_tokens, (int, np.integer)):
         stop_tokens = (stop_tokens,)
     try:

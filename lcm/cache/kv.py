@@ -274,3 +274,14 @@ def cache_rotation(entries, inv_freq, factor):
     flat = entries["k"].reshape(B, K * C, 1, D)
     keys = apply_rope(flat, jnp.maximum(ranks, 0).reshape(B, K * C), inv_freq, factor)
     return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)
+
+
+def prompt_entries(k, v, real, lengths):
+    """One layer's uncompressed cache: k, v [B, T, K, D] -> layer dict with capacity T."""
+    B, T, K, _ = k.shape
+    keep = real[:, None, :, None]
+    pos = jnp.where(real, jnp.arange(T, dtype=jnp.int32)[None], -1)
+    return {"k": jnp.where(keep, k.transpose(0, 2, 1, 3), 0).astype(k.dtype),
+            "v": jnp.where(keep, v.transpose(0, 2, 1, 3), 0).astype(v.dtype),
+            "pos": jnp.broadcast_to(pos[:, None], (B, K, T)),
+            "length": jnp.broadcast_to(lengths[:, None], (B, K)).astype(jnp.int32)}

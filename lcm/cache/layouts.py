@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache.kv import KVCache, entries_valid
-from lcm.cache.policies import AdaKV, PyramidKV
 
 LAYOUTS = ("compact", "uniform")
 
@@ -38,12 +37,7 @@ def storage(policy, layout: str) -> str:
     """The cache layout `policy` gets: "layered", "pooled" or "uniform"."""
     if layout == "uniform" or policy is None:
         return "uniform"
-    if isinstance(policy, PyramidKV):
-        return "layered"
-    # AdaKV with re-rotated keys (positions="cache") ranks entries per head: kept uniform.
-    if isinstance(policy, AdaKV) and policy.positions == "original":
-        return "pooled"
-    return "uniform"
+    return policy.storage(layout)
 
 
 def pool_layer(entries: dict, kept: int, room: int) -> dict:

@@ -12,22 +12,25 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lcm.attention import Causal, Local, attend
 from lcm.cache import attention as cattn
-from lcm.cache.compress import (PREFILL_POLICIES, Observations, all_full, check_policy,
-                                compress_layer, layer_slots, observations_for, observe_layer,
+from lcm.cache.checks import (check_chunk, check_count, check_model, check_prompt,
+                              check_tokens)
+from lcm.cache.compress import (Observations, all_full, check_policy, compress_layer,
+                                is_prefill_press, layer_slots, observations_for, observe_layer,
                                 per_query_head, store_layer, to_rotation)
+from lcm.cache.formats import (PolicyCache, format_decode_step, format_prefill, owns_cache,
+                               policy_decode_step)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
 from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
-                          from_layer_slices, insert, layer_slices, rank_positions)
+                          from_layer_slices, insert, layer_slices, prompt_entries,
+                          rank_positions)
 from lcm.cache.layouts import check_layout, make_cache, storage
 from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
 from lcm.model import embed, run_layers, unembed
 from lcm.positions import apply_rope, rope_frequencies
-from lcm.sharding.mesh import host_array
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
@@ -49,13 +52,13 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     need (see `lcm.cache.layouts`).
     """
     full_rows = all_full(lengths, tokens.shape[1])
-    lengths = _check_prompt(tokens, cfg, lengths)
-    chunk = _check_chunk(chunk_size, cfg)
-    _check_count("max_new_tokens", max_new_tokens, minimum=0)
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
+    chunk = check_chunk(chunk_size, cfg)
+    check_count("max_new_tokens", max_new_tokens, minimum=0)
     check_layout(layout)
     if policy is not None:
         check_policy(policy, cfg, tokens.shape[1])
-    return _prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
+    return prefill_jit(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
                     room=max_new_tokens, all_logits=bool(all_logits), layout=layout,
                     full_rows=full_rows)
 
@@ -69,13 +72,13 @@ def prefill_observed(params, tokens, cfg: ModelConfig, policies, *, lengths=None
     the cache `prefill(..., policy=policy)` would give, without running the prompt again.
     Observations are small except for ObservedAttention / H2O ([L, B, H, T] attention sums).
     """
-    lengths = _check_prompt(tokens, cfg, lengths)
-    chunk = _check_chunk(chunk_size, cfg)
-    if isinstance(policies, PREFILL_POLICIES):
+    lengths = check_prompt(tokens, cfg, lengths, params=params)
+    chunk = check_chunk(chunk_size, cfg)
+    if is_prefill_press(policies):
         policies = (policies,)
     for policy in policies:
         check_policy(policy, cfg, tokens.shape[1])
-    return _prefill(params, tokens, lengths, cfg=cfg, policy=None, chunk=chunk, room=0,
+    return prefill_jit(params, tokens, lengths, cfg=cfg, policy=None, chunk=chunk, room=0,
                     all_logits=bool(all_logits), observe=observations_for(policies))
 
 
@@ -88,8 +91,7 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     and a head whose cache is full replaces its oldest entry (a sliding window) — size the
     cache with `prefill(..., max_new_tokens=n)` to avoid that.
     """
-    _check_model(cfg)
-    from lcm.cache.formats import PolicyCache, policy_decode_step
+    check_model(cfg)
     if isinstance(cache, PolicyCache):  # KIVI, Quest, DuoAttention
         if policy is not None:
             raise ValueError(f"policy={policy!r}: decode policies need a KVCache; the "
@@ -97,7 +99,7 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
         return policy_decode_step(params, cache, tokens, cfg)
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache={type(cache).__name__}; expected a KVCache from prefill")
-    tokens = _check_tokens(tokens, cache.next_pos)
+    tokens = check_tokens(tokens, cache.next_pos)
     if cache.num_heads not in (cfg.num_kv_heads, cfg.num_heads) or (
             cache.num_layers != cfg.num_layers):
         raise ValueError(f"cache length shape {cache.length.shape} does not fit cfg (num_layers"
@@ -110,18 +112,17 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     if policy is not None:
         cache = with_query_buffer(cache, policy, cfg)
         check_decode_policy(policy, cache)
-    return _decode_step(params, cache, tokens, cfg=cfg, policy=policy)
+    return decode_step_jit(params, cache, tokens, cfg=cfg, policy=policy)
 
 
 # ---------------------------------------------------------------------------- implementations
 
 @functools.partial(jax.jit, static_argnames=("cfg", "policy", "chunk", "room", "all_logits",
                                              "observe", "layout", "full_rows"))
-def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None,
+def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, observe=None,
              layout="compact", full_rows=False):
     """full_rows: no row is padded (a layered cache then sizes layers for the prompt length)."""
     # observe: None, or (window, colsum, n_sink) to keep (and return) Observations.
-    from lcm.cache.formats import format_prefill, owns_cache  # formats imports this module
     if owns_cache(policy):  # KIVI, Quest, DuoAttention: their own PolicyCache
         return format_prefill(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
                               room=room, all_logits=all_logits)
@@ -141,7 +142,7 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
         kr = apply_rope(inputs.k, positions, inv_freq, factor)
         out = attend(qr, kr, inputs.v, mask, impl=cfg.attention.impl, block_q=chunk,
                      block_k=chunk)
-        entries = _prompt_entries(kr, inputs.v, real, lengths)
+        entries = prompt_entries(kr, inputs.v, real, lengths)
         kept = {}
         if observe is not None:
             window, colsum, sink = observe
@@ -170,20 +171,8 @@ def _prefill(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits, o
     return logits, cache, Observations(n_sink=observe[2], **kept)
 
 
-def _prompt_entries(k, v, real, lengths):
-    """One layer's uncompressed cache: k, v [B, T, K, D] -> layer dict with capacity T."""
-    B, T, K, _ = k.shape
-    keep = real[:, None, :, None]
-    pos = jnp.where(real, jnp.arange(T, dtype=jnp.int32)[None], -1)
-    return {"k": jnp.where(keep, k.transpose(0, 2, 1, 3), 0).astype(k.dtype),
-            "v": jnp.where(keep, v.transpose(0, 2, 1, 3), 0).astype(v.dtype),
-            "pos": jnp.broadcast_to(pos[:, None], (B, K, T)),
-            "length": jnp.broadcast_to(lengths[:, None], (B, K)).astype(jnp.int32)}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "policy"))
-def _decode_step(params, cache, tokens, *, cfg, policy):
-    from lcm.cache.formats import PolicyCache, format_decode_step
+def decode_step_jit(params, cache, tokens, *, cfg, policy):
     if isinstance(cache, PolicyCache):  # generate's loop with a KIVI / Quest / Duo cache
         return format_decode_step(params, cache, tokens, cfg=cfg)
     if policy is None and cache.queries is None:  # only the new entries are written
@@ -237,63 +226,3 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
             query_pos = jnp.where(step == 0, -1, query_pos)
     return logits, from_layer_slices(cache, layers, next_pos=position + 1, step=step,
                                      queries=queries, query_pos=query_pos)
-
-
-# ---------------------------------------------------------------------------- argument checks
-
-def _check_model(cfg):
-    if not isinstance(cfg, ModelConfig):
-        raise ValueError(f"cfg={type(cfg).__name__}; expected a ModelConfig")
-    if cfg.positions.type != "rope":
-        raise ValueError(f"cfg.positions.type={cfg.positions.type!r}; the KV cache supports "
-                         f"'rope' only (cached keys carry their RoPE rotation)")
-
-
-def _check_count(name, value, *, minimum):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r}; expected an int >= {minimum}")
-
-
-def _check_tokens(tokens, next_pos):
-    """One decode token per row: int [B] matching the cache's batch -> int32 array."""
-    tokens = jnp.asarray(tokens)
-    if tokens.shape != next_pos.shape or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
-                         f"[batch={next_pos.shape[0]}]")
-    return tokens.astype(jnp.int32)
-
-
-def _check_chunk(chunk_size, cfg):
-    if chunk_size is None:
-        return cfg.attention.block_q
-    _check_count("chunk_size", chunk_size, minimum=1)
-    return int(chunk_size)
-
-
-def _check_prompt(tokens, cfg, lengths):
-    """Validates cfg for this cache, tokens [B, T] and lengths [B]; returns lengths as int32."""
-    _check_model(cfg)
-    return check_prompt_lengths(tokens, lengths)
-
-
-def check_prompt_lengths(tokens, lengths):
-    """Validates tokens [B, T] and lengths [B]; returns lengths as int32 (checked in range
-    when concrete)."""
-    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
-                         f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
-    B, T = tokens.shape
-    if B == 0 or T == 0:
-        raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
-    if lengths is None:
-        return jnp.full((B,), T, jnp.int32)
-    lengths = jnp.asarray(lengths)
-    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected int "
-                         f"[batch={B}]")
-    if not isinstance(lengths, jax.core.Tracer):
-        bad = host_array(lengths)
-        if bad.min() < 1 or bad.max() > T:
-            raise ValueError(f"lengths={bad.tolist()}; expected every length in [1, {T}] "
-                             f"(tokens are right-padded to {T})")
-    return lengths.astype(jnp.int32)

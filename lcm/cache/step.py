@@ -2,7 +2,7 @@
 
 The cache arrays are the loop carry, and each layer writes its new entry in place (a scatter of
 one slot per head), then reads its own slice for attention. The decode-policy step
-(`lcm.cache.prefill._decode_step` with a policy) instead maps layers to new layers, which
+(`lcm.cache.prefill.decode_step_jit` with a policy) instead maps layers to new layers, which
 makes XLA copy the whole cache at every step; without a policy nothing but the new entries
 changes, so nothing else is written.
 
@@ -32,7 +32,7 @@ MAX_RUNS = 8
 
 def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
     """(logits float32 [B, vocab], cache) for tokens [B] at cache.next_pos; traced inside
-    `_decode_step`'s jit. max_runs: scans of a layered cache (`layer_runs`)."""
+    `decode_step_jit`'s jit. max_runs: scans of a layered cache (`layer_runs`)."""
     position = cache.next_pos
     inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)

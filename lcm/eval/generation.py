@@ -97,8 +97,8 @@ def default_generate_fn(cfg: ModelConfig | None = None):
 def shares_prefill(policy) -> bool:
     """Whether `policy` can compress a kept prefill (`lcm.cache.compress`): None (the full
     cache) and the eviction policies; KIVI, Quest and DuoAttention keep their own format."""
-    from lcm.cache.compress import PREFILL_POLICIES
-    return policy is None or isinstance(policy, PREFILL_POLICIES)
+    from lcm.cache import is_prefill_press
+    return policy is None or (is_prefill_press(policy) and not policy.owns_cache)
 
 
 def shared_prefill_generate(params, cfg: ModelConfig, prompts, *, lengths, max_new_tokens: int,

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from lcm.config import ModelConfig
 from lcm.memory.base import Memory, NoMemory, SegmentContext
 from lcm.memory.scan import segment_scan
-from lcm.model import WeightSpec, embed, identity, run_layers, unembed
+from lcm.model import (WeightSpec, check_params, check_token_ids, embed, identity, run_layers,
+                       unembed)
 from lcm.positions import rope_frequencies
 
 
@@ -69,6 +70,9 @@ def init_memory_state(memory, cfg: ModelConfig, batch: int, memory_params=None) 
 
 def _checked_params(memory, cfg, memory_params):
     specs = memory.param_specs(cfg)
+    if isinstance(memory_params, tuple):
+        raise ValueError(f"memory_params is a tuple of {len(memory_params)}; expected the params "
+                         f"dict: init_memory_params returns (params, axes), pass its first item")
     if memory_params is None:
         memory_params = {}
         if specs:
@@ -109,6 +113,10 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
         raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                          f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
     memory_params = _checked_params(memory, cfg, memory_params)
+    check_params(params, cfg)
+    check_token_ids(tokens, cfg.vocab_size)
+    if targets is not None:
+        check_token_ids(targets, cfg.vocab_size, "targets")
     shard = identity if shard is None else shard
     B, T = tokens.shape
     N = -(-T // segment_len)

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lcm.checks import check_int
 from lcm.memory.base import Memory, NoMemory, default_scale, f32, grouped, softmax_parts
 
 _STORE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 def _positive(owner, name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{owner}({name}={value!r}); expected a positive int")
+    check_int(owner, name, value, 1, call=True)
 
 
 @dataclasses.dataclass(frozen=True)

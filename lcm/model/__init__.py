@@ -1,5 +1,6 @@
 """The functional decoder: params as pytrees, pure forward, one decoder layer for every path."""
 
+from lcm.model.checks import check_params, check_token_ids
 from lcm.model.decoder import embed, forward, segment_positions, unembed
 from lcm.model.layers import (LayerInputs, decoder_layer, identity, rms_norm, run_layers,
                               self_attention)
@@ -7,4 +8,5 @@ from lcm.model.params import WeightSpec, init_params, param_axes, param_shapes, 
 
 __all__ = ["forward", "embed", "unembed", "segment_positions", "init_params", "param_axes",
            "param_shapes", "param_specs", "WeightSpec", "LayerInputs", "decoder_layer",
-           "run_layers", "self_attention", "rms_norm", "identity"]
+           "run_layers", "self_attention", "rms_norm", "identity", "check_params",
+           "check_token_ids"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from lcm.attention import Causal, Document, Local
 from lcm.attention.ring import context_axis_size, ring_order_for
 from lcm.config import ModelConfig
+from lcm.model.checks import check_params, check_token_ids
 from lcm.model.layers import identity, rms_norm, run_layers, self_attention
 from lcm.positions import rope_frequencies
 
@@ -34,6 +35,8 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     activations to a mesh (see `lcm.sharding.LogicalSharding`); None leaves placement to XLA.
     """
     _check_forward_inputs(tokens, cfg, positions, segment_ids)
+    check_params(params, cfg)
+    check_token_ids(tokens, cfg.vocab_size)
     shard = identity if shard is None else shard
     B, T = tokens.shape
     order = _context_order(T, cfg)
@@ -98,6 +101,8 @@ def _check_forward_inputs(tokens, cfg, positions, segment_ids):
     if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                          f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
     for name, x in (("positions", positions), ("segment_ids", segment_ids)):
         if x is None:
             continue

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from lcm.cache import KVCache, decode_step, prefill
-from lcm.cache.duo import (DuoAttention, duo_append, duo_attention, duo_prefill,
+from lcm.cache.presses.duo import (DuoAttention, duo_append, duo_attention, duo_prefill,
                            duo_prefill_attention)
-from lcm.cache.kivi import (KIVI, kivi_append, kivi_attention, kivi_prefill, kivi_read,
+from lcm.cache.presses.kivi import (KIVI, kivi_append, kivi_attention, kivi_prefill, kivi_read,
                             pack_codes, unpack_codes)
 from lcm.cache.formats import policy_decode_step, policy_prefill
 from lcm.cache.masked_read import masked_attention
-from lcm.cache.quest import Quest, page_bounds, quest_attention, update_page_bounds
+from lcm.cache.presses.quest import Quest, page_bounds, quest_attention, update_page_bounds
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 

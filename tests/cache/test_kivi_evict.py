@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lcm.cache import PolicyCache, PyramidKV, SnapKV, decode_step, generate, prefill
-from lcm.cache.kivi import KIVI, kivi_prefill
+from lcm.cache.presses.kivi import KIVI, kivi_prefill
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcm.cache import scores as S
 from lcm.cache import (Decoding, ExpectedAttention, ObservedAttention, SnapKV, compress,
                        decode_step, prefill, prefill_observed)
 from lcm.cache.compress import capacity
@@ -110,9 +109,9 @@ def test_gqa_votes_are_the_per_query_head_scores_reduced_over_the_group(policy):
 
     def scores(policy, heads):
         rep = heads // K
-        return np.asarray(S.score(policy, keys=jnp.repeat(keys, rep, 1), v=jnp.repeat(v, rep, 1),
-                                  pos=jnp.repeat(pos, rep, 1), valid=jnp.repeat(valid, rep, 1),
-                                  n=jnp.repeat(n, rep, 1), **common))
+        return np.asarray(policy.score(keys=jnp.repeat(keys, rep, 1), v=jnp.repeat(v, rep, 1),
+                                       pos=jnp.repeat(pos, rep, 1), valid=jnp.repeat(valid, rep, 1),
+                                       n=jnp.repeat(n, rep, 1), **common))
 
     per_head = scores(dataclasses.replace(policy, gqa="query_head"), K * G).reshape(B, K, G, S_)
     finite = np.isfinite(per_head).all(2)

@@ -28,10 +28,12 @@ import numpy as np
 
 from lcm.attention import Causal, SinkWindow, attend
 from lcm.cache.masked_read import causal_visibility, masked_attention
+from lcm.cache.presses.base import CacheFormat, register
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DuoAttention:
+class DuoAttention(CacheFormat):
     """Per-(layer, kv-head) retrieval/streaming split. head_scores: [layers, kv_heads] array-like
     (stored as nested tuples so the policy stays hashable and static under `jit`)."""
 
@@ -71,6 +73,30 @@ class DuoAttention:
         stream = np.zeros(scores.size, bool)
         stream[np.argsort(scores, axis=None, kind="stable")[:n_stream]] = True
         return ~stream.reshape(scores.shape)
+
+    # Layers hold different numbers of retrieval and streaming heads: states differ in shape.
+    unrolled = True
+
+    def check_model(self, cfg) -> None:
+        shape = np.asarray(self.head_scores).shape
+        if shape != (cfg.num_layers, cfg.num_kv_heads):
+            raise ValueError(f"DuoAttention head_scores shape {shape}; expected [num_layers, "
+                             f"num_kv_heads] = {(cfg.num_layers, cfg.num_kv_heads)}")
+
+    def prefill_attention(self, q, k, v, *, layer, cfg, chunk):
+        return duo_prefill_attention(q, k, v, self.layer_heads(layer), impl=cfg.attention.impl,
+                                     block=chunk)
+
+    def prefill_state(self, k, v, lengths, *, capacity: int, layer):
+        return duo_prefill(self.layer_heads(layer), k, v, lengths, capacity=capacity)
+
+    def decode_layer(self, state, q, k, v, *, layer):
+        state = duo_append(state, k, v)
+        return duo_attention(q, state), state
+
+    @classmethod
+    def example(cls):
+        return cls(head_scores=((1.0, 0.0), (0.0, 1.0)), sink_size=1, recent_size=2)
 
     def layer_heads(self, layer: int) -> DuoHeads:
         r = self.retrieval[layer]

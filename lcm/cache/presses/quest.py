@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from lcm.attention import BlockMask, Document, attend
 from lcm.attention.sparse import top_k_blocks
 from lcm.cache.masked_read import masked_attention
+from lcm.cache.presses.base import CacheFormat, register
 
 f32 = jnp.float32
 GQA = ("query_head", "max", "mean")
@@ -37,8 +38,9 @@ IMPLS = ("auto", "reference", "xla", "pallas", "gather")
 _MIN_PAGES = 3
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Quest:
+class Quest(CacheFormat):
     """Quest page selection: `token_budget` tokens read per decode step and query head."""
 
     token_budget: int = 1024
@@ -57,6 +59,19 @@ class Quest:
             raise ValueError(f"Quest(gqa={self.gqa!r}); expected one of {list(GQA)}")
         if self.impl not in IMPLS:
             raise ValueError(f"Quest(impl={self.impl!r}); expected one of {list(IMPLS)}")
+
+    def prefill_state(self, k, v, lengths, *, capacity: int, layer):
+        return quest_prefill(self, k, v, lengths, capacity=capacity)
+
+    def decode_layer(self, state, q, k, v, *, layer):
+        state = quest_append(self, state, k, v)
+        out, _ = quest_attention(q, state.k, state.v, state.length, self, kmin=state.kmin,
+                                 kmax=state.kmax, dense=layer < self.dense_layers)
+        return out, state
+
+    @classmethod
+    def example(cls):
+        return cls(token_budget=8, page_size=4, dense_layers=1)
 
     def num_pages(self, capacity: int) -> int:
         """Pages read per step (static): max(3, token_budget // page_size), at most all."""

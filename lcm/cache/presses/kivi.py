@@ -32,14 +32,16 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache.masked_read import causal_visibility, masked_attention
+from lcm.cache.presses.base import CacheFormat, Press, register
 from lcm.config import dtype_name
 
 f32 = jnp.float32
 BITS = (2, 4)
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class KIVI:
+class KIVI(CacheFormat):
     """KIVI quantization settings (the reference code's k_bits = v_bits, group_size and
     residual_length). `scale_dtype` stores scales and minimums (None: the dtype of the keys).
     """
@@ -52,9 +54,8 @@ class KIVI:
 
     def __post_init__(self):
         if self.evict is not None:
-            from lcm.cache.policies import AdaKV, Merging, Scorer  # policies never import kivi
-            if (not isinstance(self.evict, Scorer) or isinstance(self.evict, (AdaKV, Merging))
-                    or self.evict.positions != "original" or self.evict.gqa == "query_head"):
+            if (not isinstance(self.evict, Press) or not self.evict.plain_selection
+                    or self.evict.positions != "original" or self.evict.per_query_head):
                 raise ValueError(f"KIVI(evict={self.evict!r}); expected None or a scoring "
                                  f"policy (Knorm, StreamingLLM, SnapKV, PyramidKV, TOVA, "
                                  f"ObservedAttention, ExpectedAttention) with positions="
@@ -81,6 +82,20 @@ class KIVI:
         if head_dim * self.bits % 8:
             raise ValueError(f"head_dim={head_dim} * bits={self.bits} must be a multiple of 8 "
                              f"to pack codes into bytes")
+
+    def check_model(self, cfg) -> None:
+        self.check_head_dim(cfg.head_dim)
+
+    def prefill_state(self, k, v, lengths, *, capacity: int, layer):
+        return kivi_prefill(self, k, v, lengths, capacity=capacity)
+
+    def decode_layer(self, state, q, k, v, *, layer):
+        state = kivi_append(state, k, v)
+        return kivi_attention(q, state), state
+
+    @classmethod
+    def example(cls):
+        return cls(bits=4, group_size=8, residual_length=8)
 
     def quantized_capacity(self, capacity: int) -> int:
         """Slots of the quantized store: every token but the last ones in full precision."""

@@ -1,0 +1,56 @@
+"""Checks at the model boundary: params that fit the config, token ids inside the vocabulary,
+raised before tracing (a traced input is left to `jax.experimental.checkify`)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from lcm.config import ModelConfig
+from lcm.model.params import flatten_params, param_shapes
+
+
+def check_params(params, cfg: ModelConfig) -> None:
+    """Raises ValueError unless `params` has every weight of `cfg` with its shape (and no
+    `lm_head` when the embeddings are tied). Extra entries are allowed."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params={type(params).__name__}; expected the dict of init_params or "
+                         f"a loader (lcm.io)")
+    have = flatten_params(params)
+    for path, want in flatten_params(param_shapes(cfg)).items():
+        name = "/".join(path)
+        if path not in have:
+            raise ValueError(f"params lack {name!r} (shape {tuple(want.shape)}) that cfg needs; "
+                             f"params do not fit cfg")
+        shape = tuple(getattr(have[path], "shape", ()))
+        if shape != tuple(want.shape):
+            raise ValueError(f"params[{name!r}] has shape {shape}; cfg (hidden_size="
+                             f"{cfg.hidden_size}, num_heads={cfg.num_heads}, num_kv_heads="
+                             f"{cfg.num_kv_heads}, head_dim={cfg.head_dim}, num_layers="
+                             f"{cfg.num_layers}, vocab_size={cfg.vocab_size}) needs "
+                             f"{tuple(want.shape)}")
+    if cfg.tie_embeddings and ("lm_head",) in have:
+        raise ValueError("params hold an 'lm_head' but cfg.tie_embeddings=True would ignore it; "
+                         "set tie_embeddings=False or drop the lm_head")
+
+
+def check_token_ids(tokens, vocab_size: int, name: str = "tokens", lengths=None) -> None:
+    """Raises ValueError when a concrete token id lies outside [0, vocab_size); with lengths
+    [B], only each row's first lengths[b] ids (right padding may hold anything)."""
+    if isinstance(tokens, jax.core.Tracer) or getattr(tokens, "size", 0) == 0 or (
+            isinstance(tokens, jax.Array) and not tokens.is_fully_addressable):
+        return
+    ids = np.asarray(tokens)
+    if lengths is not None:
+        if isinstance(lengths, jax.core.Tracer) or (
+                isinstance(lengths, jax.Array) and not lengths.is_fully_addressable):
+            return
+        real = np.arange(ids.shape[1])[None] < np.asarray(lengths)[:, None]
+        ids = ids[real]
+        if ids.size == 0:
+            return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds id {bad}; expected ids in [0, {vocab_size}) "
+                         f"(cfg.vocab_size={vocab_size})")

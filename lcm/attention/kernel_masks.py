@@ -35,6 +35,9 @@ class KernelLowering:
     block_q: int
     block_k: int
     grouped: bool = False
+    batch: int | None = None   # the lengths and batch size of the call, for masks that build
+    q_len: int | None = None   # per-example arrays (a MaskFn reading the batch index)
+    kv_len: int | None = None
     segments: dict = dataclasses.field(default_factory=dict)  # (id, id) -> (q ids, kv ids)
     tables: list = dataclasses.field(default_factory=list)
     head_aware: bool = False
@@ -56,6 +59,7 @@ class KernelLowering:
 
 
 def kernel_mask(mask: Mask | None, *, offset: int, block_q: int, block_k: int,
+                batch: int | None = None, q_len: int | None = None, kv_len: int | None = None,
                 grouped: bool = False):
     """(mask_fn or None, q_segment_ids or None, kv_segment_ids or None, mask_tables or None).
 
@@ -65,11 +69,12 @@ def kernel_mask(mask: Mask | None, *, offset: int, block_q: int, block_k: int,
     """
     if mask is None:
         return None, None, None, None
-    lowering = KernelLowering(offset, block_q, block_k, grouped)
+    lowering = KernelLowering(offset, block_q, block_k, grouped, batch, q_len, kv_len)
     fn = mask.kernel_fn(lowering, under_or=False)
     if len(lowering.segments) > 1:
-        raise ValueError("impl='pallas' takes one Document per mask (one pair of segment id "
-                         "arrays); merge the segment ids or use impl='xla'")
+        raise ValueError("impl='pallas' passes the kernels one pair of segment id arrays, and "
+                         "this mask needs two (several Documents, or a Document and a MaskFn "
+                         "that reads the batch index): merge them or use impl='xla'")
     q_seg, kv_seg = next(iter(lowering.segments.values()), (None, None))
     if fn is None:
         return None, q_seg, kv_seg, None

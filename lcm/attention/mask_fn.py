@@ -42,9 +42,9 @@ class MaskFn(Mask):
     `fn` is stored and compared by identity: the mask is hashable and static, and its layout is
     computed once per shape (exactly, O(B * H * q_len * kv_len) predicate calls at trace time
     when fn reads batch and head, O(q_len * kv_len) otherwise). `batch` / `num_heads` are bound
-    by `prepare` (attend does this) when fn reads them. Backends: reference, xla, ring and
-    allgather take every fn; pallas a fn that does not read `batch`; ring_pallas a fn of the
-    positions only.
+    by `prepare` (attend does this) when fn reads them. Backends: reference, xla, ring,
+    allgather and pallas take every fn (pallas: not a fn reading `batch` beside a Document, as
+    the kernels take one pair of segment ids); ring_pallas a fn of the positions only.
     """
 
     fn: Callable
@@ -114,16 +114,27 @@ class MaskFn(Mask):
         return _block_visibility(self, geom)
 
     def kernel_fn(self, lowering, *, under_or=False):
-        if self.reads_batch_index:
-            raise ValueError("impl='pallas' cannot give a MaskFn the batch index (the kernels "
-                             "call mask functions without it), and this fn reads `batch`: use "
-                             "impl='xla', 'reference', 'ring' or 'allgather', or express "
-                             "per-example masks as Document or BlockMask")
+        """fn in-kernel on partial blocks: the head from the head-aware protocol's ctx; the
+        batch index travels as the kernels' segment ids (every id of row b is b), so a fn that
+        reads it cannot share the mask with a Document (one pair of segment ids)."""
         fn, offset = self.fn, lowering.offset
+        zero = jnp.zeros((), _i32)
+        batch = None
+        if self.reads_batch_index:
+            B, T, S = lowering.batch, lowering.q_len, lowering.kv_len
+            if None in (B, T, S):
+                raise ValueError("MaskFn reads the batch index: kernel_mask needs batch, q_len "
+                                 "and kv_len (attend passes them)")
+            rows = jnp.arange(B, dtype=_i32)[:, None]
+            lowering.add_segments(jnp.broadcast_to(rows, (B, T)), jnp.broadcast_to(rows, (B, S)))
+
+            def batch(qs):
+                return qs
         if self.per_head:
             lowering.need_head()
-            return lambda q, k, qs, ks, ctx: fn(jnp.zeros((), _i32), ctx[0], q + offset, k)
-        return lambda q, k, qs, ks, ctx: fn(jnp.zeros((), _i32), jnp.zeros((), _i32),
+            return lambda q, k, qs, ks, ctx: fn(zero if batch is None else batch(qs), ctx[0],
+                                                q + offset, k)
+        return lambda q, k, qs, ks, ctx: fn(zero if batch is None else batch(qs), zero,
                                             q + offset, k)
 
     def position_fn(self, backend):

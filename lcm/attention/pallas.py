@@ -73,7 +73,8 @@ def _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform, alibi
     B, T, H, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     mask_fn, q_seg, kv_seg, tables = kernel_mask(mask, offset=S - T, block_q=block_q,
-                                                 block_k=block_k, grouped=H != K)
+                                                 block_k=block_k, grouped=H != K, batch=B,
+                                                 q_len=T, kv_len=S)
     layout = mask_layout(mask, T, S, block_q, block_k, num_heads=H, num_kv_heads=K)
     # The kernels take the compressed layout (per-visit kinds); the TPU kernel derives its exact
     # dK/dV grid bound from a static layout's visit lists on the host.

@@ -21,9 +21,10 @@ PREDICATES = {
     "batch_prefix": lambda b, h, q, k: k < 5 + 9 * b,
     "hash": lambda b, h, q, k: (q * 7 + k * 13) % 5 != 0,
     "head_parity_or_diagonal": lambda b, h, q, k: ((k + h) % 2 == 0) | (q == k),
+    "batch_head": lambda b, h, q, k: (k < 7 + 6 * b) | ((q - k) % (h + 2) == 0),
 }
-READS_BATCH = {"batch_prefix"}
-READS_HEAD = {"head_window", "head_parity_or_diagonal"}
+READS_BATCH = {"batch_prefix", "batch_head"}
+READS_HEAD = {"head_window", "head_parity_or_diagonal", "batch_head"}
 COMBINATIONS = ["alone", "causal&", "document&", "causal&document&", "|local"]
 
 
@@ -111,7 +112,7 @@ def run_case(case, impl):
     assert_close(got, want, 2e-5 if dtype == jnp.float32 else 3e-2)
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(cases(sorted(PREDICATES)))
 def test_xla_sweep_matches_dense_reference(case):
     """attend(impl="xla") with MaskFn over drawn shapes (odd lengths, T < S), GQA ratios,
@@ -120,11 +121,22 @@ def test_xla_sweep_matches_dense_reference(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(cases(sorted(set(PREDICATES) - READS_BATCH)))
 def test_pallas_sweep_matches_dense_reference(case):
     """The same through the Pallas kernels (interpreted): fn runs in-kernel on PARTIAL blocks,
     per query head when it reads the head."""
+    run_case(case, "pallas")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combination", ["alone", "causal&", "|local"])
+def test_pallas_gives_fn_the_batch_index(combination):
+    """A fn reading the batch index on the kernels (the index travels as segment ids), with
+    the head index too: values and gradients equal the dense reference."""
+    case = dict(B=2, T=19, S=27, K=2, G=2, D=32, dtype=jnp.float32, seed=3, segments=2,
+                softcap=None, block_q=8, block_k=16, combination=combination,
+                name="batch_head")
     run_case(case, "pallas")
 
 
@@ -233,9 +245,10 @@ def test_bad_fn_raises_naming_mask_fn(fn, match):
 def test_backends_that_cannot_take_an_index_raise_before_tracing(devices):
     q, k, v = random_qkv(jax.random.key(0), 2, 64, 64, 2, 1, 8, jnp.float32)
     batch = MaskFn(PREDICATES["batch_prefix"])
-    with pytest.raises(ValueError, match=r"impl='pallas' cannot give a MaskFn the batch index.*"
-                                         r"impl='xla'"):
-        attend(q, k, v, Causal() & batch, impl="pallas")
+    ids = jnp.zeros((2, 64), jnp.int32)
+    with pytest.raises(ValueError, match=r"impl='pallas' passes the kernels one pair of segment "
+                                         r"id arrays.*impl='xla'"):
+        attend(q, k, v, Document(ids) & batch, impl="pallas")
     mesh = make_mesh((1, 1, 1, 4), devices=devices[:4])
     head = MaskFn(PREDICATES["head_window"])
     with pytest.raises(ValueError, match=r"impl='ring_pallas'.*reads the batch or head index.*"

@@ -16,7 +16,7 @@ The default (contexts 1k, 2k, 4k) runs in a few minutes here; the README table i
                                          model_kv_heads, model_head_dim
 
     python -m experiments.run --config=configs/bench_cache.py --workdir=/tmp/bench_cache
-    /work/kvpress-venv/bin/python experiments/bench_cache_peer.py --contexts 1024,2048,4096
+    .side/kvpress-venv/bin/python experiments/bench_cache_peer.py --contexts 1024,2048,4096
 """
 
 import ml_collections

@@ -7,7 +7,7 @@ README table is --config.lengths=1024,2048,4096,8192. Overrides:
     --config.decode_tokens=16              greedy decode steps timed after each prefill
     --config.repeats=2                     timed runs per cell, after one warm-up run
     --config.block=512                     lcm's attention block (xla backend)
-    --config.peer_python=/work/sidevenv/bin/python   a Python with torch + transformers
+    --config.peer_python=.side/torch-venv/bin/python   a Python with torch + transformers
                                            ('' skips the peer)
     --config.llama_cpp=True                also time llama-cpp-python in the peer environment
     --config.peer_threads=0                torch threads in the peer (0: torch's default)
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.decode_tokens = 16
     config.repeats = 2
     config.block = 512
-    config.peer_python = "/work/sidevenv/bin/python"
+    config.peer_python = ".side/torch-venv/bin/python"
     config.llama_cpp = False
     config.peer_threads = 0
     return config

@@ -12,7 +12,7 @@ StreamingLLMPress, SnapKVPress and AdaKVPress(SnapKVPress) at compression_ratio 
 kvpress has no Quest; HF's quantized cache needs quanto/hqq (not installed), so KIVI has no
 peer here.
 
-    /work/kvpress-venv/bin/python experiments/bench_cache_peer.py --contexts 1024,2048,4096
+    .side/kvpress-venv/bin/python experiments/bench_cache_peer.py --contexts 1024,2048,4096
 
 (kvpress 0.5.5's hooks read the `cache_position` kwarg, which newer transformers no longer pass
 to attention layers: use transformers 5.2.0.)

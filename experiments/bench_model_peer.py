@@ -1,7 +1,7 @@
 """The peer of experiments/bench_model.py: SmolLM2-135M from the same GGUF file in transformers
 (float32, CPU), prefill and decode timed the same way. Runs in the side environment with torch:
 
-    /work/sidevenv/bin/python experiments/bench_model_peer.py --gguf PATH --lengths 1024,2048 \
+    .side/torch-venv/bin/python experiments/bench_model_peer.py --gguf PATH --lengths 1024,2048 \
         --decode_tokens 32 --repeats 2 [--llama_cpp] [--threads N]
 
 Prompts are the same token ids as lcm's (NumPy default_rng(length) over the vocabulary).

@@ -154,13 +154,13 @@ def test_presses_are_hashable_frozen_and_named():
 
 
 def test_the_readme_press_runs_and_keeps_the_largest_values():
-    """The README's 'A new press' block, run as written (with a small model in scope)."""
-    text = (Path(__file__).parents[2] / "README.md").read_text()
+    """The docs' 'A new press' block (docs/kv-cache.md), run as written, a small model in scope."""
+    text = (Path(__file__).parents[2] / "docs" / "kv-cache.md").read_text()
     block = text.split("A new press:\n\n```python\n", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) < 30
     scope = {"params": PARAMS, "tokens": TOKENS, "cfg": CFG}
     try:
-        exec(compile(block, "README.md", "exec"), scope)
+        exec(compile(block, "docs/kv-cache.md", "exec"), scope)
         cache = scope["cache"]
         v = np.asarray(prefill(PARAMS, TOKENS, CFG)[1].v)  # every entry, [L, B, K, T, D]
         norms = np.linalg.norm(v, axis=-1)

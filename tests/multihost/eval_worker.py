@@ -1,4 +1,4 @@
-"""One process of the two-process evaluation test (tests/test_eval_multihost.py).
+"""One process of the two-process evaluation test (tests/eval/test_loop_multihost.py).
 
 Run on every process: `python eval_worker.py --coordinator=HOST:PORT --num_processes=N
 --process_id=I --root=DIR`. Each process has 2 CPU devices; the global mesh splits every batch's

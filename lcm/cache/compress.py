@@ -51,11 +51,6 @@ class Observations:
     n_sink: int | None = None
 
 
-def per_query_head(policy) -> bool:
-    """Whether `policy` selects per query head (the cache then holds num_heads heads)."""
-    return policy.per_query_head
-
-
 def cache_heads(policy, cfg: ModelConfig) -> int:
     """Heads of the cache `policy` leaves: num_heads for per-query-head selection."""
     return cfg.num_heads if policy is not None and policy.per_query_head else cfg.num_kv_heads

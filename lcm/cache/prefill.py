@@ -19,7 +19,7 @@ from lcm.cache.checks import (check_chunk, check_count, check_model, check_promp
                               check_tokens)
 from lcm.cache.compress import (Observations, all_full, check_policy, compress_layer,
                                 is_prefill_press, layer_slots, observations_for, observe_layer,
-                                per_query_head, store_layer, to_rotation)
+                                store_layer, to_rotation)
 from lcm.cache.formats import (PolicyCache, format_decode_step, format_prefill, owns_cache,
                                policy_decode_step)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
@@ -149,7 +149,7 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
             kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg,
                                  window=window, colsum=colsum, sink=sink)
         if policy is not None:
-            if per_query_head(policy):
+            if policy.per_query_head:
                 entries = expand_heads(entries, cfg.group_size)
             obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
             entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,

@@ -57,14 +57,13 @@ class LagKV(ScorerPress):
         s = (normalised_spread(blocks(keys)) + normalised_spread(blocks(v))) / 2
         if not self.cross_scoring:
             s = jnp.argsort(jnp.argsort(s, axis=-1), axis=-1).astype(f32) / L
-        # The row's own partitions: those before its last full one are scored (the rest is 1).
+        # A row's partitions are a full row's cut at its length. Those before its last full
+        # partition are scored (their lag is their own next partition, so they score as in a
+        # full row); its last full partition, the remainder and the sinks score 1.
         row_parts = (length - sink) // L  # [B, K, 1]
         scored_until = sink + (row_parts - 1) * L
         lag = jnp.ones((B, K, S), f32).at[:, :, sink:sink + (parts - 1) * L].set(
             s.reshape(B, K, (parts - 1) * L))
         lag = jnp.where((pos >= sink) & (pos < scored_until), lag, 1.0)
-        # A row's partitions are those of a full row cut at its length: the scores of its
-        # scored partitions equal a full row's only where the next partition is its own,
-        # which holds for every partition before its last full one.
         short = length < sink + 2 * L
         return finish(jnp.where(short, fallback, lag).astype(f32), valid, False)

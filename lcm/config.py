@@ -8,13 +8,18 @@ Tests shrink them with `dataclasses.replace(cfg, num_layers=2)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
 from lcm.checks import check_choice, check_int
 
 DTYPES = ("float32", "bfloat16", "float16")
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "ministral")
+# ModelConfig.layer_types entries, spelled as transformers' `layer_types`.
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+QK_NORMS = ("rms", "l2")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 # The backends of lcm.attention.attend (its IMPLS; a test keeps the two equal).
 ATTENTION_IMPLS = ("auto", "reference", "xla", "pallas", "ring", "allgather", "ring_pallas")
 # Those that split the sequence over the mesh's context axis (lcm.attention.attend's
@@ -210,7 +215,7 @@ class RopeConfig:
     # ------------------------------------------------------------------ Hugging Face config.json
 
     @classmethod
-    def from_hf(cls, config: dict) -> RopeConfig:
+    def from_hf(cls, config: dict, *, layer_type: str | None = None) -> RopeConfig:
         """The RopeConfig of a transformers config.json dict, read where transformers reads it.
 
         Accepts the transformers-5 `rope_parameters` block and the 4.x `rope_theta` +
@@ -221,6 +226,8 @@ class RopeConfig:
         `original_max_position_embeddings`, which overrides the block's (Phi-3 style), as
         transformers does when it builds the rotary embedding. Keys a type does not read are
         ignored (transformers warns); unknown types and missing keys raise ValueError.
+        A `rope_parameters` block nested per layer type (Gemma 3: {"full_attention": {...},
+        "sliding_attention": {...}}) gives the block of `layer_type`.
         """
         if not isinstance(config, dict):
             raise ValueError(f"config={type(config).__name__}; expected a config.json dict")
@@ -230,8 +237,10 @@ class RopeConfig:
                 raise ValueError(f"{name}={value!r}; expected a JSON object or null")
         raw, where = dict(scaling or block or {}), "rope_scaling" if scaling else "rope_parameters"
         if nested := [k for k, v in raw.items() if isinstance(v, dict)]:
-            raise ValueError(f"{where} is nested per layer type ({nested}); lcm has one RoPE "
-                             f"for all layers")
+            if layer_type is None or not isinstance(raw.get(layer_type), dict):
+                raise ValueError(f"{where} is nested per layer type ({nested}); pass "
+                                 f"layer_type= one of them (got {layer_type!r})")
+            raw, where = dict(raw[layer_type]), f"{where}[{layer_type!r}]"
         if "mrope_section" in raw:
             raise ValueError(f"{where} has mrope_section={raw['mrope_section']!r}; multimodal "
                              f"RoPE is not supported")
@@ -407,11 +416,57 @@ class PositionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerKind:
+    """What sets one layer's attention apart: its type, window or chunk, and RoPE.
+
+    type: a `LAYER_TYPES` entry; window: the sliding window (a key is seen by queries fewer
+    than `window` positions after it, transformers' convention) or None; chunk: the chunk size
+    of chunked attention or None; rope: the layer's RopeConfig, None for a layer without RoPE.
+    Built by `ModelConfig.layer_kinds`; hashable, so it is static under `jit`.
+    """
+
+    type: str = "full_attention"
+    window: int | None = None
+    chunk: int | None = None
+    rope: RopeConfig | None = None
+
+    def mask(self):
+        """The layer's causal mask: Causal(), Local(window) or Chunked(chunk)."""
+        from lcm.attention.masks import Causal, Chunked, Local  # config imports no lcm module
+
+        if self.window is not None:
+            return Local(self.window)
+        return Causal() if self.chunk is None else Chunked(self.chunk)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only transformer (Llama / Qwen2 / Mistral family).
+    """A decoder-only transformer: Llama, Qwen2/3, Mistral, Ministral, Gemma 2/3, Phi-3 and kin.
 
     `architecture` only decides the Hugging Face names used on export; the math is set by the
-    fields (`qkv_bias` for Qwen2, `sliding_window` for Mistral).
+    fields, each off by default (Llama):
+
+    - per-layer schedule: `layer_types` (transformers' spelling, one entry per layer:
+      "full_attention", "sliding_attention" with `sliding_window`, "chunked_attention" with
+      `attention_chunk_size`); None means every layer "sliding_attention" when `sliding_window`
+      is set (Mistral) and "full_attention" otherwise. `sliding_rope`: the RoPE of sliding
+      layers when it differs from `rope` (Gemma 3: local base 10k, global 1M); `nope_layers`:
+      indices of layers without RoPE (Llama 4, SmolLM3). `layer_kinds` resolves all of it.
+    - attention: `qk_norm` ("rms": RMSNorm over each head's q and k with weights, Qwen3 and
+      Gemma 3; "l2": the same without weights, Llama 4), `attn_softcap` (Gemma 2's
+      cap * tanh(logits / cap)), `query_pre_attn_scalar` (Gemma: logits scaled by
+      scalar ** -0.5 instead of head_dim ** -0.5), `qkv_bias` (Qwen2), `out_bias` (the output
+      projection's), `attn_output_gate` (Qwen3-Next: the output times sigmoid of a gate
+      projection).
+    - layer: `post_norms` (Gemma 2/3's sandwich: a norm on the attention and MLP outputs before
+      each residual add), `norm_weight_offset` (Gemma: RMSNorm scales by 1 + w, so weights
+      start at 0), `mlp_activation` ("silu": SwiGLU; "gelu_tanh": GeGLU with tanh-approximated
+      GELU).
+    - ends: `embed_scale` (Gemma: embeddings times sqrt(hidden_size), rounded to the compute
+      dtype), `final_softcap` (Gemma 2's cap on the output logits).
+
+    The layers of different kinds still run under `lax.scan` (over repeats of the schedule's
+    pattern; see `lcm.model.layers.run_layers`), so compile time stays flat in depth.
     """
 
     vocab_size: int
@@ -433,6 +488,20 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     architecture: str = "llama"
+    layer_types: tuple[str, ...] | None = None
+    attention_chunk_size: int | None = None
+    sliding_rope: RopeConfig | None = None
+    nope_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    out_bias: bool = False
+    attn_output_gate: bool = False
+    post_norms: bool = False
+    norm_weight_offset: float = 0.0
+    mlp_activation: str = "silu"
+    embed_scale: bool = False
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -463,6 +532,120 @@ class ModelConfig:
         _dtype_name(self, "param_dtype")
         _choice(self, "remat", REMAT_POLICIES)
         _choice(self, "architecture", ARCHITECTURES)
+        self._check_schedule()
+        self._check_features()
+        if self.positions.type != "rope" and (
+                not self.uniform_layers or self.attn_softcap is not None or self.nope_layers):
+            raise ValueError(f"ModelConfig.positions type={self.positions.type!r} needs layers "
+                             f"of one kind with RoPE and no attn_softcap (layer_types="
+                             f"{self.layer_types}, nope_layers={self.nope_layers}, "
+                             f"attn_softcap={self.attn_softcap})")
+
+    def _check_schedule(self):
+        name = "ModelConfig"
+        if self.layer_types is not None:
+            if isinstance(self.layer_types, str) or not hasattr(self.layer_types, "__len__"):
+                raise ValueError(f"{name}.layer_types={self.layer_types!r}; expected a sequence "
+                                 f"of {list(LAYER_TYPES)}, one per layer")
+            types = tuple(self.layer_types)
+            if len(types) != self.num_layers:
+                raise ValueError(f"{name}.layer_types has {len(types)} entries; expected "
+                                 f"num_layers={self.num_layers}")
+            if bad := sorted({t for t in types if t not in LAYER_TYPES}, key=str):
+                raise ValueError(f"{name}.layer_types holds {bad}; expected entries in "
+                                 f"{list(LAYER_TYPES)}")
+            object.__setattr__(self, "layer_types", types)
+        types = self.layer_types or ()
+        if self.attention_chunk_size is not None:
+            _positive(self, "attention_chunk_size")
+        for kind, field in (("sliding_attention", "sliding_window"),
+                            ("chunked_attention", "attention_chunk_size")):
+            if kind in types and getattr(self, field) is None:
+                raise ValueError(f"{name}.layer_types has {kind!r} layers but {field}=None; "
+                                 f"set {field}")
+        if self.attention_chunk_size is not None and "chunked_attention" not in types:
+            raise ValueError(f"{name}.attention_chunk_size={self.attention_chunk_size} is read "
+                             f"only by 'chunked_attention' entries of layer_types")
+        if self.sliding_rope is not None:
+            if not isinstance(self.sliding_rope, RopeConfig):
+                raise ValueError(f"{name}.sliding_rope={self.sliding_rope!r}; expected a "
+                                 f"RopeConfig or None")
+            if self.sliding_window is None:
+                raise ValueError(f"{name}.sliding_rope is set but sliding_window=None: no layer "
+                                 f"is sliding")
+        if isinstance(self.nope_layers, (str, bytes)) or not hasattr(self.nope_layers, "__iter__"):
+            raise ValueError(f"{name}.nope_layers={self.nope_layers!r}; expected a sequence of "
+                             f"layer indices")
+        nope = tuple(self.nope_layers)
+        for i in nope:
+            if (isinstance(i, bool) or not hasattr(i, "__index__")
+                    or not 0 <= i < self.num_layers):
+                raise ValueError(f"{name}.nope_layers holds {i!r}; expected layer indices in "
+                                 f"[0, {self.num_layers})")
+        if len(set(nope)) != len(nope):
+            raise ValueError(f"{name}.nope_layers={nope} repeats an index")
+        object.__setattr__(self, "nope_layers", tuple(sorted(int(i) for i in nope)))
+
+    def _check_features(self):
+        name = "ModelConfig"
+        if self.qk_norm is not None:
+            _choice(self, "qk_norm", QK_NORMS)
+        _choice(self, "mlp_activation", MLP_ACTIVATIONS)
+        for field in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            if not RopeConfig._finite(value) or value <= 0:
+                raise ValueError(f"{name}.{field}={value!r}; expected a positive number or None")
+            object.__setattr__(self, field, float(value))
+        if not RopeConfig._finite(self.norm_weight_offset):
+            raise ValueError(f"{name}.norm_weight_offset={self.norm_weight_offset!r}; expected a "
+                             f"finite number (Gemma: 1.0)")
+        object.__setattr__(self, "norm_weight_offset", float(self.norm_weight_offset))
+        for field in ("tie_embeddings", "qkv_bias", "out_bias", "attn_output_gate",
+                      "post_norms", "embed_scale"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{name}.{field}={getattr(self, field)!r}; expected a bool")
+
+    @functools.cached_property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """Each layer's attention kind, window or chunk, and RoPE (None: no RoPE)."""
+        types = self.layer_types or (
+            ("sliding_attention" if self.sliding_window is not None else "full_attention"),
+        ) * self.num_layers
+        kinds = []
+        for i, t in enumerate(types):
+            sliding = t == "sliding_attention" and self.sliding_rope is not None
+            rope = self.sliding_rope if sliding else self.rope
+            kinds.append(LayerKind(
+                type=t, window=self.sliding_window if t == "sliding_attention" else None,
+                chunk=self.attention_chunk_size if t == "chunked_attention" else None,
+                rope=None if i in self.nope_layers else rope))
+        return tuple(kinds)
+
+    def layer_config(self, kind: LayerKind) -> ModelConfig:
+        """This config with every layer of `kind`: what code written for one kind of layer (a
+        cache's visibility, a press's scores) reads as `cfg.sliding_window` inside that layer's
+        attention step. Its `rope` is the layer's (the model's own for a layer without RoPE,
+        whose attention step rotates nothing). Chunked layers have no such view: ValueError.
+        """
+        if kind.chunk is not None:
+            raise ValueError(f"layer_types 'chunked_attention' (attention_chunk_size="
+                             f"{kind.chunk}): the KV cache does not keep chunked layers yet; "
+                             f"run them through lcm.model.forward")
+        return dataclasses.replace(self, layer_types=None, sliding_window=kind.window,
+                                   sliding_rope=None, rope=kind.rope or self.rope,
+                                   nope_layers=())
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer is of one kind (one mask and one RoPE)."""
+        return len(set(self.layer_kinds)) == 1
+
+    @property
+    def attention_scale(self) -> float:
+        """The logits' scale: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def group_size(self) -> int:

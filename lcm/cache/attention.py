@@ -31,17 +31,20 @@ def visible(q_pos, k_pos, k_valid, *, sliding_window=None):
     return vis
 
 
-def attention_probs(q, k, vis, *, scale=None):
+def attention_probs(q, k, vis, *, scale=None, softcap=None):
     """Softmax weights of queries over cache entries.
 
     q [B, T, H, D]; k [B, K, C, D]; vis [B, K, T, C] -> probs float32 [B, K, G, T, C] (G query
-    heads per kv head); rows with nothing visible are zeros.
+    heads per kv head); rows with nothing visible are zeros. softcap: the logits become
+    softcap * tanh(logits / softcap) (Gemma 2), as the model's attention.
     """
     B, T, H, D = q.shape
     K = k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.reshape(B, T, K, H // K, D)
     s = jnp.einsum("btkgd,bkcd->bkgtc", qg, k, preferred_element_type=f32) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(vis[:, :, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))

@@ -73,6 +73,11 @@ def check_policy(policy, cfg: ModelConfig, prompt_len: int):
         if cfg.sliding_window is not None:
             raise ValueError(f"{type(policy).__name__} needs a model without sliding_window "
                              f"(cfg.sliding_window={cfg.sliding_window})")
+        kinds = {(k.type, k.rope is None) for k in cfg.layer_kinds}
+        if kinds != {("full_attention", False)} or cfg.attn_softcap is not None:
+            raise ValueError(f"{type(policy).__name__} needs full-attention layers with RoPE "
+                             f"and no attn_softcap (cfg.layer_types={cfg.layer_types}, "
+                             f"nope_layers={cfg.nope_layers}, attn_softcap={cfg.attn_softcap})")
         policy.check_model(cfg)
     return policy
 
@@ -210,6 +215,10 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     """
     check_layout(layout)
     check_policy(policy, cfg, cache.capacity)
+    if not cfg.uniform_layers:
+        raise ValueError(f"compress: cfg has layers of several kinds (layer_types="
+                         f"{cfg.layer_types}, nope_layers={cfg.nope_layers}); compress them "
+                         f"at prefill with prefill(..., policy=policy)")
     if not isinstance(cache, KVCache) or cache.rotation != "original" or (
             cache.score is not None) or cache.layout != "uniform":
         raise ValueError("cache: expected the uncompressed KVCache of prefill_observed")

@@ -213,14 +213,16 @@ def pooled_visible(entries, q_pos, *, sliding_window=None):
     return vis
 
 
-def pooled_attention(q, k, v, vis):
+def pooled_attention(q, k, v, vis, *, softcap=None):
     """q [B, 1, H, D]; pool k, v [B, P, D]; vis [B, K, P] -> [B, 1, H, D] (float32 softmax;
-    a head that sees nothing gives zeros)."""
+    a head that sees nothing gives zeros; softcap as `lcm.cache.attention.attention_probs`)."""
     B, _, H, D = q.shape
     K = vis.shape[1]
     qg = q.reshape(B, K, H // K, D)
     s = jnp.einsum("bkgd,bpd->bkgp", qg, k, preferred_element_type=jnp.float32) * (
         1.0 / math.sqrt(D))
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(vis[:, :, None], s, -jnp.inf)
     m = s.max(-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lcm.attention import Causal, Local, attend
+from lcm.attention import attend
 from lcm.cache import attention as cattn
 from lcm.cache.checks import (check_chunk, check_count, check_model, check_prompt,
                               check_tokens)
@@ -29,8 +29,8 @@ from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
 from lcm.cache.layouts import check_layout, make_cache, storage
 from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
-from lcm.model import embed, run_layers, unembed
-from lcm.positions import apply_rope, rope_frequencies
+from lcm.model import embed, rope_tables, run_layers, unembed
+from lcm.positions import apply_rope
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
@@ -130,29 +130,29 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     real = positions < lengths[:, None]
     # Length-dependent RoPE (dynamic, longrope) sees the longest prompt, as transformers would.
-    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(lengths))
-    mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
+    tables = rope_tables(cfg, jnp.max(lengths))
     rotation = "original" if policy is None else policy.positions
     kind = storage(policy, layout)
     x = embed(params, tokens, cfg)
 
     def attention(inputs, xs, carry):
-        q, index = inputs.q, inputs.index
+        q, index, lcfg = inputs.q, inputs.index, cfg.layer_config(inputs.kind)
+        inv_freq, factor = tables[inputs.kind.rope]
         qr = apply_rope(q, positions, inv_freq, factor)
         kr = apply_rope(inputs.k, positions, inv_freq, factor)
-        out = attend(qr, kr, inputs.v, mask, impl=cfg.attention.impl, block_q=chunk,
-                     block_k=chunk)
+        out = attend(qr, kr, inputs.v, inputs.kind.mask(), impl=cfg.attention.impl,
+                     block_q=chunk, block_k=chunk, softcap=cfg.attn_softcap)
         entries = prompt_entries(kr, inputs.v, real, lengths)
         kept = {}
         if observe is not None:
             window, colsum, sink = observe
-            kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg,
+            kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=lcfg,
                                  window=window, colsum=colsum, sink=sink)
         if policy is not None:
             if policy.per_query_head:
                 entries = expand_heads(entries, cfg.group_size)
-            obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=cfg)
-            entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg,
+            obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=lcfg)
+            entries = compress_layer(policy, entries, obs, layer=index, cfg=lcfg,
                                      inv_freq=inv_freq, factor=factor, next_pos=lengths)
             entries = to_rotation(entries, rotation, inv_freq, factor)
         stored = store_layer(policy, entries, kind, room=room, length=T, cfg=cfg)
@@ -184,7 +184,7 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
     """The decode step that maps every layer's entries to new ones (a decode policy may
     compress them): each step writes the whole (uniform) cache anew."""
     position = cache.next_pos
-    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+    tables = rope_tables(cfg, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)
     step = cache.step + 1
     buffered = cache.queries is not None
@@ -195,6 +195,8 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
     def attention(inputs, xs, carry):
         entries, queries = xs
         q, k, v = inputs.q, inputs.k, inputs.v
+        inv_freq, factor = tables[inputs.kind.rope]
+        lcfg = cfg.layer_config(inputs.kind)
         kr = apply_rope(k, position[:, None], inv_freq, factor)
         stored = kr if cache.rotation == "original" else k
         groups = cache.k.shape[2] // cfg.num_kv_heads  # > 1: one entry set per query head
@@ -206,14 +208,14 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
         qr = rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, entries["pos"] if cache.rotation == "original" else
                             rank_positions(entries), entries_valid(entries),
-                            sliding_window=cfg.sliding_window)
-        probs = cattn.attention_probs(qr, keys, vis)
+                            sliding_window=lcfg.sliding_window)
+        probs = cattn.attention_probs(qr, keys, vis, softcap=cfg.attn_softcap)
         out = cattn.attend_cache(probs, entries["v"], inputs.h.dtype)
         if buffered:
             queries = jnp.concatenate([queries[:, 1:], q[:, :1].astype(queries.dtype)], 1)
         if policy is not None:
             entries = decode_update(policy, entries, probs, step=step, layer=inputs.index,
-                                    cfg=cfg, inv_freq=inv_freq, factor=factor,
+                                    cfg=lcfg, inv_freq=inv_freq, factor=factor,
                                     position=position, queries=queries, query_pos=query_pos)
         return out, (entries, queries), carry
 

@@ -20,8 +20,8 @@ from lcm.cache import attention as cattn
 from lcm.cache.kv import cache_rotation, entries_valid, rank_positions
 from lcm.cache.layouts import (layer_runs, pooled_attention, pooled_visible, write_pooled,
                                write_uniform, write_window)
-from lcm.model import embed, run_layers, unembed
-from lcm.positions import apply_rope, rope_frequencies
+from lcm.model import embed, rope_tables, run_layers, unembed
+from lcm.positions import apply_rope
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
 # A layered cache (PyramidKV: a capacity per layer) decodes as at most this many scans, each
@@ -34,31 +34,35 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
     """(logits float32 [B, vocab], cache) for tokens [B] at cache.next_pos; traced inside
     `decode_step_jit`'s jit. max_runs: scans of a layered cache (`layer_runs`)."""
     position = cache.next_pos
-    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(position) + 1)
+    tables = rope_tables(cfg, jnp.max(position) + 1)
     x = embed(params, tokens[:, None], cfg)
     store = {n: getattr(cache, n) for n in FIELDS if getattr(cache, n) is not None}
     groups = cache.num_heads // cfg.num_kv_heads  # > 1: one entry set per query head
+    softcap = cfg.attn_softcap
 
     def entry(inputs):  # the new entry of one layer: k, v [B, heads of the cache, D]
+        inv_freq, factor = tables[inputs.kind.rope]
         stored = apply_rope(inputs.k, position[:, None], inv_freq, factor)
         if cache.rotation == "cache":
             stored = inputs.k
         stored = jnp.repeat(stored, groups, axis=2)
         return stored[:, 0], jnp.repeat(inputs.v, groups, axis=2)[:, 0]
 
-    def read(q, entries):
+    def read(inputs, entries):
+        q, window = inputs.q, cfg.layer_config(inputs.kind).sliding_window
+        inv_freq, factor = tables[inputs.kind.rope]
         if cache.head is not None:
             qr = apply_rope(q, position[:, None], inv_freq, factor)
-            vis = pooled_visible(entries, position, sliding_window=cfg.sliding_window)
-            return pooled_attention(qr, entries["k"], entries["v"], vis)
+            vis = pooled_visible(entries, position, sliding_window=window)
+            return pooled_attention(qr, entries["k"], entries["v"], vis, softcap=softcap)
         q_pos, keys, k_pos = position[:, None], entries["k"], entries["pos"]
         if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
             q_pos, keys = cache_rotation(entries, inv_freq, factor)
             k_pos = rank_positions(entries)
         qr = rotate_queries(q, q_pos, inv_freq, factor)
-        vis = cattn.visible(q_pos, k_pos, entries_valid(entries),
-                            sliding_window=cfg.sliding_window)
-        return cattn.attend_cache(cattn.attention_probs(qr, keys, vis), entries["v"], q.dtype)
+        vis = cattn.visible(q_pos, k_pos, entries_valid(entries), sliding_window=window)
+        probs = cattn.attention_probs(qr, keys, vis, softcap=softcap)
+        return cattn.attend_cache(probs, entries["v"], q.dtype)
 
     if cache.layer_slots is not None:  # runs of layers, each scanned through one window
         for first, count, window in layer_runs(cache.layer_slots, max_runs):
@@ -71,18 +75,18 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
                 k, v = entry(inputs)
                 store, entries = write_window(store, inputs.index, start, size, window, k, v,
                                               position)
-                return read(inputs.q, entries), None, store
+                return read(inputs, entries), None, store
 
             x, _, store = run_layers(
                 x, jax.tree.map(lambda a: a[first:first + count], params["layers"]), cfg,
-                attention, xs=xs, carry=store, indices=jnp.asarray(layers, jnp.int32))
+                attention, xs=xs, carry=store, first=first)
     else:
         write = write_pooled if cache.head is not None else write_uniform
 
         def attention(inputs, xs, store):
             k, v = entry(inputs)
             store, entries = write(store, inputs.index, k, v, position)
-            return read(inputs.q, entries), None, store
+            return read(inputs, entries), None, store
 
         x, _, store = run_layers(x, params["layers"], cfg, attention, carry=store)
     logits = unembed(params, x, cfg)[:, 0]

@@ -1,4 +1,6 @@
-"""Hugging Face checkpoints (Llama, Qwen2, Mistral; config.json + safetensors) <-> lcm params.
+"""Hugging Face checkpoints (config.json + safetensors) <-> lcm params: Llama, Qwen2, Qwen3,
+Mistral, Ministral, Gemma 2, Gemma 3 (text, and the text tower of a multimodal checkpoint) and
+Phi-3 (see `lcm.io.hf_config` for what each family reads).
 
 A directory holds `config.json` and either `model.safetensors` or `model.safetensors.index.json`
 naming its shards. HF linear weights are stored `[out, in]` (the layer computes `x @ W.T`); lcm
@@ -36,19 +38,41 @@ _FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
 # Old Llama checkpoints saved RoPE's inverse frequencies as buffers: derived values, not weights.
 _IGNORED_SUFFIX = ".rotary_emb.inv_freq"
 
-# (lcm key, HF name, kind), in the order of HF's modules (save_pretrained shards in that order).
-# kind: "same" keeps the shape; "flat" flattens the heads (biases); an int n marks a linear weight
-# whose first n lcm dims are its inputs, stored by HF as [prod(out dims), prod(in dims)].
-_LAYER_TENSORS = (
-    ("wq", "self_attn.q_proj.weight", 1), ("bq", "self_attn.q_proj.bias", "flat"),
-    ("wk", "self_attn.k_proj.weight", 1), ("bk", "self_attn.k_proj.bias", "flat"),
-    ("wv", "self_attn.v_proj.weight", 1), ("bv", "self_attn.v_proj.bias", "flat"),
-    ("wo", "self_attn.o_proj.weight", 2),
-    ("w_gate", "mlp.gate_proj.weight", 1), ("w_up", "mlp.up_proj.weight", 1),
-    ("w_down", "mlp.down_proj.weight", 1),
-    ("attn_norm", "input_layernorm.weight", "same"),
-    ("mlp_norm", "post_attention_layernorm.weight", "same"),
-)
+# An HF tensor is one or more lcm tensors ("parts"; Phi-3 fuses q/k/v and gate/up), each
+# (lcm key, kind). kind: "same" keeps the shape; "flat" flattens the heads (biases); an int n
+# marks a linear weight whose first n lcm dims are its inputs, stored by HF as
+# [prod(out dims), prod(in dims)]. Fused parts are concatenated along HF's first axis.
+_GEMMA_NORMS = (("attn_norm", "input_layernorm.weight"),
+                ("post_attn_norm", "post_attention_layernorm.weight"),
+                ("mlp_norm", "pre_feedforward_layernorm.weight"),
+                ("post_mlp_norm", "post_feedforward_layernorm.weight"))
+_NORMS = (("attn_norm", "input_layernorm.weight"), ("mlp_norm", "post_attention_layernorm.weight"))
+# Prefixes of a Gemma 3 multimodal checkpoint's text tower (transformers 5, then 4.x names), and
+# of the tensors of its other towers, which loading its text model skips.
+_TEXT_TOWERS = ("model.language_model.", "language_model.model.")
+_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                 "model.multi_modal_projector.")
+
+
+def _layer_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[tuple[str, object], ...]]]:
+    """(HF name inside a layer, parts) in the order of HF's modules (save_pretrained shards in
+    that order); the parts whose lcm key `cfg` lacks are left out."""
+    fused = cfg.architecture == "phi3"
+    attn = ([("self_attn.qkv_proj.weight", (("wq", 1), ("wk", 1), ("wv", 1)))] if fused else
+            [("self_attn.q_proj.weight", (("wq", 1),)), ("self_attn.k_proj.weight", (("wk", 1),)),
+             ("self_attn.v_proj.weight", (("wv", 1),))])
+    attn += [("self_attn.q_proj.bias", (("bq", "flat"),)),
+             ("self_attn.k_proj.bias", (("bk", "flat"),)),
+             ("self_attn.v_proj.bias", (("bv", "flat"),)),
+             ("self_attn.o_proj.weight", (("wo", 2),)),
+             ("self_attn.o_proj.bias", (("bo", "same"),)),
+             ("self_attn.q_norm.weight", (("q_norm", "same"),)),
+             ("self_attn.k_norm.weight", (("k_norm", "same"),))]
+    mlp = ([("mlp.gate_up_proj.weight", (("w_gate", 1), ("w_up", 1)))] if fused else
+           [("mlp.gate_proj.weight", (("w_gate", 1),)), ("mlp.up_proj.weight", (("w_up", 1),))])
+    mlp += [("mlp.down_proj.weight", (("w_down", 1),))]
+    norms = [(name, ((key, "same"),)) for key, name in (_GEMMA_NORMS if cfg.post_norms else _NORMS)]
+    return attn + mlp + norms
 
 
 # ----------------------------------------------------------------------------- tensor layout
@@ -61,6 +85,12 @@ def _hf_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
     return (math.prod(shape[kind:]), math.prod(shape[:kind]))
 
 
+def _fused_shape(parts) -> tuple[int, ...]:
+    """The HF shape of an HF tensor made of `parts` [(key, layer, lcm shape, kind)]."""
+    shapes = [_hf_shape(shape, kind) for _, _, shape, kind in parts]
+    return (sum(s[0] for s in shapes),) + shapes[0][1:]
+
+
 def _to_lcm(x: np.ndarray, shape: tuple[int, ...], kind) -> np.ndarray:
     return x.T.reshape(shape) if isinstance(kind, int) else x.reshape(shape)
 
@@ -71,18 +101,21 @@ def _to_hf(x: np.ndarray, kind) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1) if kind == "flat" else x)
 
 
-def _layout(cfg: ModelConfig) -> dict:
-    """HF name -> (lcm key path, layer index or None, lcm shape of the slice, kind), in HF order."""
+def _layout(cfg: ModelConfig, prefix: str = "model.", head: str = "lm_head.weight") -> dict:
+    """HF name -> its parts [(lcm key path, layer index or None, lcm shape of the slice, kind)],
+    in HF order. prefix: where the decoder's tensors sit; head: the LM head's name."""
     specs = param_specs(cfg)
-    out = {"model.embed_tokens.weight": (("embed",), None, specs["embed"].shape, "same")}
+    out = {f"{prefix}embed_tokens.weight": [(("embed",), None, specs["embed"].shape, "same")]}
     for i in range(cfg.num_layers):
-        for key, name, kind in _LAYER_TENSORS:
-            if key in specs["layers"]:
-                spec = specs["layers"][key]
-                out[f"model.layers.{i}.{name}"] = (("layers", key), i, spec.shape[1:], kind)
-    out["model.norm.weight"] = (("final_norm",), None, specs["final_norm"].shape, "same")
+        for name, parts in _layer_tensors(cfg):
+            have = [(key, kind) for key, kind in parts if key in specs["layers"]]
+            if have:
+                out[f"{prefix}layers.{i}.{name}"] = [
+                    (("layers", key), i, specs["layers"][key].shape[1:], kind)
+                    for key, kind in have]
+    out[f"{prefix}norm.weight"] = [(("final_norm",), None, specs["final_norm"].shape, "same")]
     if "lm_head" in specs:
-        out["lm_head.weight"] = (("lm_head",), None, specs["lm_head"].shape, 1)
+        out[head] = [(("lm_head",), None, specs["lm_head"].shape, 1)]
     return out
 
 
@@ -178,7 +211,7 @@ def _check_tensors(found: dict, expected: dict, optional: dict) -> None:
 # ----------------------------------------------------------------------------- public API
 
 def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
-    """Reads a Llama/Qwen2/Mistral checkpoint directory into `(cfg, params)`.
+    """Reads a checkpoint directory of a supported family (module docstring) into `(cfg, params)`.
 
     Params follow `lcm.model.params.param_specs(cfg)`, cast to `dtype` (cfg.dtype and
     cfg.param_dtype are set to it). Headers, names and shapes are all checked before any data is
@@ -196,10 +229,16 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
         raise ValueError(f"{path / _CONFIG}: expected a JSON object, got {type(hf).__name__}")
     cfg = config_from_hf(hf, path / _CONFIG, dtype_name)
 
-    layout, found = _layout(cfg), _read_headers(path)
+    found = _read_headers(path)
+    prefix, head = "model.", "lm_head.weight"
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # a multimodal checkpoint
+        prefix = next((p for p in _TEXT_TOWERS if f"{p}embed_tokens.weight" in found), prefix)
+        head = "language_model.lm_head.weight" if prefix == _TEXT_TOWERS[1] else head
+        found = {n: v for n, v in found.items() if not n.startswith(_OTHER_TOWERS)}
+    layout = _layout(cfg, prefix, head)
     # A tied checkpoint may still carry lm_head.weight; it must then equal the embedding.
-    tied = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_embeddings else {}
-    _check_tensors(found, {n: _hf_shape(s, k) for n, (_, _, s, k) in layout.items()}, tied)
+    tied = {head: (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_embeddings else {}
+    _check_tensors(found, {n: _fused_shape(parts) for n, parts in layout.items()}, tied)
 
     np_dtype = jnp.dtype(dtype_name)
     specs = flatten_params(param_specs(cfg))
@@ -213,9 +252,12 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
                     if name in tied:
                         tied_head = f.get_tensor(name)
                     elif name in layout:
-                        key, layer, shape, kind = layout[name]
-                        value = _to_lcm(f.get_tensor(name), shape, kind)
-                        host[key][... if layer is None else layer] = value  # casts to np_dtype
+                        value, row = f.get_tensor(name), 0
+                        for key, layer, shape, kind in layout[name]:
+                            rows = _hf_shape(shape, kind)[0]
+                            part = _to_lcm(value[row:row + rows], shape, kind)
+                            host[key][... if layer is None else layer] = part  # casts
+                            row += rows
         except (safetensors.SafetensorError, TypeError) as e:  # TypeError: an old safetensors
             raise ValueError(f"{file}: safetensors could not read it ({e})") from e
     if tied_head is not None and not np.array_equal(tied_head.astype(np_dtype), host["embed",]):
@@ -246,8 +288,8 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *, max_shard_bytes:
     config = config_to_hf(cfg, host["embed",].dtype.name)
 
     layout = _layout(cfg)
-    sizes = {name: math.prod(shape) * host[key].dtype.itemsize
-             for name, (key, _, shape, _) in layout.items()}
+    sizes = {name: sum(math.prod(shape) * host[key].dtype.itemsize for key, _, shape, _ in parts)
+             for name, parts in layout.items()}
     shards, filled = [[]], 0
     for name in layout:
         if max_shard_bytes is not None and shards[-1] and filled + sizes[name] > max_shard_bytes:
@@ -264,14 +306,15 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *, max_shard_bytes:
         for file, names in zip(files, shards):
             tensors = {}
             for name in names:
-                key, layer, _, kind = layout[name]
-                tensors[name] = _to_hf(host[key] if layer is None else host[key][layer], kind)
+                tensors[name] = np.concatenate([
+                    _to_hf(host[key] if layer is None else host[key][layer], kind)
+                    for key, layer, _, kind in layout[name]])
             # transformers refuses safetensors files whose metadata lacks a known "format".
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             # safetensors creates 0o600 files; give them the umask's mode, as mkdir gave `tmp`.
             os.chmod(tmp / file, tmp.stat().st_mode & 0o666)
         if len(files) > 1:
-            count = sum(math.prod(shape) for _, _, shape, _ in layout.values())
+            count = sum(math.prod(shape) for parts in layout.values() for _, _, shape, _ in parts)
             index = {"metadata": {"total_parameters": count, "total_size": sum(sizes.values())},
                      "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
             (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

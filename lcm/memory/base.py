@@ -65,6 +65,12 @@ class Memory:
         if cfg.positions.type != "rope":
             raise ValueError(f"memory={self!r} needs RoPE positions; cfg.positions.type="
                              f"{cfg.positions.type!r} (set PositionConfig(type='rope'))")
+        if cfg.attn_softcap is not None:
+            raise ValueError(f"memory={self!r} with cfg.attn_softcap={cfg.attn_softcap}: the "
+                             f"memory kinds' attention does not cap logits")
+        if "chunked_attention" in (cfg.layer_types or ()):
+            raise ValueError(f"memory={self!r} with 'chunked_attention' layers: not supported; "
+                             f"use full or sliding layers")
 
     def check_segment(self, segment_len: int) -> None:
         """Raises ValueError when this memory cannot run segments of `segment_len` tokens."""

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from lcm.config import ModelConfig
 from lcm.memory.base import Memory, NoMemory, SegmentContext
 from lcm.memory.scan import segment_scan
-from lcm.model import (WeightSpec, check_params, check_token_ids, embed, identity, run_layers,
-                       unembed)
-from lcm.positions import rope_frequencies
+from lcm.model import (WeightSpec, check_params, check_token_ids, embed, identity, rope_tables,
+                       run_layers, unembed)
 
 
 def _is_spec(x):
@@ -181,7 +180,8 @@ def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, v
         x, positions, valid = memory.read(mstate, memory_params, x, valid, cfg)
     # Length-dependent RoPE (dynamic, longrope) sees this segment's largest position + 1; a table
     # switch invalidates cached keys, as for the KV cache.
-    inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(positions) + 1)
+    tables = rope_tables(cfg, jnp.max(positions) + 1)
+    inv_freq, attention_factor = tables[cfg.layer_kinds[0].rope]
     ctx = SegmentContext(cfg=cfg, positions=positions, valid=valid, inv_freq=inv_freq,
                          attention_factor=attention_factor, shard=shard)
     layer_states = jax.tree.map(lambda s: jnp.moveaxis(s, 1, 0), mstate.get("layers", {}))
@@ -191,7 +191,9 @@ def segment_forward(params, memory_params, cfg, memory: Memory, carry, tokens, v
         mp, ls = xs
         out, ls, carried = memory.carried_layer(
             ls, carried, mp, inputs.h, inputs.q, inputs.k, inputs.v,
-            dataclasses.replace(ctx, layer=inputs.index))
+            dataclasses.replace(ctx, layer=inputs.index, cfg=cfg.layer_config(inputs.kind),
+                                inv_freq=tables[inputs.kind.rope][0],
+                                attention_factor=tables[inputs.kind.rope][1]))
         return out, ls, carried
 
     # "carried": state that is not one slice per layer (e.g. kNN memory in a few layers only).

@@ -58,7 +58,8 @@ class RecurrentMemory(Memory):
         """Splits the decoder output: (segment hidden states [B, T, E], next state)."""
         n = self.num_mem_tokens
         T = x.shape[1] - 2 * n
-        new = rms_norm(x[:, n + T:], model_params["final_norm"], cfg.norm_eps)
+        new = rms_norm(x[:, n + T:], model_params["final_norm"], cfg.norm_eps,
+                       cfg.norm_weight_offset)
         return x[:, n:n + T], dict(state, tokens=new.astype(state["tokens"].dtype))
 
     def layer(self, state, params, h, q, k, v, ctx):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcm.attention import Causal, Document, Local
+from lcm.attention import Document
 from lcm.attention.ring import context_axis_size, ring_order_for
 from lcm.config import ModelConfig
 from lcm.model.checks import check_params, check_token_ids
-from lcm.model.layers import identity, rms_norm, run_layers, self_attention
-from lcm.positions import rope_frequencies
+from lcm.model.layers import identity, rms_norm, rope_tables, run_layers, self_attention
 
 def segment_positions(segment_ids):
     """Positions that restart at 0 at each new segment. segment_ids [B, T] -> [B, T] int32.
@@ -47,18 +46,19 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
         # Context parallelism: into the ring order once here, logits back once at the end.
         # Segment ids stay in order: ring attention reads them there (replicated per device).
         tokens, positions = order.to_ring(tokens), order.to_ring(positions)
-    mask = Causal() if cfg.sliding_window is None else Local(cfg.sliding_window)
-    if segment_ids is not None:
-        mask = mask & Document(segment_ids)
+    document = None if segment_ids is None else Document(segment_ids)
     # Length-dependent RoPE (dynamic, longrope) sees the largest position + 1, as transformers.
-    inv_freq, attention_factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(positions) + 1)
+    tables = rope_tables(cfg, jnp.max(positions) + 1)
 
     x = shard(embed(params, tokens, cfg), ("batch", "seq", "embed"))
 
     def attention(inputs, xs, carry):
+        mask = inputs.kind.mask() if document is None else inputs.kind.mask() & document
+        inv_freq, attention_factor = tables[inputs.kind.rope]
         out = self_attention(inputs.q, inputs.k, inputs.v, positions=positions,
                              inv_freq=inv_freq, attention_factor=attention_factor, mask=mask,
-                             attention=cfg.attention, position=cfg.positions, ring_order=order)
+                             attention=cfg.attention, position=cfg.positions, ring_order=order,
+                             softcap=cfg.attn_softcap)
         return out, None, carry
 
     x, _, _ = run_layers(x, params["layers"], cfg, attention, remat=cfg.remat, shard=shard)
@@ -81,18 +81,31 @@ def _context_order(length, cfg: ModelConfig):
 
 
 def embed(params, tokens, cfg: ModelConfig):
-    """Token embeddings in the compute dtype. tokens [B, T] -> [B, T, E]."""
-    return params["embed"].astype(cfg.compute_dtype)[tokens]
+    """Token embeddings in the compute dtype. tokens [B, T] -> [B, T, E].
+
+    With `cfg.embed_scale` (Gemma) they are multiplied by sqrt(hidden_size) rounded to the
+    compute dtype, as transformers does.
+    """
+    x = params["embed"].astype(cfg.compute_dtype)[tokens]
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+    return x
 
 
 def unembed(params, x, cfg: ModelConfig):
-    """Final norm and LM head (tied or not). x [B, T, E] -> logits [B, T, vocab] float32."""
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    """Final norm and LM head (tied or not). x [B, T, E] -> logits [B, T, vocab] float32.
+
+    With `cfg.final_softcap` (Gemma 2) the logits become cap * tanh(logits / cap).
+    """
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_weight_offset)
     if cfg.tie_embeddings:
         logits = jnp.einsum("bte,ve->btv", x, params["embed"].astype(x.dtype))
     else:
         logits = jnp.einsum("bte,ev->btv", x, params["lm_head"].astype(x.dtype))
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if cfg.final_softcap is not None:
+        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+    return logits
 
 
 def _check_forward_inputs(tokens, cfg, positions, segment_ids):

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lcm.attention import attend
-from lcm.positions import apply_rope, position_attention
+from lcm.config import LayerKind
+from lcm.positions import apply_rope, position_attention, rope_frequencies
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in backward
@@ -41,27 +42,47 @@ def identity(x, axes):
     return x
 
 
-def rms_norm(x, weight, eps):
-    """x [..., E] normalised by its root mean square (float32 statistics), times weight [E]."""
+def rms_norm(x, weight, eps, offset: float = 0.0):
+    """x [..., E] normalised by its root mean square (float32 statistics), times weight [E].
+
+    offset 0 (Llama): the normalised x is cast to x's dtype, then scaled by the weight; offset 1
+    (Gemma): scaled by 1 + weight in float32, then cast, as each family's transformers code.
+    weight None: no scale (Llama 4's L2 qk-norm).
+    """
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * xf.astype(x.dtype)
+    if weight is None:
+        return xf.astype(x.dtype)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    if offset:
+        return (xf * (offset + weight.astype(jnp.float32).reshape(shape))).astype(x.dtype)
+    return weight.astype(x.dtype).reshape(shape) * xf.astype(x.dtype)
 
 
-def swiglu_mlp(x, p, *, shard=identity):
-    """down(silu(x @ gate) * (x @ up)). x [B, T, E]."""
+def norm(x, p, name, cfg):
+    """The model's RMSNorm of x with the weight `p[name]`."""
+    return rms_norm(x, p[name], cfg.norm_eps, cfg.norm_weight_offset)
+
+
+def mlp(x, p, cfg, *, shard=identity):
+    """down(act(x @ gate) * (x @ up)): SwiGLU (silu) or GeGLU (tanh GELU). x [B, T, E]."""
     dt = x.dtype
     gate = jnp.einsum("bte,ef->btf", x, p["w_gate"].astype(dt))
     up = jnp.einsum("bte,ef->btf", x, p["w_up"].astype(dt))
-    h = shard(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    act = (jax.nn.silu(gate) if cfg.mlp_activation == "silu"
+           else jax.nn.gelu(gate, approximate=True))
+    h = shard(act * up, ("batch", "seq", "mlp"))
     return jnp.einsum("btf,fe->bte", h, p["w_down"].astype(dt))
 
 
-def project_qkv(x, p, *, shard=identity):
-    """The query, key and value projections (with Qwen2's biases), before RoPE.
+def project_qkv(x, p, cfg, *, shard=identity):
+    """The query, key and value projections as attention sees them, before RoPE.
 
-    x [B, T, E] -> q [B, T, H, D], k and v [B, T, K, D]. Decoders that keep their own K/V (the
-    KV cache, segment memories) reuse this and `project_out` around their attention.
+    x [B, T, E] -> q [B, T, H, D], k and v [B, T, K, D], with Qwen2's biases, the per-head
+    qk-norm (Qwen3, Gemma 3, Llama 4) and q already scaled by
+    sqrt(head_dim / query_pre_attn_scalar) (Gemma), so that every consumer's
+    head_dim ** -0.5 gives the model's logits. Decoders that keep their own K/V (the KV cache,
+    segment memories) receive these through `LayerInputs`.
     """
     dt = x.dtype
 
@@ -69,20 +90,50 @@ def project_qkv(x, p, *, shard=identity):
         y = jnp.einsum("bte,ehd->bthd", x, p[w].astype(dt))
         return y + p[b].astype(dt)[None, None] if b in p else y
 
-    q = shard(project("wq", "bq"), ("batch", "seq", "heads", "head_dim"))
-    k = shard(project("wk", "bk"), ("batch", "seq", "kv_heads", "head_dim"))
-    v = shard(project("wv", "bv"), ("batch", "seq", "kv_heads", "head_dim"))
+    q, k, v = project("wq", "bq"), project("wk", "bk"), project("wv", "bv")
+    if cfg.qk_norm is not None:
+        q = rms_norm(q, p.get("q_norm"), cfg.norm_eps, cfg.norm_weight_offset)
+        k = rms_norm(k, p.get("k_norm"), cfg.norm_eps, cfg.norm_weight_offset)
+    if cfg.query_pre_attn_scalar is not None:
+        q = q * jnp.asarray((cfg.head_dim / cfg.query_pre_attn_scalar) ** 0.5, dt)
+    q = shard(q, ("batch", "seq", "heads", "head_dim"))
+    k = shard(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = shard(v, ("batch", "seq", "kv_heads", "head_dim"))
     return q, k, v
 
 
-def project_out(out, p, *, shard=identity):
-    """The attention output projection. out [B, T, H, D] -> [B, T, E]."""
+def project_out(out, h, p, cfg, *, shard=identity):
+    """The attention output projection. out [B, T, H, D] -> [B, T, E].
+
+    h [B, T, E] is the layer's normalised input, read by the output gate (Qwen3-Next:
+    out * sigmoid(h @ wg)).
+    """
+    dt = out.dtype
+    if cfg.attn_output_gate:
+        gate = jnp.einsum("bte,ehd->bthd", h.astype(dt), p["wg"].astype(dt))
+        out = out * jax.nn.sigmoid(gate)
     out = shard(out, ("batch", "seq", "heads", "head_dim"))
-    return jnp.einsum("bthd,hde->bte", out, p["wo"].astype(out.dtype))
+    y = jnp.einsum("bthd,hde->bte", out, p["wo"].astype(dt))
+    return y + p["bo"].astype(dt)[None, None] if cfg.out_bias else y
+
+
+def rope_tables(cfg, seq_len):
+    """Each distinct RoPE of the model's layers -> `(inv_freq, attention_factor)`.
+
+    A layer's attention step reads its own with `tables[inputs.kind.rope]`; a layer without
+    RoPE (kind.rope None) maps to `(None, 1.0)`, which `rotate` passes through. seq_len: the
+    length the tables must cover (see `lcm.positions.rope_frequencies`).
+    """
+    tables = {}
+    for kind in cfg.layer_kinds:
+        if kind.rope not in tables:
+            tables[kind.rope] = ((None, 1.0) if kind.rope is None
+                                 else rope_frequencies(kind.rope, cfg.head_dim, seq_len))
+    return tables
 
 
 def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, attention,
-                   position=None, ring_order=None):
+                   position=None, ring_order=None, softcap=None):
     """The model's attention over its own tokens: RoPE (or a position method) then `attend`.
 
     q [B, T, H, D], k and v [B, T, K, D] before RoPE; positions [B, T]; returns [B, T, H, D].
@@ -91,9 +142,14 @@ def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, atte
     `lcm.positions.position_attention`). `ring_order`: for impl "ring" / "allgather", the
     RingOrder q, k, v and positions are already in (the decoder applies it once at its input;
     the mask's segment ids stay in the original order); None lets each call permute by
-    `attention.load_balance`.
+    `attention.load_balance`. inv_freq None: a layer without RoPE. softcap: the logits' cap
+    (Gemma 2) or None.
     """
     if position is not None and position.type != "rope":
+        if softcap is not None:
+            raise ValueError(f"PositionConfig(type={position.type!r}) with attn_softcap="
+                             f"{softcap}: the position methods do not cap logits; use type "
+                             f"'rope'")
         return position_attention(q, k, v, positions=positions, inv_freq=inv_freq,
                                   attention_factor=attention_factor, mask=mask,
                                   position=position, impl=attention.impl,
@@ -104,14 +160,17 @@ def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, atte
     if attention.context_parallel:
         balance["load_balance"] = attention.load_balance if ring_order is None else ring_order
     return attend(q, k, v, mask, impl=attention.impl, block_q=attention.block_q,
-                  block_k=attention.block_k, **balance)
+                  block_k=attention.block_k, softcap=softcap, **balance)
 
 class LayerInputs(NamedTuple):
     """What a layer's attention step receives.
 
     h [B, T, E]: the normalised layer input; q [B, T, H, D], k and v [B, T, K, D]: its
-    projections before RoPE; params: the layer's weights; index: the layer's index (an int32
-    scalar under `lax.scan`, a Python int when the layers are unrolled).
+    projections before RoPE (see `project_qkv`); params: the layer's weights; index: the
+    layer's index (an int32 scalar under `lax.scan`, a Python int when the layers are
+    unrolled); kind: its `lcm.config.LayerKind` (static): `kind.mask()` is its causal mask,
+    `kind.window` / `kind.chunk` what a cache must keep visible, `kind.rope` its RoPE (a key of
+    `rope_tables`).
     """
 
     h: jax.Array
@@ -120,62 +179,124 @@ class LayerInputs(NamedTuple):
     v: jax.Array
     params: dict
     index: Any
+    kind: LayerKind
 
 
 # attention(inputs, xs, carry) -> (out [B, T, H, D], ys, carry)
 AttentionStep = Callable[[LayerInputs, Any, Any], tuple[jax.Array, Any, Any]]
 
 
-def decoder_layer(x, p, cfg, *, attention: AttentionStep, index, xs=None, carry=None,
-                  shard=identity):
-    """One pre-norm decoder layer: x + attention(norm(x)), then x + MLP(norm(x)).
+def decoder_layer(x, p, cfg, *, attention: AttentionStep, index, kind: LayerKind | None = None,
+                  xs=None, carry=None, shard=identity):
+    """One decoder layer: x + attention(norm(x)), then x + MLP(norm(x)).
 
-    x [B, T, E]; p: the layer's weights; cfg: the ModelConfig. `attention(inputs, xs, carry)`
+    x [B, T, E]; p: the layer's weights; cfg: the ModelConfig; kind: the layer's LayerKind
+    (default `cfg.layer_kinds[index]`, index then a Python int). `attention(inputs, xs, carry)`
     is the attention step (RoPE, the backend, a cache or a memory: whatever the caller needs)
-    and returns `(out [B, T, H, D], ys, carry)`. Returns `(x [B, T, E], ys, carry)`.
+    and returns `(out [B, T, H, D], ys, carry)`. With `cfg.post_norms` (Gemma 2/3) the
+    attention and MLP outputs are normalised too before each residual add. Returns
+    `(x [B, T, E], ys, carry)`.
     """
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q, k, v = project_qkv(h, p, shard=shard)
-    out, ys, carry = attention(LayerInputs(h, q, k, v, p, index), xs, carry)
-    x = x + project_out(out.astype(x.dtype), p, shard=shard)
-    x = x + swiglu_mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p, shard=shard)
+    kind = cfg.layer_kinds[index] if kind is None else kind
+    h = norm(x, p, "attn_norm", cfg)
+    q, k, v = project_qkv(h, p, cfg, shard=shard)
+    out, ys, carry = attention(LayerInputs(h, q, k, v, p, index, kind), xs, carry)
+    y = project_out(out.astype(x.dtype), h, p, cfg, shard=shard)
+    x = x + (norm(y, p, "post_attn_norm", cfg) if cfg.post_norms else y)
+    y = mlp(norm(x, p, "mlp_norm", cfg), p, cfg, shard=shard)
+    x = x + (norm(y, p, "post_mlp_norm", cfg) if cfg.post_norms else y)
     return shard(x, ("batch", "seq", "embed")), ys, carry
 
 
-def run_layers(x, layers, cfg, attention: AttentionStep, *, xs=None, carry=None, indices=None,
+def schedule(kinds) -> tuple[tuple[int, int, int], ...]:
+    """How `run_layers` scans layers of several kinds: `((first, period, repeats), ...)`.
+
+    Each segment runs `repeats` scan steps over `period` consecutive layers whose kinds repeat
+    with that period, so its compiled body holds `period` layers whatever the depth. One kind:
+    one segment of period 1. A periodic schedule (Gemma 3: 5 sliding then 1 full) is its
+    smallest period repeated, and the leftover layers one more segment; anything else is split
+    into runs of equal kinds.
+    """
+    kinds = tuple(kinds)
+    n = len(kinds)
+    for period in range(1, n // 2 + 1):
+        if all(kinds[i] == kinds[i % period] for i in range(n)):
+            repeats, rest = divmod(n, period)
+            return ((0, period, repeats),) + (((repeats * period, rest, 1),) if rest else ())
+    segments, first = [], 0
+    for i in range(1, n + 1):
+        if i == n or kinds[i] != kinds[first]:
+            segments.append((first, 1, i - first))
+            first = i
+    return tuple(segments)
+
+
+def run_layers(x, layers, cfg, attention: AttentionStep, *, xs=None, carry=None, first: int = 0,
                unrolled: bool = False, remat: str = "none", shard=identity):
     """`decoder_layer` over stacked layers: `(x, ys, carry)`.
 
-    layers: the layers' weights with a leading layer axis (`params["layers"]`, or a slice of
-    it); xs: per-layer inputs of the attention step with the same leading axis (None for
-    none); carry: state threaded from layer to layer; indices [L] int32: each layer's index
-    (default 0..L-1). The layers run under `lax.scan`, so compile time does not grow with
-    depth; `unrolled=True` runs a Python loop instead, for per-layer states of different
-    shapes (xs then a tuple with one entry per layer, ys returned as such a tuple, indices
-    Python ints). remat: "none", or a `ModelConfig.remat` policy ("full", "dots", "offload")
-    that rematerialises each layer in the backward pass; the layer's input is named
-    "layer_input", which "offload" moves to host memory.
+    layers: the layers' weights with a leading layer axis (`params["layers"]`, or the slice of
+    it that starts at layer `first`); xs: per-layer inputs of the attention step with the same
+    leading axis (None for none); carry: state threaded from layer to layer. The layers run
+    under `lax.scan` (one scan per segment of `schedule(cfg.layer_kinds)`), so compile time
+    does not grow with depth; ys come back stacked over all the layers. `unrolled=True` runs a
+    Python loop instead, for per-layer states of different shapes (xs then a tuple with one
+    entry per layer, ys returned as such a tuple, indices Python ints). remat: "none", or a
+    `ModelConfig.remat` policy ("full", "dots", "offload") that rematerialises each layer in
+    the backward pass; the layer's input is named "layer_input", which "offload" moves to host
+    memory.
     """
     num_layers = jax.tree.leaves(layers)[0].shape[0]
-    if indices is None:
-        indices = (range(num_layers) if unrolled else jnp.arange(num_layers, dtype=jnp.int32))
+    kinds = cfg.layer_kinds[first:first + num_layers]
+    if len(kinds) != num_layers:
+        raise ValueError(f"run_layers: {num_layers} layers from layer {first} but cfg has "
+                         f"{cfg.num_layers}")
 
-    def layer(carried, per_layer):
-        x, carry = carried
-        p, layer_xs, index = per_layer
+    def layer(x, carry, p, layer_xs, index, kind):
         x = checkpoint_name(x, "layer_input")  # the name remat="offload" moves to the host
-        x, ys, carry = decoder_layer(x, p, cfg, attention=attention, index=index, xs=layer_xs,
-                                     carry=carry, shard=shard)
-        return (x, carry), ys
+        return decoder_layer(x, p, cfg, attention=attention, index=index, kind=kind,
+                             xs=layer_xs, carry=carry, shard=shard)
 
     if remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat])
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], static_argnums=(5,))
     if unrolled:
         outputs = []
-        for i, index in enumerate(indices):
+        for i in range(num_layers):
             p = jax.tree.map(lambda a, i=i: a[i], layers)
-            (x, carry), ys = layer((x, carry), (p, None if xs is None else xs[i], index))
+            x, ys, carry = layer(x, carry, p, None if xs is None else xs[i], first + i, kinds[i])
             outputs.append(ys)
         return x, tuple(outputs), carry
-    (x, carry), ys = jax.lax.scan(layer, (x, carry), (layers, xs, indices))
+
+    all_ys = []
+    for start, period, repeats in schedule(kinds):
+        count = period * repeats
+
+        def segment(a, start=start, count=count, period=period, repeats=repeats):
+            a = jax.lax.slice_in_dim(a, start, start + count)
+            return a if period == 1 else a.reshape((repeats, period) + a.shape[1:])
+
+        seg_layers = jax.tree.map(segment, layers)
+        seg_xs = jax.tree.map(segment, xs)
+        steps = first + start + period * jnp.arange(repeats, dtype=jnp.int32)
+
+        def body(carried, per_step, start=start, period=period):
+            x, carry = carried
+            p, step_xs, step = per_step
+            if period == 1:
+                x, ys, carry = layer(x, carry, p, step_xs, step, kinds[start])
+                return (x, carry), ys
+            outs = []
+            for j in range(period):
+                pj = jax.tree.map(lambda a, j=j: a[j], p)
+                xj = jax.tree.map(lambda a, j=j: a[j], step_xs)
+                x, ys, carry = layer(x, carry, pj, xj, step + j, kinds[start + j])
+                outs.append(ys)
+            return (x, carry), jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        (x, carry), ys = jax.lax.scan(body, (x, carry), (seg_layers, seg_xs, steps))
+        if period > 1:
+            ys = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), ys)
+        all_ys.append(ys)
+    ys = all_ys[0] if len(all_ys) == 1 else jax.tree.map(
+        lambda *a: jnp.concatenate(a), *all_ys)
     return x, ys, carry

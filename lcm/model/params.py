@@ -9,7 +9,10 @@ decoder runs its layers under `jax.lax.scan` (compile time does not grow with de
             "attn_norm": [layers, embed]
             "wq":        [layers, embed, heads, head_dim]      (+ "bq": [layers, heads, head_dim])
             "wk", "wv":  [layers, embed, kv_heads, head_dim]   (+ "bk", "bv" with qkv_bias)
-            "wo":        [layers, heads, head_dim, embed]
+            "q_norm", "k_norm": [layers, head_dim]             (qk_norm="rms")
+            "wg":        [layers, embed, heads, head_dim]      (attn_output_gate)
+            "wo":        [layers, heads, head_dim, embed]      (+ "bo": [layers, embed], out_bias)
+            "post_attn_norm", "post_mlp_norm": [layers, embed] (post_norms)
             "mlp_norm":  [layers, embed]
             "w_gate", "w_up": [layers, embed, mlp]
             "w_down":    [layers, mlp, embed]
@@ -62,14 +65,28 @@ def param_specs(cfg: ModelConfig) -> dict:
         "w_up": WeightSpec((L, E, F), ("layers", "embed", "mlp"), fan_in=E),
         "w_down": WeightSpec((L, F, E), ("layers", "mlp", "embed"), fan_in=F),
     }
+    norm = "ones" if cfg.norm_weight_offset == 0 else "zeros"  # Gemma scales by 1 + w
+    for name in ("attn_norm", "mlp_norm"):
+        layers[name] = WeightSpec((L, E), ("layers", "embed"), norm)
     if cfg.qkv_bias:
         layers["bq"] = WeightSpec((L, H, D), ("layers", "heads", "head_dim"), "zeros")
         layers["bk"] = WeightSpec((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
         layers["bv"] = WeightSpec((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.out_bias:
+        layers["bo"] = WeightSpec((L, E), ("layers", "embed"), "zeros")
+    if cfg.qk_norm == "rms":
+        layers["q_norm"] = WeightSpec((L, D), ("layers", "head_dim"), norm)
+        layers["k_norm"] = WeightSpec((L, D), ("layers", "head_dim"), norm)
+    if cfg.attn_output_gate:
+        layers["wg"] = WeightSpec((L, E, H, D), ("layers", "embed", "heads", "head_dim"),
+                                  fan_in=E)
+    if cfg.post_norms:
+        layers["post_attn_norm"] = WeightSpec((L, E), ("layers", "embed"), norm)
+        layers["post_mlp_norm"] = WeightSpec((L, E), ("layers", "embed"), norm)
     specs = {
         "embed": WeightSpec((V, E), ("vocab", "embed")),
         "layers": layers,
-        "final_norm": WeightSpec((E,), ("embed",), "ones"),
+        "final_norm": WeightSpec((E,), ("embed",), norm),
     }
     if not cfg.tie_embeddings:
         specs["lm_head"] = WeightSpec((E, V), ("embed", "vocab"), fan_in=E)

@@ -201,9 +201,12 @@ def apply_rope(x, positions, inv_freq, attention_factor=1.0, *, layout="half"):
 
     layout="half" pairs feature i with i + R/2 (Llama/HF "rotate_half"); "interleaved" pairs
     2i with 2i+1 (GPT-J, Meta's original Llama). Angles are float32 whatever x's dtype.
+    inv_freq None returns x unchanged (a layer without RoPE; see `lcm.model.rope_tables`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {list(LAYOUTS)}")
+    if inv_freq is None:
+        return x
     inv_freq = jnp.asarray(inv_freq)
     rotary = 2 * inv_freq.shape[-1] if inv_freq.ndim == 1 else 0
     if not 0 < rotary <= x.shape[-1]:

@@ -21,9 +21,11 @@ from lcm.model import forward, param_shapes
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "hf"
 NAMES = ["llama", "qwen2", "mistral", "llama_sharded"]
+# Made by make_hf_family_fixtures.py: one feature set each (see its docstring).
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "ministral"]
 # config.json keys whose values lcm cannot know (no tokenizer, no init, no transformers).
-UNKNOWABLE = {"bos_token_id", "eos_token_id", "initializer_range", "max_window_layers",
-              "transformers_version"}
+UNKNOWABLE = {"bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+              "max_window_layers", "transformers_version"}
 
 
 def hf_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -104,7 +106,7 @@ def test_layout_follows_hf(name):
         np.testing.assert_array_equal(params["lm_head"], raw["lm_head.weight"].T)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILIES + ["gemma3_mm"])
 def test_forward_matches_transformers(name):
     cfg, params = load_hf_checkpoint(FIXTURES / name)
     expected = np.load(FIXTURES / name / "expected.npz")
@@ -151,7 +153,7 @@ def test_rotary_inv_freq_buffers_are_ignored(copy_of):
 
 # ----------------------------------------------------------------------------- export
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILIES)
 def test_export_matches_transformers_files(tmp_path, name):
     """Re-exporting a fixture gives transformers' own tensors, bit for bit, and its config keys."""
     cfg, params = load_hf_checkpoint(FIXTURES / name)
@@ -320,12 +322,14 @@ def test_missing_files(copy_of, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; expected one of \['llama', "
-                              r"'mistral', 'qwen2'\]"),
+    (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; expected one of \['gemma2', "
+                              r"'gemma3_text', 'llama', 'ministral', 'mistral', 'phi3', 'qwen2', "
+                              r"'qwen3'\]"),
     (dict(rope_parameters={"rope_type": "xpos", "rope_theta": 1e4}),
      "rope_type='xpos' is not supported"),
     (dict(rope_scaling={"type": "linear"}), "rope_scaling lacks 'factor'"),
-    (dict(attention_bias=True), "attention_bias=true is not supported yet"),
+    (dict(mlp_bias=True), "mlp_bias=true is not supported"),
+    (dict(num_local_experts=8), "mixture-of-experts layers are not supported"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(num_attention_heads=3), "num_heads=3 must be a multiple of num_kv_heads=2"),
     (dict(vocab_size=None), r"lacks \['vocab_size'\]"),
@@ -339,11 +343,20 @@ def test_unsupported_config(copy_of, changes, message):
     assert "config.json" in str(info.value)
 
 
-def test_qwen2_sliding_window_is_refused(copy_of):
+def test_unsupported_layer_type_is_refused(copy_of):
     path = copy_of("qwen2")
-    edit_config(path, use_sliding_window=True, sliding_window=8)
-    with pytest.raises(ValueError, match="use_sliding_window=true .* is not supported for qwen2"):
+    edit_config(path, layer_types=["full_attention", "chunked_attention"])
+    with pytest.raises(ValueError, match=r"layer_types holds \['chunked_attention'\]"):
         load_hf_checkpoint(path)
+
+
+def test_qwen2_sliding_window_windows_the_top_layers(copy_of):
+    path = copy_of("qwen2")
+    edit_config(path, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                layer_types=None)
+    cfg, _ = load_hf_checkpoint(path)
+    assert cfg.layer_types == ("full_attention", "sliding_attention")
+    assert [k.window for k in cfg.layer_kinds] == [None, 8]
 
 
 def test_bad_dtype_argument():

@@ -21,8 +21,8 @@ from lcm.model import forward, init_params
 LCM = Path(lcm.__file__).parent
 LAYER_FILE = LCM / "model" / "layers.py"
 # The parts of a layer body: only lcm/model/layers.py may use them.
-LAYER_PARTS = {"project_qkv", "project_out", "swiglu_mlp"}
-LAYER_WEIGHTS = {"attn_norm", "mlp_norm"}
+LAYER_PARTS = {"project_qkv", "project_out", "mlp"}
+LAYER_WEIGHTS = {"attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm"}
 
 # A shape no other test uses, so no jitted function has this cfg cached before the patch.
 CFG = ModelConfig(vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -33,6 +33,10 @@ task), plus heatmaps_<task>.png with every run side by side. Overrides:
                                                batch_tokens // padded prompt length (at least 1)
     --config.model=tiny                        a small random model + byte tokenizer (smoke
                                                tests; scores are meaningless)
+    --config.model=/path/to/checkpoint         any model lcm.io.load_pretrained reads: a
+                                               Hugging Face directory (Llama, Qwen2/3, Mistral,
+                                               Ministral, Gemma 2/3, Phi-3) with its
+                                               tokenizer.json, or a .gguf file
 
 Full size (hours on a CPU, minutes on an accelerator):
     --config.depths='(0.0,0.25,0.5,0.75,1.0)' --config.long_depths='(0.0,0.25,0.5,0.75,1.0)' \\

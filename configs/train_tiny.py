@@ -11,6 +11,8 @@ laptop CPU; its loss falls from ~4.0 to ~3.3 as the model learns to copy the rep
     --config.data.source=/path/docs.jsonl --config.data.tokenizer=bytes   (a local file)
     --config.init=smollm2 --config.data.tokenizer=model   (fine-tune SmolLM2-135M; set
                                        model fields to None except remat/dtype/attention)
+    --config.init=/path/to/checkpoint  (fine-tune a Hugging Face directory or .gguf file:
+                                       lcm.io.load_pretrained)
     --config.optimizer.learning_rate=1e-2 --config.optimizer.accumulation_steps=2
     --config.mesh='(2,2,1,1)'          data, fsdp, tensor, context (default: all on data)
     --config.tensorboard=True          also write TensorBoard events

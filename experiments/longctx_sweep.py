@@ -46,19 +46,26 @@ MODELS = ("smollm2", "tiny")
 
 
 def load_model(name: str, seed: int):
-    """(cfg, params, tokenizer): SmolLM2-135M-Instruct, or a small random model for smoke tests."""
-    if name == "smollm2":
-        from lcm.io import load_smollm2
-        return load_smollm2()
-    if name == "tiny":
-        from lcm.config import AttentionConfig
-        from lcm.model import init_params
-        cfg = ModelConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
-                          max_position_embeddings=512,
-                          attention=AttentionConfig(impl="xla", block_q=64, block_k=64))
-        return cfg, init_params(cfg, jax.random.key(seed))[0], ByteTokenizer()
-    raise ValueError(f"config.model={name!r}; expected one of {list(MODELS)}")
+    """(cfg, params, tokenizer): "tiny" (a small random model for smoke tests), or what
+    `lcm.io.load_pretrained` reads: "smollm2" (SmolLM2-135M-Instruct, embedded), a Hugging Face
+    checkpoint directory with its tokenizer.json, or a .gguf file."""
+    if name != "tiny":
+        from lcm.io import load_pretrained
+        if name not in MODELS and not os.path.exists(name):
+            raise ValueError(f"config.model={name!r}; expected one of {list(MODELS)} or the "
+                             f"path of a checkpoint directory or .gguf file")
+        cfg, params, tokenizer = load_pretrained(name)
+        if tokenizer is None:
+            raise ValueError(f"config.model={name!r} has no tokenizer.json; the sweep's tasks "
+                             f"are text")
+        return cfg, params, tokenizer
+    from lcm.config import AttentionConfig
+    from lcm.model import init_params
+    cfg = ModelConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                      max_position_embeddings=512,
+                      attention=AttentionConfig(impl="xla", block_q=64, block_k=64))
+    return cfg, init_params(cfg, jax.random.key(seed))[0], ByteTokenizer()
 
 
 def extended_config(cfg: ModelConfig, extension: str, longest: int, config) -> ModelConfig:

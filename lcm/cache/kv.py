@@ -276,6 +276,31 @@ def cache_rotation(entries, inv_freq, factor):
     return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)
 
 
+def window_entries(entries, lengths, size: int):
+    """The last `size` entries of each row of an uncompressed layer (`prompt_entries`): what a
+    sliding-window layer keeps ({k, v [B, K, size, D], pos, length}, slots in position order).
+    Decoding into `size` >= window slots then overwrites the oldest entry, which the window no
+    longer sees: a ring buffer."""
+    T = entries["pos"].shape[-1]
+    start = jnp.maximum(lengths - size, 0)  # [B]
+    idx = start[:, None] + jnp.arange(size, dtype=jnp.int32)[None]  # [B, size]
+    keep = idx < lengths[:, None]
+    idx = jnp.minimum(idx, T - 1)
+
+    def take(x, fill):
+        got = jnp.take_along_axis(x, idx.reshape(idx.shape[:1] + (1, size) + (1,) * (
+            x.ndim - 3)), axis=2)
+        mask = keep.reshape(keep.shape[:1] + (1, size) + (1,) * (x.ndim - 3))
+        return jnp.where(mask, got, fill).astype(x.dtype)
+
+    out = {"k": take(entries["k"], 0), "v": take(entries["v"], 0),
+           "pos": take(entries["pos"], -1),
+           "length": jnp.minimum(entries["length"], size).astype(jnp.int32)}
+    if "score" in entries:
+        out["score"] = take(entries["score"], 0)
+    return out
+
+
 def prompt_entries(k, v, real, lengths):
     """One layer's uncompressed cache: k, v [B, T, K, D] -> layer dict with capacity T."""
     B, T, K, _ = k.shape

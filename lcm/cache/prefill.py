@@ -17,15 +17,14 @@ from lcm.attention import attend
 from lcm.cache import attention as cattn
 from lcm.cache.checks import (check_chunk, check_count, check_model, check_prompt,
                               check_tokens)
-from lcm.cache.compress import (Observations, all_full, check_policy, compress_layer,
-                                is_prefill_press, layer_slots, observations_for, observe_layer,
-                                store_layer, to_rotation)
+from lcm.cache.compress import (Observations, all_full, check_policy, check_windows,
+                                is_prefill_press, keep_layer, layer_slots, observations_for,
+                                observe_layer, window_plan)
 from lcm.cache.formats import (PolicyCache, format_decode_step, format_prefill, owns_cache,
                                policy_decode_step)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
-from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, expand_heads,
-                          from_layer_slices, insert, layer_slices, prompt_entries,
-                          rank_positions)
+from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, from_layer_slices, insert,
+                          layer_slices, prompt_entries, rank_positions)
 from lcm.cache.layouts import check_layout, make_cache, storage
 from lcm.cache.step import plain_decode_step, rotate_queries
 from lcm.config import ModelConfig
@@ -58,6 +57,7 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     check_layout(layout)
     if policy is not None:
         check_policy(policy, cfg, tokens.shape[1])
+        check_windows(policy, cfg, tokens.shape[1], max_new_tokens, layout)
     return prefill_jit(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
                     room=max_new_tokens, all_logits=bool(all_logits), layout=layout,
                     full_rows=full_rows)
@@ -133,6 +133,7 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
     tables = rope_tables(cfg, jnp.max(lengths))
     rotation = "original" if policy is None else policy.positions
     kind = storage(policy, layout)
+    plan = window_plan(cfg, policy, T, room, windows=observe is None)
     x = embed(params, tokens, cfg)
 
     def attention(inputs, xs, carry):
@@ -148,14 +149,12 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
             window, colsum, sink = observe
             kept = observe_layer(None, q, qr, kr, real, lengths, chunk=chunk, cfg=lcfg,
                                  window=window, colsum=colsum, sink=sink)
-        if policy is not None:
-            if policy.per_query_head:
-                entries = expand_heads(entries, cfg.group_size)
+        obs = None
+        if plan.pressed(inputs.kind):
             obs = observe_layer(policy, q, qr, kr, real, lengths, chunk=chunk, cfg=lcfg)
-            entries = compress_layer(policy, entries, obs, layer=index, cfg=lcfg,
-                                     inv_freq=inv_freq, factor=factor, next_pos=lengths)
-            entries = to_rotation(entries, rotation, inv_freq, factor)
-        stored = store_layer(policy, entries, kind, room=room, length=T, cfg=cfg)
+        stored = keep_layer(policy, plan, entries, obs, kind=inputs.kind, index=index, cfg=cfg,
+                            inv_freq=inv_freq, factor=factor, lengths=lengths, length=T,
+                            room=room, storage_kind=kind)
         return out, (stored, kept), carry
 
     x, (layers, kept), _ = run_layers(x, params["layers"], cfg, attention)
@@ -165,7 +164,9 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
         logits = unembed(params, last, cfg)[:, 0]
     cache = make_cache(layers, next_pos=lengths, step=jnp.zeros((), jnp.int32),
-                       rotation=rotation, slots=layer_slots(policy, kind, T, cfg, room, full_rows))
+                       rotation=rotation,
+                       slots=plan.slots(layer_slots(policy, kind, T, cfg, room, full_rows),
+                                        layout))
     if observe is None:
         return logits, cache
     return logits, cache, Observations(n_sink=observe[2], **kept)

@@ -239,7 +239,9 @@ def config_to_hf(cfg: ModelConfig, dtype_name: str) -> dict:
     else:  # ministral, gemma2, gemma3_text
         hf.update(layer_types=types, sliding_window=cfg.sliding_window)
     if model_type in ("gemma2", "gemma3_text"):
-        hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        scalar = cfg.query_pre_attn_scalar
+        hf.update(query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
+
                   attn_logit_softcapping=cfg.attn_softcap,
                   final_logit_softcapping=cfg.final_softcap, attention_bias=False,
                   use_bidirectional_attention=None)

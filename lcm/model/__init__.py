@@ -3,11 +3,10 @@
 from lcm.model.checks import check_params, check_token_ids
 from lcm.model.decoder import embed, forward, segment_positions, unembed
 from lcm.model.layers import (LayerInputs, decoder_layer, identity, rms_norm, rope_tables,
-                              run_layers, schedule, self_attention)
+                              run_layers, scan_layers, schedule, self_attention)
 from lcm.model.params import WeightSpec, init_params, param_axes, param_shapes, param_specs
 
 __all__ = ["forward", "embed", "unembed", "segment_positions", "init_params", "param_axes",
            "param_shapes", "param_specs", "WeightSpec", "LayerInputs", "decoder_layer",
-           "run_layers", "schedule", "rope_tables", "self_attention", "rms_norm", "identity",
-           "check_params",
-           "check_token_ids"]
+           "run_layers", "scan_layers", "schedule", "rope_tables", "self_attention", "rms_norm",
+           "identity", "check_params", "check_token_ids"]

@@ -231,6 +231,44 @@ def schedule(kinds) -> tuple[tuple[int, int, int], ...]:
     return tuple(segments)
 
 
+def scan_layers(step, xs, carry, kinds, *, first: int = 0):
+    """Runs `step(carry, layer_xs, index, kind) -> (carry, ys)` over layers of several kinds.
+
+    xs: per-layer inputs with a leading layer axis; kinds: the layers' LayerKinds (static);
+    first: the index of the first layer. One `lax.scan` per segment of `schedule(kinds)`, whose
+    body holds one period of the pattern, so compile time does not grow with depth. Returns
+    `(carry, ys)` with ys stacked over all the layers.
+    """
+    all_ys = []
+    for start, period, repeats in schedule(kinds):
+        count = period * repeats
+
+        def segment(a, start=start, count=count, period=period, repeats=repeats):
+            a = jax.lax.slice_in_dim(a, start, start + count)
+            return a if period == 1 else a.reshape((repeats, period) + a.shape[1:])
+
+        steps = first + start + period * jnp.arange(repeats, dtype=jnp.int32)
+
+        def body(carry, per_step, start=start, period=period):
+            step_xs, index = per_step
+            if period == 1:
+                return step(carry, step_xs, index, kinds[start])
+            outs = []
+            for j in range(period):
+                xj = jax.tree.map(lambda a, j=j: a[j], step_xs)
+                carry, ys = step(carry, xj, index + j, kinds[start + j])
+                outs.append(ys)
+            return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        carry, ys = jax.lax.scan(body, carry, (jax.tree.map(segment, xs), steps))
+        if period > 1:
+            ys = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), ys)
+        all_ys.append(ys)
+    ys = all_ys[0] if len(all_ys) == 1 else jax.tree.map(
+        lambda *a: jnp.concatenate(a), *all_ys)
+    return carry, ys
+
+
 def run_layers(x, layers, cfg, attention: AttentionStep, *, xs=None, carry=None, first: int = 0,
                unrolled: bool = False, remat: str = "none", shard=identity):
     """`decoder_layer` over stacked layers: `(x, ys, carry)`.
@@ -238,13 +276,13 @@ def run_layers(x, layers, cfg, attention: AttentionStep, *, xs=None, carry=None,
     layers: the layers' weights with a leading layer axis (`params["layers"]`, or the slice of
     it that starts at layer `first`); xs: per-layer inputs of the attention step with the same
     leading axis (None for none); carry: state threaded from layer to layer. The layers run
-    under `lax.scan` (one scan per segment of `schedule(cfg.layer_kinds)`), so compile time
-    does not grow with depth; ys come back stacked over all the layers. `unrolled=True` runs a
-    Python loop instead, for per-layer states of different shapes (xs then a tuple with one
-    entry per layer, ys returned as such a tuple, indices Python ints). remat: "none", or a
-    `ModelConfig.remat` policy ("full", "dots", "offload") that rematerialises each layer in
-    the backward pass; the layer's input is named "layer_input", which "offload" moves to host
-    memory.
+    under `lax.scan` (`scan_layers`: one scan per segment of `schedule(cfg.layer_kinds)`), so
+    compile time does not grow with depth; ys come back stacked over all the layers.
+    `unrolled=True` runs a Python loop instead, for per-layer states of different shapes (xs
+    then a tuple with one entry per layer, ys returned as such a tuple, indices Python ints).
+    remat: "none", or a `ModelConfig.remat` policy ("full", "dots", "offload") that
+    rematerialises each layer in the backward pass; the layer's input is named "layer_input",
+    which "offload" moves to host memory.
     """
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     kinds = cfg.layer_kinds[first:first + num_layers]
@@ -267,36 +305,11 @@ def run_layers(x, layers, cfg, attention: AttentionStep, *, xs=None, carry=None,
             outputs.append(ys)
         return x, tuple(outputs), carry
 
-    all_ys = []
-    for start, period, repeats in schedule(kinds):
-        count = period * repeats
+    def step(carried, per_layer, index, kind):
+        x, carry = carried
+        p, layer_xs = per_layer
+        x, ys, carry = layer(x, carry, p, layer_xs, index, kind)
+        return (x, carry), ys
 
-        def segment(a, start=start, count=count, period=period, repeats=repeats):
-            a = jax.lax.slice_in_dim(a, start, start + count)
-            return a if period == 1 else a.reshape((repeats, period) + a.shape[1:])
-
-        seg_layers = jax.tree.map(segment, layers)
-        seg_xs = jax.tree.map(segment, xs)
-        steps = first + start + period * jnp.arange(repeats, dtype=jnp.int32)
-
-        def body(carried, per_step, start=start, period=period):
-            x, carry = carried
-            p, step_xs, step = per_step
-            if period == 1:
-                x, ys, carry = layer(x, carry, p, step_xs, step, kinds[start])
-                return (x, carry), ys
-            outs = []
-            for j in range(period):
-                pj = jax.tree.map(lambda a, j=j: a[j], p)
-                xj = jax.tree.map(lambda a, j=j: a[j], step_xs)
-                x, ys, carry = layer(x, carry, pj, xj, step + j, kinds[start + j])
-                outs.append(ys)
-            return (x, carry), jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-        (x, carry), ys = jax.lax.scan(body, (x, carry), (seg_layers, seg_xs, steps))
-        if period > 1:
-            ys = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), ys)
-        all_ys.append(ys)
-    ys = all_ys[0] if len(all_ys) == 1 else jax.tree.map(
-        lambda *a: jnp.concatenate(a), *all_ys)
+    (x, carry), ys = scan_layers(step, (layers, xs), (x, carry), kinds, first=first)
     return x, ys, carry

@@ -167,8 +167,9 @@ def test_export_matches_transformers_files(tmp_path, name):
     want_cfg = json.loads((FIXTURES / name / "config.json").read_text())
     got_cfg = json.loads((out / "config.json").read_text())
     assert set(got_cfg) == set(want_cfg) - {"transformers_version"}
-    assert {k: v for k, v in got_cfg.items() if k not in UNKNOWABLE} == \
-        {k: v for k, v in want_cfg.items() if k not in UNKNOWABLE}
+    # Types too: transformers' configs refuse 256.0 where they declare an int.
+    assert {k: (v, type(v)) for k, v in got_cfg.items() if k not in UNKNOWABLE} == \
+        {k: (v, type(v)) for k, v in want_cfg.items() if k not in UNKNOWABLE}
     cfg2, params2 = load_hf_checkpoint(out)
     assert cfg2 == cfg
     assert_trees_equal(params2, params)

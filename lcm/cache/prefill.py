@@ -186,6 +186,7 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
     compress them): each step writes the whole (uniform) cache anew."""
     position = cache.next_pos
     tables = rope_tables(cfg, jnp.max(position) + 1)
+    press_all = all(k.window is not None for k in cfg.layer_kinds)  # window_plan's rule
     x = embed(params, tokens[:, None], cfg)
     step = cache.step + 1
     buffered = cache.queries is not None
@@ -214,7 +215,8 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
         out = cattn.attend_cache(probs, entries["v"], inputs.h.dtype)
         if buffered:
             queries = jnp.concatenate([queries[:, 1:], q[:, :1].astype(queries.dtype)], 1)
-        if policy is not None:
+        if policy is not None and (inputs.kind.window is None or press_all):
+            # Decode presses compress the global layers (sliding ones keep their window).
             entries = decode_update(policy, entries, probs, step=step, layer=inputs.index,
                                     cfg=lcfg, inv_freq=inv_freq, factor=factor,
                                     position=position, queries=queries, query_pos=query_pos)

@@ -68,11 +68,11 @@ def _layer_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[tuple[str, object]
              ("self_attn.o_proj.bias", (("bo", "same"),)),
              ("self_attn.q_norm.weight", (("q_norm", "same"),)),
              ("self_attn.k_norm.weight", (("k_norm", "same"),))]
-    mlp = ([("mlp.gate_up_proj.weight", (("w_gate", 1), ("w_up", 1)))] if fused else
+    ffn = ([("mlp.gate_up_proj.weight", (("w_gate", 1), ("w_up", 1)))] if fused else
            [("mlp.gate_proj.weight", (("w_gate", 1),)), ("mlp.up_proj.weight", (("w_up", 1),))])
-    mlp += [("mlp.down_proj.weight", (("w_down", 1),))]
+    ffn += [("mlp.down_proj.weight", (("w_down", 1),))]
     norms = [(name, ((key, "same"),)) for key, name in (_GEMMA_NORMS if cfg.post_norms else _NORMS)]
-    return attn + mlp + norms
+    return attn + ffn + norms
 
 
 # ----------------------------------------------------------------------------- tensor layout

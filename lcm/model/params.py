@@ -75,14 +75,14 @@ def param_specs(cfg: ModelConfig) -> dict:
     if cfg.out_bias:
         layers["bo"] = WeightSpec((L, E), ("layers", "embed"), "zeros")
     if cfg.qk_norm == "rms":
-        layers["q_norm"] = WeightSpec((L, D), ("layers", "head_dim"), norm)
-        layers["k_norm"] = WeightSpec((L, D), ("layers", "head_dim"), norm)
+        layers.update(q_norm=WeightSpec((L, D), ("layers", "head_dim"), norm),
+                      k_norm=WeightSpec((L, D), ("layers", "head_dim"), norm))
     if cfg.attn_output_gate:
         layers["wg"] = WeightSpec((L, E, H, D), ("layers", "embed", "heads", "head_dim"),
                                   fan_in=E)
     if cfg.post_norms:
-        layers["post_attn_norm"] = WeightSpec((L, E), ("layers", "embed"), norm)
-        layers["post_mlp_norm"] = WeightSpec((L, E), ("layers", "embed"), norm)
+        layers.update(post_attn_norm=WeightSpec((L, E), ("layers", "embed"), norm),
+                      post_mlp_norm=WeightSpec((L, E), ("layers", "embed"), norm))
     specs = {
         "embed": WeightSpec((V, E), ("vocab", "embed")),
         "layers": layers,

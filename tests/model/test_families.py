@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcm.cache import SnapKV, StreamingLLM, decode_step, generate, prefill
+from lcm.cache import (Decoding, Knorm, SnapKV, StreamingLLM, decode_step, generate,
+                       prefill)
 from lcm.config import AttentionConfig, ModelConfig, RopeConfig
 from lcm.memory import TransformerXL, run_segments
 from lcm.model import forward, init_params, run_layers, schedule
@@ -255,6 +256,24 @@ def test_presses_run_on_a_windowed_model_and_keep_every_entry_at_full_budget(pre
     assert [int(cache.layer(i)["length"].max()) for i in range(5)] == [4, 4, 6, 4, 4]
     logits, cache = decode_step(params, cache, jnp.argmax(logits, -1), cfg)
     assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_decode_presses_compress_the_global_layers_and_sliding_ones_keep_their_window():
+    cfg = GEMMA
+    params = perturbed_params(cfg, seed=14)
+    tokens = tokens_of(cfg, 1, 16, seed=15)
+    press = Decoding(Knorm(), compression_interval=2, target_size=5,
+                     hidden_states_buffer_size=0)
+    logits, cache = prefill(params, tokens[:, :10], cfg, max_new_tokens=6, layout="uniform")
+    for t in range(10, 16):
+        logits, cache = decode_step(params, cache, tokens[:, t], cfg, policy=press)
+        assert bool(jnp.all(jnp.isfinite(logits)))
+    lengths = [int(cache.length[i].max()) for i in range(cfg.num_layers)]
+    kept = np.asarray(cache.kept_positions(0)[0, 0])
+    # Sliding layers: their window of the prompt (6..9), then every decoded token appended
+    # (masked by position, never pressed); the global layer: the press's 5 entries.
+    assert lengths == [10, 10, 5, 10, 10], lengths
+    np.testing.assert_array_equal(kept[:10], np.arange(6, 16))
 
 
 def test_chunked_layers_are_refused_by_the_cache_with_a_clear_error():

@@ -63,6 +63,40 @@ def check_alibi_slopes(alibi_slopes, num_heads: int):
     return tuple(float(s) for s in slopes.astype(np.float32))
 
 
+def check_sinks(sinks, num_heads: int):
+    """Sink logits ([H] floats, or None) as a float32 array, else ValueError. Sinks are
+    parameters: they may be traced, and kernels differentiate them."""
+    if sinks is None:
+        return None
+    if getattr(sinks, "shape", None) is None or getattr(sinks, "dtype", None) is None:
+        sinks = np.asarray(sinks)
+    if tuple(sinks.shape) != (num_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+        raise ValueError(f"sinks has shape {tuple(sinks.shape)} and dtype {sinks.dtype}; "
+                         f"expected a float array of shape [num_heads] = [{num_heads}] (one "
+                         f"sink logit per query head)")
+    return jnp.asarray(sinks).astype(f32)
+
+
+def sink_stats(sinks, shape):
+    """The online softmax's starting statistics (m, l) broadcast to `shape`: without sinks
+    (None) m = -inf, l = 0 (nothing seen); with sink logits (broadcastable to `shape`) the sink
+    is the first key seen, m = sink and l = exp(sink - m) = 1 (0 for a sink of -inf, which then
+    counts as no sink)."""
+    if sinks is None:
+        return jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32)
+    m = jnp.broadcast_to(jnp.asarray(sinks, f32), shape)
+    return m, jnp.where(m == -jnp.inf, 0.0, 1.0).astype(f32)
+
+
+def sink_grad(sinks, lse, delta, axis):
+    """d loss / d sinks, summed over `axis`: -sum of p_sink * delta over rows, with the sink's
+    softmax weight p_sink = exp(sink - lse) and delta = rowsum(dO * O). (The sink's value
+    vector is zero: out = sum_j p_j v_j, so d out / d sink = -p_sink * out.) sinks broadcasts
+    to lse, delta [..., rows]; rows with lse = +inf (nothing seen, no sink) give 0."""
+    sinks = jnp.broadcast_to(jnp.asarray(sinks, f32), lse.shape)
+    return -jnp.sum(jnp.exp(sinks - lse) * delta, axis=axis)
+
+
 def check_mask_tables(mask_tables, mask_fn):
     """The tables of a head-aware mask_fn (reference.py) as a tuple of 1-D int32 arrays (empty
     for None), else ValueError."""

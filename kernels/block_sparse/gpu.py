@@ -14,6 +14,9 @@ heads accumulate in registers with no atomics and K/V are never repeated.
 The Triton backend has no scalar prefetch: layouts are ordinary inputs and the kernels read
 scalars from them (kinds[i, j], kv_blocks[i, t], counts[i]); tensors are power-of-two blocks.
 ALiBi slopes are one more input, read as a scalar per query head; the bias is built from iotas.
+Sink logits are read the same way by the forward alone: they start each row's running max and
+sum, so lse includes them, the backward kernels are unchanged, and d sinks is a sum over the
+rows' statistics outside the kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import alibi_bias, pad_axis
+from .common import alibi_bias, pad_axis, sink_grad, sink_stats
 from .gpu_checks import defaults, GpuParams, prepare
 from .layout import FULL, PARTIAL, SKIP, transpose_visits
 
@@ -37,7 +40,7 @@ def block_sparse_attention_gpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=64, block_k=64, num_warps=None, num_stages=None,
                                interpret=False, alibi_slopes=None, mask_tables=None,
-                               visit_kinds=None):
+                               visit_kinds=None, sinks=None):
     """softmax(q k^T * scale) v over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kv_blocks int32 [Lh, nq, max_visits], counts int32 [Lh, nq] and either visit_kinds int32
@@ -48,29 +51,36 @@ def block_sparse_attention_gpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
     q's dtype; rows with no visible key are zeros. alibi_slopes: None or H concrete floats, the
     bias -slope_h * (i + S - T - j) after soft-capping (reference.py); not differentiated.
     mask_tables: None or a tuple of 1-D int arrays (may be traced) read by a head-aware mask_fn
-    (reference.py); each program passes its own query head.
+    (reference.py); each program passes its own query head. sinks: None, or [H] float sink
+    logits (may be traced; differentiated): each row's softmax gets one more logit sinks[h]
+    whose value vector is zero.
     """
-    p, segs, layout, tables = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
-                                       q_segment_ids, kv_segment_ids, scale, softcap, block_q,
-                                       block_k, num_warps, num_stages, interpret, alibi_slopes,
-                                       mask_tables, visit_kinds)
-    return _attention(p, q, k, v, segs, layout, tables)
+    p, segs, layout, tables, sinks = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+                                              q_segment_ids, kv_segment_ids, scale, softcap,
+                                              block_q, block_k, num_warps, num_stages, interpret,
+                                              alibi_slopes, mask_tables, visit_kinds, sinks)
+    return _attention(p, q, k, v, segs, layout, tables, sinks)
 
 
 def block_sparse_attention_gpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
-    `block_sparse_attention_gpu`. Differentiate merged results with `..._gpu_bwd`."""
-    p, segs, layout, tables = prepare(q, k, v, **defaults(kwargs))
-    out, lse = _forward(p, q, k, v, segs, layout, tables)
+    `block_sparse_attention_gpu`; with sinks, lse includes them (finite on every row).
+    Differentiate merged results with `..._gpu_bwd` (and d sinks with common.sink_grad)."""
+    p, segs, layout, tables, sinks = prepare(q, k, v, **defaults(kwargs))
+    out, lse = _forward(p, q, k, v, segs, layout, tables, sinks)
     return out, lse[:, :, :q.shape[1]].transpose(0, 2, 1)
 
 
 def block_sparse_attention_gpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
-    pass's backward gives its share of the merged softmax's gradient."""
-    p, segs, layout, tables = prepare(q, k, v, **defaults(kwargs))
+    pass's backward gives its share of the merged softmax's gradient. Takes no sinks: a sink
+    enters through lse (d sinks: common.sink_grad of the merged lse)."""
+    if kwargs.get("sinks") is not None:
+        raise ValueError("sinks= is not an argument of the backward: pass the lse that includes "
+                         "the sinks; their gradient is common.sink_grad(sinks, lse, delta)")
+    p, segs, layout, tables, _ = prepare(q, k, v, **defaults(kwargs))
     Tp = -(-p.q_len // p.block_q) * p.block_q
     lse = jnp.pad(jnp.asarray(lse, f32).transpose(0, 2, 1), ((0, 0), (0, 0), (0, Tp - p.q_len)),
                   constant_values=jnp.inf)
@@ -136,7 +146,8 @@ def _masked(s, kind, i, j, q_seg, k_seg, p: GpuParams, head, tables):
 
 
 def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs, p: GpuParams):
-    q_seg_ref, kv_seg_ref, slopes_ref, tables, (out_ref, lse_ref) = _optional_refs(refs, p, 2)
+    q_seg_ref, kv_seg_ref, slopes_ref, tables, rest = _optional_refs(refs, p, 3 if p.sinks else 2)
+    sinks_ref, (out_ref, lse_ref) = (rest[0], rest[1:]) if p.sinks else (None, rest)
     bq, bk = p.block_q, p.block_k
     i, h = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]                                             # [bq, D]
@@ -159,7 +170,8 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
         acc = alpha[:, None] * acc + _dot(pr.astype(v.dtype), v, ((1,), (0,)))
         return m_new, alpha * l + jnp.sum(pr, axis=1), acc
 
-    init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32),
+    # A sink is the first key every row sees.
+    init = (*sink_stats(None if sinks_ref is None else sinks_ref[h], (bq,)),
             jnp.zeros(q.shape, f32))
     m, l, acc = lax.fori_loop(0, counts_ref[i], visit, init)
     seen = l > 0
@@ -317,8 +329,8 @@ def _padded_inputs(p: GpuParams, q, k, v, segs):
     return q, k, v, seg_args
 
 
-def _forward(p: GpuParams, q, k, v, segs, layout, tables):
-    """(out [B, T, H, D], lse float32 [B, H, Tp])."""
+def _forward(p: GpuParams, q, k, v, segs, layout, tables, sinks=None):
+    """(out [B, T, H, D], lse float32 [B, H, Tp]); sinks: None or float32 [H]."""
     kinds, kv_blocks, counts = _clipped(layout, p)
     tables = _padded_tables(tables)
     B, T, H, D = q.shape
@@ -326,18 +338,22 @@ def _forward(p: GpuParams, q, k, v, segs, layout, tables):
     Tp, Sp, Dp = qp.shape[1], kp.shape[1], qp.shape[3]
     nq = kv_blocks.shape[1]
     q_spec, kv_spec, row_spec, seg_specs = _row_specs(p, Sp, Dp)
+    sink_args, sink_specs = [], []
+    if sinks is not None:  # the whole (power-of-two padded) vector, after the tables
+        sink_args = [pad_axis(sinks, 0, max(16, pl.next_power_of_2(H)))]
+        sink_specs = [pl.BlockSpec(sink_args[0].shape, lambda *_: (0,))]
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, p=p),
         grid=(nq, B, H),
         in_specs=[*_layout_specs(p, nq, kv_blocks.shape[-1]), q_spec, kv_spec, kv_spec,
-                  *seg_specs, *_table_specs(tables)],
+                  *seg_specs, *_table_specs(tables), *sink_specs],
         out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, H, Tp), f32)],
         compiler_params=_compiler_params(p, Dp),
         interpret=p.interpret,
         name="block_sparse_fwd",
-    )(kinds, kv_blocks, counts, qp, kp, vp, *seg_args, *tables)
+    )(kinds, kv_blocks, counts, qp, kp, vp, *seg_args, *tables, *sink_args)
     return out[:, :T, :, :D], lse
 
 
@@ -405,19 +421,23 @@ def _backward(p: GpuParams, q, k, v, segs, layout, tables, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(p, q, k, v, segs, layout, tables):
-    return _forward(p, q, k, v, segs, layout, tables)[0]
+def _flash(p, q, k, v, segs, layout, tables, sinks):
+    return _forward(p, q, k, v, segs, layout, tables, sinks)[0]
 
 
-def _flash_fwd(p, q, k, v, segs, layout, tables):
-    out, lse = _forward(p, q, k, v, segs, layout, tables)
-    return out, (q, k, v, segs, layout, tables, out, lse)
+def _flash_fwd(p, q, k, v, segs, layout, tables, sinks):
+    out, lse = _forward(p, q, k, v, segs, layout, tables, sinks)
+    return out, (q, k, v, segs, layout, tables, sinks, out, lse)
 
 
 def _flash_bwd(p, residuals, d_out):
-    q, k, v, segs, layout, tables, out, lse = residuals
+    q, k, v, segs, layout, tables, sinks, out, lse = residuals
     dq, dk, dv = _backward(p, q, k, v, segs, layout, tables, out, lse, d_out)
-    return dq, dk, dv, None, None, None
+    d_sinks = None
+    if sinks is not None:  # lse [B, H, Tp] includes the sinks
+        delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [B, T, H]
+        d_sinks = sink_grad(sinks, lse[:, :, :p.q_len].transpose(0, 2, 1), delta, axis=(0, 1))
+    return dq, dk, dv, None, None, None, d_sinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .common import check_alibi_slopes, check_mask_tables
+from .common import check_alibi_slopes, check_mask_tables, check_sinks
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -36,13 +36,14 @@ class GpuParams:
     interpret: Any
     alibi: tuple[float, ...] | None = None  # one slope per query head
     n_tables: int = 0  # > 0: mask_fn is head-aware and reads this many tables
+    sinks: bool = False  # the forward takes one sink logit per query head
 
 
 
 _OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
                 kv_segment_ids=None, softcap=None, block_q=64,
                 block_k=64, num_warps=None, num_stages=None, interpret=False, alibi_slopes=None,
-                mask_tables=None)
+                mask_tables=None, sinks=None)
 
 
 def defaults(kwargs):
@@ -55,14 +56,16 @@ def defaults(kwargs):
 
 def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
              softcap, block_q, block_k, num_warps, num_stages, interpret, alibi_slopes,
-             mask_tables=None, visit_kinds=None):
+             mask_tables=None, visit_kinds=None, sinks=None):
     """(static parameters, segment ids or None, layout arrays, mask tables: a tuple of 1-D int32
-    arrays, empty unless mask_fn is head-aware), validated before tracing."""
+    arrays, empty unless mask_fn is head-aware, sinks: None or float32 [H]), validated before
+    tracing."""
     p = _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_segment_ids,
                kv_segment_ids, scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
     tables = check_mask_tables(mask_tables, mask_fn)
+    sinks = check_sinks(sinks, q.shape[2])
     p = dataclasses.replace(p, alibi=check_alibi_slopes(alibi_slopes, q.shape[2]),
-                            n_tables=len(tables))
+                            n_tables=len(tables), sinks=sinks is not None)
     segs = None
     if p.segments:
         segs = (jnp.asarray(q_segment_ids, jnp.int32), jnp.asarray(kv_segment_ids, jnp.int32))
@@ -72,7 +75,7 @@ def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segmen
         visit_kinds = jnp.take_along_axis(jnp.asarray(kinds, jnp.int32),
                                           jnp.clip(kv_blocks, 0, nk - 1), axis=-1)
     layout = (jnp.asarray(visit_kinds, jnp.int32), kv_blocks, jnp.asarray(counts, jnp.int32))
-    return p, segs, layout, tables
+    return p, segs, layout, tables, sinks
 
 
 def _is_pow2_block(b):

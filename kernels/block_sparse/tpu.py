@@ -12,6 +12,9 @@ Steps past a row's count repeat the previous block index (no new DMA) and skip t
 blocks skip the mask work; PARTIAL ones evaluate `mask_fn` in-kernel (reference.py's protocol)
 and hide keys past kv_len. Softmax statistics and gradient accumulators are float32 VMEM scratch.
 ALiBi slopes arrive as a [G, 1, 1] VMEM block per KV head; the bias is built per block from iotas.
+Sink logits arrive the same way, for the forward only: they start each row's running max and sum
+(as splash attention does), so the lse residual includes them, the backward kernels are unchanged
+and d sinks is a sum over the rows' statistics outside the kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from .common import (
     num_blocks,
     online_softmax_step,
     pad_axis,
+    sink_grad,
+    sink_stats,
 )
 from .layout import FULL, transpose_visits
 from .tpu_checks import check_inputs, defaults, prepare
@@ -51,7 +56,8 @@ _PARALLEL4 = (pltpu.PARALLEL, pltpu.PARALLEL, pltpu.PARALLEL, pltpu.ARBITRARY)
 def block_sparse_attention_tpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_fn=None,
                                q_segment_ids=None, kv_segment_ids=None, scale, softcap=None,
                                block_q=128, block_k=128, interpret=False, max_q_visits=None,
-                               alibi_slopes=None, mask_tables=None, visit_kinds=None):
+                               alibi_slopes=None, mask_tables=None, visit_kinds=None,
+                               sinks=None):
     """Attention over a block layout. q [B, T, H, D]; k, v [B, S, K, D]; H % K == 0.
 
     kv_blocks [Lh, nq, max_visits], counts [Lh, nq] and either visit_kinds [Lh, nq, max_visits]
@@ -63,7 +69,7 @@ def block_sparse_attention_tpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
     max_q_visits (static) bounds the query blocks that visit one key block (the dK/dV grid);
     default: exact when the layout is concrete, else nq. A bound that is too small drops gradients.
     interpret: False on TPU; True or pltpu.InterpretParams() on CPU. Returns [B, T, H, D] in q's
-    dtype; rows that see no key are zeros. Differentiable w.r.t. q, k, v.
+    dtype; rows that see no key are zeros. Differentiable w.r.t. q, k, v (and sinks).
 
     The layout is prefetched into SMEM as Lh * nq * (max_visits + 1) int32 words (the dK/dV
     kernel: Lh * nk * (max_q_visits + 1)); SMEM is 1 MiB on v5e, so at very long lengths use
@@ -76,28 +82,36 @@ def block_sparse_attention_tpu(q, k, v, *, kinds=None, kv_blocks, counts, mask_f
     (reference.py): they are scalar-prefetched into SMEM after the layout, and mask_fn runs once
     per query head of the group on PARTIAL blocks, so each head applies its own mask while the
     group shares the K/V fetch (the layout must then be the union over each group's heads).
+
+    sinks: None, or [H] float sink logits (may be traced; differentiated): each row's softmax
+    gets one more logit sinks[h] whose value vector is zero (reference.py).
     """
-    st, layout, segs, tables = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
-                                        q_segment_ids, kv_segment_ids, scale, softcap, block_q,
-                                        block_k, interpret, max_q_visits, alibi_slopes,
-                                        mask_tables, visit_kinds)
-    return _attention(st, q, k, v, layout, segs, tables)
+    st, layout, segs, tables, sinks = prepare(q, k, v, kinds, kv_blocks, counts, mask_fn,
+                                               q_segment_ids, kv_segment_ids, scale, softcap,
+                                               block_q, block_k, interpret, max_q_visits,
+                                               alibi_slopes, mask_tables, visit_kinds, sinks)
+    return _attention(st, q, k, v, layout, segs, tables, sinks)
 
 
 def block_sparse_attention_tpu_fwd(q, k, v, **kwargs):
     """Forward only, for callers that merge several passes (Self-Extend, ReRoPE, rings):
     (out [B, T, H, D], lse [B, T, H] float32, +inf on rows that see no key). Arguments as
-    `block_sparse_attention_tpu`. Differentiate merged results with `..._tpu_bwd`."""
-    st, layout, segs, tables = prepare(q, k, v, **defaults(kwargs))
-    out, lse = _forward(st, q, k, v, layout, segs, tables)
+    `block_sparse_attention_tpu`; with sinks, lse includes them (finite on every row).
+    Differentiate merged results with `..._tpu_bwd` (and d sinks with common.sink_grad)."""
+    st, layout, segs, tables, sinks = prepare(q, k, v, **defaults(kwargs))
+    out, lse = _forward(st, q, k, v, layout, segs, tables, sinks)
     return out, _from_heads_major(lse, q.shape[1])[..., 0]
 
 
 def block_sparse_attention_tpu_bwd(q, k, v, out, lse, d_out, **kwargs):
     """(dq, dk, dv) of a pass whose softmax normaliser is lse [B, T, H] (+inf: row sees
     nothing) and whose output is `out` [B, T, H, D]: with a merged output and logsumexp, each
-    pass's backward gives its share of the merged softmax's gradient."""
-    st, layout, segs, tables = prepare(q, k, v, **defaults(kwargs))
+    pass's backward gives its share of the merged softmax's gradient. Takes no sinks: a sink
+    enters through lse (d sinks: common.sink_grad of the merged lse)."""
+    if kwargs.get("sinks") is not None:
+        raise ValueError("sinks= is not an argument of the backward: pass the lse that includes "
+                         "the sinks; their gradient is common.sink_grad(sinks, lse, delta)")
+    st, layout, segs, tables, _ = prepare(q, k, v, **defaults(kwargs))
     B, T, H, _ = q.shape
     K = k.shape[2]
     Tp = num_blocks(T, st.block_q) * st.block_q
@@ -222,16 +236,19 @@ def _split(refs, n_in, segmented, alibi):
 
 def _fwd_kernel(visits_ref, counts_ref, *refs, st, rows, width, segmented):
     tables, refs = refs[:st.n_tables], refs[st.n_tables:]
-    (q_ref, k_ref, v_ref), segs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _split(
-        refs, 3, segmented, st.alibi is not None)
+    (q_ref, k_ref, v_ref), segs, rest = _split(refs, 3, segmented, st.alibi is not None)
+    sinks_ref, rest = (rest[0], rest[1:]) if st.sinks else (None, rest)
+    o_ref, lse_ref, m_ref, l_ref, acc_ref = rest
     h, i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     segs = (*segs, tables, h)
     row = _row(h, i, rows, st.per_head)
 
     @pl.when(t == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, f32)
-        l_ref[...] = jnp.zeros(l_ref.shape, f32)
+        # A sink ([G, 1, 1] logits) is the first key every row sees.
+        m, l = sink_stats(None if sinks_ref is None else sinks_ref[...], m_ref.shape)
+        m_ref[...] = m
+        l_ref[...] = l
         acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
 
     j, kind = _unpack(visits_ref[row * width + t])
@@ -321,7 +338,7 @@ class _Specs:
     kv: pl.BlockSpec     # k, v, dK, dV: [B, K, Sp, D]
     q_seg: pl.BlockSpec  # [B, Tp, 1]
     kv_seg: pl.BlockSpec  # [B, 1, Sp]
-    slopes: pl.BlockSpec  # [K, G, 1, 1]
+    slopes: pl.BlockSpec  # [K, G, 1, 1]; also the sinks'
 
 
 def make_specs(st, G, D, rows, width, *, q_major):
@@ -345,13 +362,16 @@ def make_specs(st, G, D, rows, width, *, q_major):
 
 
 def _pallas(kernel, st, *, name, grid, prefetch, inputs, in_specs, segs, specs, out_shape,
-            out_specs, scratch):
+            out_specs, scratch, sinks=None):
     if segs is not None:
         inputs, in_specs = [*inputs, *segs], [*in_specs, specs.q_seg, specs.kv_seg]
     if st.alibi is not None:
         K, G = inputs[1].shape[1], inputs[0].shape[2]  # k [B, K, Sp, D], q [B, K, G, Tp, D]
         slopes = jnp.asarray(np.asarray(st.alibi, np.float32).reshape(K, G, 1, 1))
         inputs, in_specs = [*inputs, slopes], [*in_specs, specs.slopes]
+    if sinks is not None:  # after the slopes, as a [G, 1, 1] block per KV head
+        K, G = inputs[1].shape[1], inputs[0].shape[2]
+        inputs, in_specs = [*inputs, sinks.reshape(K, G, 1, 1)], [*in_specs, specs.slopes]
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch), grid=grid,
@@ -364,8 +384,8 @@ def _pallas(kernel, st, *, name, grid, prefetch, inputs, in_specs, segs, specs, 
     )(*prefetch, *inputs)
 
 
-def _forward(st, q, k, v, layout, segs, tables):
-    """(out [B, T, H, D], lse [B, K, G, Tp, 1] float32)."""
+def _forward(st, q, k, v, layout, segs, tables, sinks=None):
+    """(out [B, T, H, D], lse [B, K, G, Tp, 1] float32); sinks: None or float32 [H]."""
     B, T, H, D, S, K = check_inputs(q, k, v)
     G, nq, nk = H // K, num_blocks(T, st.block_q), num_blocks(S, st.block_k)
     kinds, kv_blocks, counts = layout
@@ -384,7 +404,8 @@ def _forward(st, q, k, v, layout, segs, tables):
         out_specs=[specs.q, specs.stat],
         scratch=[pltpu.VMEM((G, st.block_q, _LANES), f32),   # running max m
                  pltpu.VMEM((G, st.block_q, _LANES), f32),   # running sum l
-                 pltpu.VMEM((G, st.block_q, D), f32)])       # unnormalised output
+                 pltpu.VMEM((G, st.block_q, D), f32)],       # unnormalised output
+        sinks=sinks)
     return _from_heads_major(out5, T), lse
 
 
@@ -429,18 +450,25 @@ def _backward(st, q, k, v, out, lse, layout, segs, tables, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, layout, segs, tables):
-    return _forward(st, q, k, v, layout, segs, tables)[0]
+def _attention(st, q, k, v, layout, segs, tables, sinks):
+    return _forward(st, q, k, v, layout, segs, tables, sinks)[0]
 
 
-def _attention_fwd(st, q, k, v, layout, segs, tables):
-    out, lse = _forward(st, q, k, v, layout, segs, tables)
-    return out, (q, k, v, out, lse, layout, segs, tables)
+def _attention_fwd(st, q, k, v, layout, segs, tables, sinks):
+    out, lse = _forward(st, q, k, v, layout, segs, tables, sinks)
+    return out, (q, k, v, out, lse, layout, segs, tables, sinks)
 
 
 def _attention_bwd(st, residuals, d_out):
+    *residuals, sinks = residuals
     dq, dk, dv = _backward(st, *residuals, d_out)
-    return dq, dk, dv, None, None, None
+    d_sinks = None
+    if sinks is not None:  # lse includes the sinks: [B, K, G, Tp, 1] -> [B, T, H]
+        q, out, lse = residuals[0], residuals[3], residuals[4]
+        delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+        d_sinks = sink_grad(sinks, _from_heads_major(lse, q.shape[1])[..., 0], delta,
+                            axis=(0, 1))
+    return dq, dk, dv, None, None, None, d_sinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .common import check_alibi_slopes, check_mask_tables, num_blocks, pad_axis
+from .common import check_alibi_slopes, check_mask_tables, check_sinks, num_blocks, pad_axis
 from .layout import max_q_visits_of
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile
@@ -34,12 +34,13 @@ class TpuStatic:
     interpret: Any
     alibi: tuple[float, ...] | None = None  # one slope per query head
     n_tables: int = 0  # > 0: mask_fn is head-aware and reads this many SMEM tables
+    sinks: bool = False  # the forward takes one sink logit per query head
 
 
 _OPTIONS = dict(kinds=None, visit_kinds=None, mask_fn=None, q_segment_ids=None,
                 kv_segment_ids=None, softcap=None,
                 block_q=128, block_k=128, interpret=False, max_q_visits=None, alibi_slopes=None,
-                mask_tables=None)
+                mask_tables=None, sinks=None)
 
 
 def defaults(kwargs):
@@ -52,9 +53,10 @@ def defaults(kwargs):
 
 def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segment_ids, scale,
              softcap, block_q, block_k, interpret, max_q_visits, alibi_slopes, mask_tables=None,
-             visit_kinds=None):
+             visit_kinds=None, sinks=None):
     """Validates everything static; returns (static config, layout arrays, segment ids, mask
-    tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware)."""
+    tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware, sinks: None or
+    float32 [H])."""
     B, T, H, _, S, K = check_inputs(q, k, v)
     segmented = mask_fn is not None and q_segment_ids is not None
     _check_blocks(block_q, block_k, interpret, segmented)
@@ -72,11 +74,13 @@ def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segmen
                  block_k, T, S, per_head, _q_visit_bound(kv_blocks, counts, nq, nk, max_q_visits),
                  interpret,
                  check_alibi_slopes(alibi_slopes, H), len(tables))
+    sinks = check_sinks(sinks, H)
+    st = dataclasses.replace(st, sinks=sinks is not None)
     kv_blocks = jnp.clip(jnp.asarray(kv_blocks, jnp.int32), 0, nk - 1)
     if visit_kinds is None:
         visit_kinds = jnp.take_along_axis(jnp.asarray(kinds, jnp.int32), kv_blocks, axis=-1)
     layout = (jnp.asarray(visit_kinds, jnp.int32), kv_blocks, jnp.asarray(counts, jnp.int32))
-    return st, layout, segs, tables
+    return st, layout, segs, tables, sinks
 
 
 def check_inputs(q, k, v):

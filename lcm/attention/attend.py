@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from lcm.attention.alibi import check_alibi_slopes
 from lcm.attention.blockwise import blockwise_attention
 from lcm.attention.checks import check_inputs
@@ -21,7 +23,7 @@ from lcm.sharding.rules import DEFAULT_RULES
 
 def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: float | None = None,
            softcap: float | None = None, block_q: int = 512, block_k: int = 512,
-           alibi_slopes=None, mesh=None, axis_name: str = "context",
+           alibi_slopes=None, sinks=None, mesh=None, axis_name: str = "context",
            load_balance="zigzag", rules: Mapping | None = None):
     """Multi-head attention with grouped KV heads.
 
@@ -33,8 +35,15 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     for full attention. `scale` defaults to 1/sqrt(D); `softcap` applies
     softcap * tanh(logits / softcap). `alibi_slopes` (ALiBi: [H] concrete floats, e.g.
     lcm.positions.alibi_slopes(H)) adds -slope_h * (query position - key position) to the
-    capped logits; xla and pallas build it per block (no [T, S] bias array). Returns
-    [B, T, H, D] in q's dtype; rows that see no key are zeros.
+    capped logits; xla and pallas build it per block (no [T, S] bias array). `sinks`
+    (attention sinks as in gpt-oss: None or a float array [H], one learned logit per query head,
+    may be traced and is differentiated) adds to every row's softmax one logit sinks[h] whose
+    value vector is zero: out = sum_j exp(s_j) v_j / (exp(sinks[h]) + sum_j exp(s_j)) over the
+    visible keys' logits s_j (after scale, soft cap and ALiBi; the sink itself is not capped).
+    A row's weights over its keys then sum to less than one; a very negative sink is no sink, a
+    very large one drives the output to zero. Every impl takes it; context parallelism counts it
+    once per row.
+    Returns [B, T, H, D] in q's dtype; rows that see no key are zeros.
 
     impl, one of IMPLS (one backend each, from one table):
     - "reference": dense float32, the ground truth;
@@ -60,7 +69,7 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     # Context parallelism checks the mask itself, at the true length (ring-order inputs are
     # padded; the mask is not).
     check_inputs(q, k, v, None if backend.context_parallel else mask, scale, softcap, block_q,
-                 block_k)
+                 block_k, sinks)
     H, D = q.shape[2], q.shape[3]
     alibi = check_alibi_slopes(alibi_slopes, H)
     if backend.context_parallel and alibi is not None:
@@ -73,7 +82,9 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
                                  f"impl={impl!r}")
     options = _Options(scale=1.0 / math.sqrt(D) if scale is None else float(scale),
                        softcap=None if softcap is None else float(softcap), block_q=block_q,
-                       block_k=block_k, alibi=alibi, mesh=mesh, axis_name=axis_name,
+                       block_k=block_k, alibi=alibi,
+                       sinks=None if sinks is None else jnp.asarray(sinks).astype(jnp.float32),
+                       mesh=mesh, axis_name=axis_name,
                        load_balance=load_balance,
                        rules=DEFAULT_RULES if rules is None else rules)
     return backend.run(q, k, v, mask, options)
@@ -88,6 +99,7 @@ class _Options:
     block_q: int
     block_k: int
     alibi: Any
+    sinks: Any  # None or float32 [H], an array (may be traced)
     mesh: Any
     axis_name: str
     load_balance: Any
@@ -106,7 +118,7 @@ class _Backend:
 
 def _reference(q, k, v, mask, o):
     return reference_attention(q, k, v, mask, scale=o.scale, softcap=o.softcap,
-                               alibi_slopes=o.alibi)
+                               alibi_slopes=o.alibi, sinks=o.sinks)
 
 
 def _prepared(mask, q, k):
@@ -122,7 +134,7 @@ def _xla(q, k, v, mask, o):
     layout = mask_layout(mask, T, S, min(o.block_q, T), min(o.block_k, S), num_heads=q.shape[2],
                          num_kv_heads=k.shape[2])
     return blockwise_attention(q, k, v, mask, layout, scale=o.scale, softcap=o.softcap,
-                               alibi_slopes=o.alibi)
+                               alibi_slopes=o.alibi, sinks=o.sinks)
 
 
 def _pallas(q, k, v, mask, o):
@@ -130,7 +142,8 @@ def _pallas(q, k, v, mask, o):
     # Kernels pad inside; clip blocks to the lengths rounded up to the TPU tile multiples.
     block_q, block_k = min(o.block_q, _round_up(T, 8)), min(o.block_k, _round_up(S, 128))
     return pallas_attention(q, k, v, _prepared(mask, q, k), scale=o.scale, softcap=o.softcap,
-                            block_q=block_q, block_k=block_k, alibi_slopes=o.alibi)
+                            block_q=block_q, block_k=block_k, alibi_slopes=o.alibi,
+                            sinks=o.sinks)
 
 
 def _auto(q, k, v, mask, o):
@@ -140,7 +153,8 @@ def _auto(q, k, v, mask, o):
 def _context_parallel(strategy, q, k, v, mask, o):
     return ring_attention(q, k, v, mask, mesh=o.mesh, axis_name=o.axis_name,
                           load_balance=o.load_balance, scale=o.scale, softcap=o.softcap,
-                          block_q=o.block_q, block_k=o.block_k, strategy=strategy, rules=o.rules)
+                          block_q=o.block_q, block_k=o.block_k, strategy=strategy, rules=o.rules,
+                          sinks=o.sinks)
 
 
 def _round_up(n, multiple):

@@ -17,6 +17,7 @@ from jax import lax
 from lcm.attention.blockwise import apply_mask, block_grads
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask
+from lcm.kernels.block_sparse.common import sink_stats
 
 f32 = jnp.float32
 
@@ -50,11 +51,13 @@ def from_blocks(x):
     return x.reshape(B, n * b, -1, x.shape[-1])
 
 
-def blocked_init(q_blocks):
+def blocked_init(q_blocks, sinks=None):
     """Empty online-softmax statistics for q_blocks [B, nq, bq, K, G, D]: (m, l, acc) float32,
-    m and l [B, nq, bq, K, G] (m = -inf: nothing seen), acc (unnormalised output) like q."""
-    stats = q_blocks.shape[:-1]
-    return (jnp.full(stats, -jnp.inf, f32), jnp.zeros(stats, f32), jnp.zeros(q_blocks.shape, f32))
+    m and l [B, nq, bq, K, G] (m = -inf: nothing seen), acc (unnormalised output) like q.
+    sinks: None, or [K, G] sink logits, counted here as the first key of every row (m = sink,
+    l = 1), so steps that carry these statistics over many key ranges count them once."""
+    m, l = sink_stats(sinks, q_blocks.shape[:-1])
+    return m, l, jnp.zeros(q_blocks.shape, f32)
 
 
 def blocked_finish(carry, dtype):

@@ -5,6 +5,9 @@ about half of dense, Local(w) costs O(seq * w)); FULL blocks skip the mask work.
 statistics are float32. Memory is O(seq * block) forward and backward: the custom VJP keeps only
 q, k, v, the output and the per-row logsumexp, and recomputes probabilities block by block.
 ALiBi slopes (static floats) add -slope * (query pos - key pos) to the logits of every visit.
+Sink logits (one per query head, differentiable) start each row's running max and sum as a key
+seen before any block, so the lse residual includes them and the block backward is unchanged;
+d sinks is -sum over rows of exp(sink - lse) * rowsum(dO * O).
 """
 
 from __future__ import annotations
@@ -18,32 +21,37 @@ from jax import lax
 from lcm.attention.alibi import alibi_bias
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask, group_heads
+from lcm.kernels.block_sparse.common import sink_grad, sink_stats
 
 f32 = jnp.float32
 
 
 def blockwise_attention(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale: float,
                         softcap: float | None = None,
-                        alibi_slopes: tuple[float, ...] | None = None):
+                        alibi_slopes: tuple[float, ...] | None = None, sinks=None):
     """q [B, T, H, D]; k, v [B, S, K, D]; layout from `mask_layout(mask, T, S, bq, bk)`;
-    alibi_slopes: None or H floats (see lcm.attention.alibi)."""
+    alibi_slopes: None or H floats (see lcm.attention.alibi); sinks: None or [H] float sink
+    logits (see lcm.attention.attend), differentiated."""
     alibi = _static_slopes(alibi_slopes)
     # NumPy layouts become arrays: traced block indices index them.
     layout = jax.tree.map(jnp.asarray, layout)
     K = k.shape[2]
+    if sinks is not None:
+        sinks = jnp.asarray(sinks).astype(f32).reshape(K, -1)  # [K, G]
     if layout.counts.shape[0] == 1:  # one layout: each key block is visited for all heads at once
-        return _flash(q, k, v, mask, layout, None, scale, softcap, K, alibi)
+        return _flash(q, k, v, mask, layout, None, sinks, scale, softcap, K, alibi)
     # One layout per KV head (per-head masks): map over KV heads, each visiting only its blocks.
     B, T, H, D = q.shape
     qh = q.reshape(B, T, K, H // K, D).transpose(2, 0, 1, 3, 4)
     kh, vh = k.transpose(2, 0, 1, 3)[..., None, :], v.transpose(2, 0, 1, 3)[..., None, :]
 
     def one_head(args):
-        h, q_h, k_h, v_h, lay = args
-        return _flash(q_h, k_h, v_h, mask, lay, h, scale, softcap, K, alibi)
+        h, q_h, k_h, v_h, lay, sinks_h = args
+        return _flash(q_h, k_h, v_h, mask, lay, h, sinks_h, scale, softcap, K, alibi)
 
     per_head = jax.tree.map(lambda x: x[:, None], layout)  # [K, 1, ...]: Lh = 1 inside the map
-    out = lax.map(one_head, (jnp.arange(K), qh, kh, vh, per_head))  # [K, B, T, G, D]
+    sinks_h = None if sinks is None else sinks[:, None]  # [K, 1, G]
+    out = lax.map(one_head, (jnp.arange(K), qh, kh, vh, per_head, sinks_h))  # [K, B, T, G, D]
     return out.transpose(1, 2, 0, 3, 4).reshape(B, T, H, D)
 
 
@@ -56,7 +64,7 @@ def attention_with_lse(q, k, v, mask: Mask | None, layout: BlockLayout, *, scale
     layout's union over heads. Differentiate the merged result with `attention_backward`.
     """
     layout = jax.tree.map(jnp.asarray, layout.shared())
-    out, lse = _forward(q, k, v, mask, layout, None, scale, softcap, k.shape[2],
+    out, lse = _forward(q, k, v, mask, layout, None, None, scale, softcap, k.shape[2],
                         _static_slopes(alibi_slopes))
     return out, _from_q_blocks(lse[..., None], q.shape[1])
 
@@ -72,7 +80,7 @@ def attention_backward(q, k, v, mask: Mask | None, layout: BlockLayout, out, lse
     lse_b = _q_blocks(jnp.where(jnp.isfinite(lse), lse, 0.0), layout.geom, K)[..., 0]
     lse_b = jnp.where(_q_blocks(jnp.isposinf(lse), layout.geom, K)[..., 0], jnp.inf, lse_b)
     return _flash_bwd(scale, softcap, K, _static_slopes(alibi_slopes),
-                      (q, k, v, mask, layout, None, out, lse_b), d_out)[:3]
+                      (q, k, v, mask, layout, None, None, out, lse_b), d_out)[:3]
 
 
 def _static_slopes(alibi_slopes):
@@ -204,7 +212,9 @@ def _kv_block(x, j, geom):
     return lax.dynamic_slice_in_dim(x, j * geom.block_k, geom.block_k, axis=2)
 
 
-def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
+def _forward(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, alibi):
+    """(out [B, T, H, D], lse [nq, B, K, G, bq] float32). sinks: None or [K, G] float32 (the
+    K of q, k, v here: 1 inside the map over KV heads)."""
     geom = layout.geom
     K = k.shape[2]
     qb = _q_blocks(q, geom, K)
@@ -228,8 +238,8 @@ def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
                             preferred_element_type=f32)
             return m_new, alpha * denom + p.sum(-1), alpha[..., None] * acc + pv
 
-        stats_shape = q_blk.shape[:-1]
-        init = (jnp.full(stats_shape, -jnp.inf, f32), jnp.zeros(stats_shape, f32),
+        stats_shape = q_blk.shape[:-1]  # [B, K, G, bq]
+        init = (*sink_stats(None if sinks is None else sinks[None, :, :, None], stats_shape),
                 jnp.zeros(q_blk.shape, f32))
         m, denom, acc = lax.fori_loop(0, layout.counts[0, i], visit, init)
         seen = denom > 0
@@ -242,19 +252,20 @@ def _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
     return _from_q_blocks(out_blocks, q.shape[1]), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _flash(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
-    """`head`: None, or the KV head (int32) whose slice of a per-head mask q, k, v hold."""
-    return _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, alibi):
+    """`head`: None, or the KV head (int32) whose slice of a per-head mask q, k, v hold;
+    `sinks`: None or [K, G] float32 sink logits of these heads."""
+    return _forward(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, alibi)[0]
 
 
-def _flash_fwd(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi):
-    out, lse = _forward(q, k, v, mask, layout, head, scale, softcap, num_kv_heads, alibi)
-    return out, (q, k, v, mask, layout, head, out, lse)
+def _flash_fwd(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, alibi):
+    out, lse = _forward(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, alibi)
+    return out, (q, k, v, mask, layout, head, sinks, out, lse)
 
 
 def _flash_bwd(scale, softcap, num_kv_heads, alibi, residuals, d_out):
-    q, k, v, mask, layout, head, out, lse = residuals
+    q, k, v, mask, layout, head, sinks, out, lse = residuals
     geom = layout.geom
     K = k.shape[2]
     qb, dob = _q_blocks(q, geom, K), _q_blocks(d_out, geom, K)
@@ -290,7 +301,10 @@ def _flash_bwd(scale, softcap, num_kv_heads, alibi, residuals, d_out):
     dq = _from_q_blocks(dq, q.shape[1]).astype(q.dtype)
     dk = dk.transpose(0, 2, 1, 3)[:, :S].astype(k.dtype)
     dv = dv.transpose(0, 2, 1, 3)[:, :S].astype(v.dtype)
-    return dq, dk, dv, None, None, None
+    # lse [nq, B, K, G, bq] includes the sink; padded rows have dO = 0, so delta = 0 there.
+    d_sinks = None if sinks is None else sink_grad(sinks[None, None, :, :, None], lse, delta,
+                                                   axis=(0, 1, 4))
+    return dq, dk, dv, None, None, None, d_sinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

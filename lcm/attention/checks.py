@@ -5,15 +5,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lcm.attention.masks import Mask
+from lcm.kernels.block_sparse.common import check_sinks
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):
+def check_inputs(q, k, v, mask, scale, softcap, block_q, block_k, sinks=None):
     """Raises ValueError naming the argument and the fix for inputs no backend takes: q [B, T, H, D]
     and k, v [B, S, K, D] float arrays (or ShapeDtypeStructs) with H a multiple of K and T <= S,
     a Mask (validated at these shapes) or None, positive scale / softcap or None, positive int
-    block sizes. Shapes and dtypes only: runs before tracing."""
+    block sizes, sinks None or a float array [H] (may be traced). Shapes and dtypes only: runs
+    before tracing."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} has shape {getattr(x, 'shape', None)}; expected 4 dims "
@@ -45,3 +47,4 @@ def check_inputs(q, k, v, mask, scale, softcap, block_q, block_k):
     for name, b in (("block_q", block_q), ("block_k", block_k)):
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
             raise ValueError(f"{name}={b!r}; expected a positive int")
+    check_sinks(sinks, H)

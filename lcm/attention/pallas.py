@@ -23,10 +23,12 @@ def default_platform() -> str:
 
 
 def pallas_attention(q, k, v, mask, *, scale, softcap, block_q, block_k, platform=None,
-                     alibi_slopes=None):
-    """q [B, T, H, D]; k, v [B, S, K, D] -> [B, T, H, D] through kernels/block_sparse."""
+                     alibi_slopes=None, sinks=None):
+    """q [B, T, H, D]; k, v [B, S, K, D] -> [B, T, H, D] through kernels/block_sparse; sinks:
+    None or [H] float sink logits (see lcm.attention.attend), differentiated."""
     platform, kwargs = _kernel_kwargs(q, k, mask, scale, softcap, block_q, block_k, platform,
                                       alibi_slopes)
+    kwargs["sinks"] = sinks
     if platform == "gpu":
         from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
         return block_sparse_attention_gpu(q, k, v, **kwargs)

@@ -10,12 +10,15 @@ from lcm.attention.masks import Mask, group_heads
 
 
 def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, softcap=None,
-                        alibi_slopes: tuple[float, ...] | None = None):
+                        alibi_slopes: tuple[float, ...] | None = None, sinks=None):
     """Softmax(q k^T * scale) v with a dense [T, S] score matrix per head.
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query heads of a group share a KV
     head; K/V are not repeated). Returns [B, T, H, D] in q's dtype. Rows with no visible key
     give zeros. `alibi_slopes` (H floats) adds -slope_h * (query pos - key pos) after the cap.
+    `sinks` (None or [H] float logits, differentiable) adds to every row's softmax one more
+    logit sinks[h] whose value vector is zero: out = sum_j exp(s_j) v_j / (exp(sinks[h]) +
+    sum_j exp(s_j)).
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -34,9 +37,14 @@ def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, soft
                                                                S - T)
         s = jnp.where(group_heads(vis, K), s, -jnp.inf)
     m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    if sinks is not None:
+        sink = jnp.asarray(sinks).astype(f32).reshape(1, K, G, 1, 1)
+        m = jnp.maximum(m, jax.lax.stop_gradient(sink))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m)
     denom = p.sum(-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     w = p / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(f32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(B, T, H, D).astype(q.dtype)

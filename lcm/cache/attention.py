@@ -31,12 +31,14 @@ def visible(q_pos, k_pos, k_valid, *, sliding_window=None):
     return vis
 
 
-def attention_probs(q, k, vis, *, scale=None, softcap=None):
+def attention_probs(q, k, vis, *, scale=None, softcap=None, sinks=None):
     """Softmax weights of queries over cache entries.
 
     q [B, T, H, D]; k [B, K, C, D]; vis [B, K, T, C] -> probs float32 [B, K, G, T, C] (G query
     heads per kv head); rows with nothing visible are zeros. softcap: the logits become
-    softcap * tanh(logits / softcap) (Gemma 2), as the model's attention.
+    softcap * tanh(logits / softcap) (Gemma 2), as the model's attention. sinks: None or [H]
+    float sink logits (as `lcm.attention.attend`'s): each row's normaliser also counts
+    exp(sinks[h]), a key whose value is zero, so a row's weights sum to less than one.
     """
     B, T, H, D = q.shape
     K = k.shape[1]
@@ -47,8 +49,14 @@ def attention_probs(q, k, vis, *, scale=None, softcap=None):
         s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(vis[:, :, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    if sinks is not None:
+        sink = jnp.asarray(sinks).astype(f32).reshape(1, K, H // K, 1, 1)
+        m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
     denom = p.sum(-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     return p / jnp.where(denom > 0, denom, 1.0)
 
 

@@ -213,9 +213,10 @@ def pooled_visible(entries, q_pos, *, sliding_window=None):
     return vis
 
 
-def pooled_attention(q, k, v, vis, *, softcap=None):
+def pooled_attention(q, k, v, vis, *, softcap=None, sinks=None):
     """q [B, 1, H, D]; pool k, v [B, P, D]; vis [B, K, P] -> [B, 1, H, D] (float32 softmax;
-    a head that sees nothing gives zeros; softcap as `lcm.cache.attention.attention_probs`)."""
+    a head that sees nothing gives zeros; softcap and sinks, None or [H] sink logits, as
+    `lcm.cache.attention.attention_probs`)."""
     B, _, H, D = q.shape
     K = vis.shape[1]
     qg = q.reshape(B, K, H // K, D)
@@ -225,8 +226,14 @@ def pooled_attention(q, k, v, vis, *, softcap=None):
         s = softcap * jnp.tanh(s / softcap)
     s = jnp.where(vis[:, :, None], s, -jnp.inf)
     m = s.max(-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    if sinks is not None:
+        sink = jnp.asarray(sinks).astype(jnp.float32).reshape(1, K, H // K, 1)
+        m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
     denom = p.sum(-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     p = p / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgp,bpd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(B, 1, H, D).astype(q.dtype)

@@ -64,8 +64,17 @@ def cases(draw):
     dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
     softcap = draw(st.sampled_from([None, None, 3.0]))
     num_segments = draw(st.integers(1, 4))
+    sinks = draw(st.sampled_from([None, 1.0, 4.0]))  # sink logits' spread, or no sinks
     seed = draw(st.integers(0, 2**16))
-    return B, T, S, K * G, K, D, mask, window, block_q, block_k, dtype, softcap, num_segments, seed
+    return (B, T, S, K * G, K, D, mask, window, block_q, block_k, dtype, softcap, num_segments,
+            sinks, seed)
+
+
+def random_sinks(rng, spread, num_heads):
+    """float32 [H] sink logits of standard deviation `spread`, or None."""
+    if spread is None:
+        return None
+    return jnp.asarray(rng.standard_normal(num_heads) * spread, jnp.float32)
 
 
 def segment_ids(rng, B, T, S, num_segments):
@@ -76,25 +85,29 @@ def segment_ids(rng, B, T, S, num_segments):
 
 @given(cases())
 def test_xla_matches_reference(case):
-    B, T, S, H, K, D, kind, window, bq, bk, dtype, softcap, nseg, seed = case
+    """Values and gradients (d sinks too when drawn) of the xla backend vs the reference."""
+    B, T, S, H, K, D, kind, window, bq, bk, dtype, softcap, nseg, spread, seed = case
     rng = np.random.default_rng(seed)
     q, k, v = random_qkv(jax.random.key(seed), B, T, S, H, K, D, dtype)
     mask = build_mask(kind, window, *segment_ids(rng, B, T, S, nseg), num_heads=H, seed=seed)
     cot = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    sinks = random_sinks(rng, spread, H)
+    args = (q, k, v) if sinks is None else (q, k, v, sinks)
 
     def loss(impl):
-        def fn(q, k, v):
-            out = attend(q, k, v, mask, impl=impl, softcap=softcap, block_q=bq, block_k=bk)
+        def fn(q, k, v, *sinks):
+            out = attend(q, k, v, mask, impl=impl, softcap=softcap, block_q=bq, block_k=bk,
+                         sinks=sinks[0] if sinks else None)
             return jnp.sum(out.astype(jnp.float32) * cot), out
-        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
+        return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args))), has_aux=True))
 
-    (_, want), want_grads = loss("reference")(q, k, v)
-    (_, got), got_grads = loss("xla")(q, k, v)
+    (_, want), want_grads = loss("reference")(*args)
+    (_, got), got_grads = loss("xla")(*args)
     tol = TOL[dtype]
     assert got.dtype == q.dtype
     assert not np.isnan(f32(got)).any()
     np.testing.assert_allclose(f32(got), f32(want), atol=tol, rtol=tol)
-    for name, g, w in zip("qkv", got_grads, want_grads):
+    for name, g, w in zip(["q", "k", "v", "sinks"], got_grads, want_grads):
         scale = max(1.0, float(np.abs(f32(w)).max()))
         np.testing.assert_allclose(f32(g), f32(w), atol=tol * scale * 2, rtol=tol,
                                    err_msg=f"d{name}")

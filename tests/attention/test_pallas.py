@@ -76,6 +76,30 @@ def test_pallas_alibi_matches_reference(name):
         np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("name,alibi", [("causal", False), ("sinkwindow|document", True),
+                                        ("blockmask&causal", False), ("none", True)])
+def test_pallas_sinks_match_reference(name, alibi):
+    """Sink logits through the pallas kernels (GQA, T < S, soft cap, ALiBi): values and
+    gradients, d sinks included."""
+    q, k, v, doc = inputs(5)
+    mask = MASKS[name](doc)
+    slopes = np.linspace(0.05, 0.6, H).astype(np.float32) if alibi else None
+    sinks = jnp.asarray(np.random.default_rng(5).standard_normal(H) * 3, jnp.float32)
+    cot = jnp.sin(jnp.arange(D, dtype=jnp.float32))[None, None, None]
+
+    def run(impl):
+        fn = lambda q, k, v, s: jnp.sum(attend(  # noqa: E731
+            q, k, v, mask, impl=impl, block_q=16, block_k=16, softcap=20.0,
+            alibi_slopes=slopes, sinks=s) * cot)
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+
+    want, want_grads = run("reference")
+    got, got_grads = run("pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, g, w in zip(["q", "k", "v", "sinks"], got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5, err_msg=f"d{name}")
+
+
 def test_pallas_bfloat16_forward():
     q, k, v, doc = inputs(1)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -123,9 +147,11 @@ def test_pallas_head_aware_masks_match_reference(name):
         np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
 
 
-def test_gpu_kernel_evaluates_vertical_slash():
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_gpu_kernel_evaluates_vertical_slash(with_sinks):
     """The GPU kernel (interpreted) from the same lowering: VerticalSlash with one shared slash
-    list and per-head columns, GQA, T < S; values and gradients vs the reference."""
+    list and per-head columns, GQA, T < S; values and gradients vs the reference, with and
+    without sink logits (then d sinks too)."""
     from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
     from lcm.attention.kernel_masks import kernel_mask
     from lcm.attention.layout import mask_layout
@@ -137,16 +163,18 @@ def test_gpu_kernel_evaluates_vertical_slash():
     fn, _, _, tables = kernel_mask(mask, offset=S - T, block_q=16, block_k=16, grouped=True)
     layout = mask_layout(mask, T, S, 16, 16, num_heads=H, num_kv_heads=K)
     d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    sinks = jnp.asarray(rng.standard_normal(H) * 3, jnp.float32)
+    args = (q, k, v, sinks) if with_sinks else (q, k, v)
 
-    def gpu(q, k, v):
+    def gpu(q, k, v, *sinks):
         return block_sparse_attention_gpu(
             q, k, v, kinds=layout.kinds, kv_blocks=layout.kv_blocks, counts=layout.counts,
             mask_fn=fn, mask_tables=tables, scale=D ** -0.5, block_q=16, block_k=16,
-            interpret=True)
+            interpret=True, sinks=sinks[0] if sinks else None)
 
-    want_out, want_vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask, impl="reference"),
-                                 q, k, v)
-    got_out, got_vjp = jax.vjp(gpu, q, k, v)
+    want_out, want_vjp = jax.vjp(lambda q, k, v, *sinks: attend(
+        q, k, v, mask, impl="reference", sinks=sinks[0] if sinks else None), *args)
+    got_out, got_vjp = jax.vjp(gpu, *args)
     np.testing.assert_allclose(got_out, want_out, atol=2e-5, rtol=2e-5)
     for g, w in zip(got_vjp(d_out), want_vjp(d_out)):
         np.testing.assert_allclose(g, w, atol=3e-5, rtol=3e-5)
@@ -208,6 +236,7 @@ def sweep_cases(draw):
                 block_k=draw(st.sampled_from([8, 16, 32])),
                 dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
                 softcap=draw(st.sampled_from([None, 3.0])), alibi=draw(st.booleans()),
+                sinks=draw(st.sampled_from([None, 1.0, 4.0])),
                 segments=draw(st.integers(1, 4)), seed=draw(st.integers(0, 2**16)))
 
 
@@ -216,7 +245,8 @@ def sweep_cases(draw):
 @given(sweep_cases())
 def test_pallas_sweep_matches_reference(case):
     """attend(impl="pallas") over drawn shapes (odd lengths, T < S), GQA ratios, every mask kind
-    the kernels evaluate, soft caps, ALiBi and dtypes: values and gradients vs the reference."""
+    the kernels evaluate, soft caps, ALiBi, sinks and dtypes: values and gradients (d sinks
+    too) vs the reference."""
     B, T, S, K, G, D = (case[n] for n in ("B", "T", "S", "K", "G", "D"))
     H, bq, bk, dtype = K * G, case["block_q"], case["block_k"], case["dtype"]
     rng = np.random.default_rng(case["seed"])
@@ -226,13 +256,18 @@ def test_pallas_sweep_matches_reference(case):
                       jnp.asarray(seg_kv), H, G, rng)
     slopes = np.linspace(0.05, 0.5, H).astype(np.float32) if case["alibi"] else None
     cot = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    args = (q, k, v)
+    if case["sinks"] is not None:
+        args += (jnp.asarray(rng.standard_normal(H) * case["sinks"], jnp.float32),)
 
     def run(impl):
-        def fn(q, k, v):
+        def fn(q, k, v, *sinks):
             out = attend(q, k, v, mask, impl=impl, block_q=bq, block_k=bk,
-                         softcap=case["softcap"], alibi_slopes=slopes)
+                         softcap=case["softcap"], alibi_slopes=slopes,
+                         sinks=sinks[0] if sinks else None)
             return jnp.sum(out.astype(jnp.float32) * cot), out
-        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args))),
+                                          has_aux=True))(*args)
 
     (_, want), want_grads = run("reference")
     (_, got), got_grads = run("pallas")
@@ -240,7 +275,7 @@ def test_pallas_sweep_matches_reference(case):
     assert got.dtype == dtype
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     np.testing.assert_allclose(f32(got), f32(want), atol=tol, rtol=tol)
-    for name, g, w in zip("qkv", got_grads, want_grads):
+    for name, g, w in zip(["q", "k", "v", "sinks"], got_grads, want_grads):
         scale = max(1.0, float(np.abs(f32(w)).max()))
         np.testing.assert_allclose(f32(g), f32(w), atol=2 * tol * scale, rtol=tol,
                                    err_msg=f"d{name}")

@@ -50,24 +50,29 @@ def build_mask(kind, L, H, window, seed=0):
             }[kind]
 
 
-def check(q, k, v, mask, tol, *, grads=True, softcap=None, **kw):
-    """ring_attention's output and VJP (one jit) vs the reference's, for a random cotangent."""
+def check(q, k, v, mask, tol, *, grads=True, softcap=None, sinks=None, **kw):
+    """ring_attention's output and VJP (one jit) vs the reference's, for a random cotangent;
+    with sinks, their gradient too."""
     do = jax.random.normal(jax.random.key(7), q.shape, jnp.float32).astype(q.dtype)
+    args = (q, k, v) if sinks is None else (q, k, v, sinks)
 
     def run(fn):
-        def f(q, k, v):
-            out, vjp = jax.vjp(fn, q, k, v)
+        def f(*args):
+            out, vjp = jax.vjp(fn, *args)
             return out, (vjp(do) if grads else ())
         return f
 
-    got, g_got = jax.jit(run(lambda q, k, v: ring_attention(q, k, v, mask, softcap=softcap,
-                                                            **kw)))(q, k, v)
-    want, g_want = run(lambda q, k, v: attend(q, k, v, mask, impl="reference",
-                                              softcap=softcap))(q, k, v)
+    def sinks_of(rest):
+        return rest[0] if rest else None
+
+    got, g_got = jax.jit(run(lambda q, k, v, *s: ring_attention(
+        q, k, v, mask, softcap=softcap, sinks=sinks_of(s), **kw)))(*args)
+    want, g_want = run(lambda q, k, v, *s: attend(q, k, v, mask, impl="reference",
+                                                  softcap=softcap, sinks=sinks_of(s)))(*args)
     assert not np.isnan(np.asarray(got, np.float32)).any()
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=tol, rtol=tol)
-    for name, a, b in zip("qkv", g_got, g_want):
+    for name, a, b in zip(["q", "k", "v", "sinks"], g_got, g_want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         scale = max(1.0, np.abs(b).max())
         np.testing.assert_allclose(a, b, atol=tol * scale, rtol=tol, err_msg=f"d{name}")
@@ -94,6 +99,28 @@ def test_allgather_matches_reference(devices):
           block_q=8, block_k=8, strategy="allgather")
 
 
+def random_sinks(H, seed, spread=3.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(H) * spread, jnp.float32)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape,load_balance,kind,L", [
+    ("ring", (1, 1, 1, 4), "zigzag", "causal", 100),            # padded ring order
+    ("ring", (2, 1, 2, 2), "none", "causal&document", 64),      # batch and heads sharded too
+    ("allgather", (1, 1, 1, 4), "striped", "local", 64),
+    ("allgather", (2, 1, 2, 2), "zigzag", "blockmask_runtime&causal", 48),
+])
+def test_ring_sinks_match_reference(devices, strategy, mesh_shape, load_balance, kind, L):
+    """Sink logits under context parallelism: each row counts its sink once however many
+    shards its keys span (values), and d sinks sums every device's rows (heads split over the
+    tensor axis on the (2, 1, 2, 2) meshes)."""
+    H, K = 4, 2
+    q, k, v = random_qkv(jax.random.key(L), 2, L, L, H, K, 8, jnp.float32)
+    mesh = make_mesh(mesh_shape, devices=devices[:int(np.prod(mesh_shape))])
+    check(q, k, v, build_mask(kind, L, H, window=20), TOL[jnp.float32], mesh=mesh,
+          load_balance=load_balance, block_q=8, block_k=8, strategy=strategy,
+          sinks=random_sinks(H, L))
+
+
 def test_ring_masks_values(devices):
     """Array masks (the layout is made on each device), forward only; the random-case sweep
     (slow) covers every kind with gradients."""
@@ -105,13 +132,15 @@ def test_ring_masks_values(devices):
               mesh=mesh, load_balance="zigzag", block_q=8, block_k=8)
 
 
-def test_fully_masked_rows_are_zero_with_finite_grads(devices):
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_fully_masked_rows_are_zero_with_finite_grads(devices, with_sinks):
     L = 32
     grid = np.ones((4, 4), bool)
     grid[1] = False  # query rows 8..15 see nothing
     q, k, v = random_qkv(jax.random.key(1), 1, L, L, 2, 2, 8, jnp.float32)
-    out, (dq, _, _) = check(q, k, v, BlockMask(grid, 8), 3e-5, mesh=ring_mesh(devices, 2),
-                            load_balance="zigzag", block_q=8, block_k=8)
+    out, (dq, *_) = check(q, k, v, BlockMask(grid, 8), 3e-5, mesh=ring_mesh(devices, 2),
+                          load_balance="zigzag", block_q=8, block_k=8,
+                          sinks=random_sinks(2, 1) if with_sinks else None)
     assert np.all(np.asarray(out[:, 8:16]) == 0) and np.all(np.asarray(dq[:, 8:16]) == 0)
 
 
@@ -247,21 +276,23 @@ def cases(draw):
     lb = draw(st.sampled_from(["none", "zigzag", "striped", "mask_aware"]))
     block = draw(st.sampled_from([8, 16]))
     window = draw(st.integers(1, 40))
-    return P, L, K, G, kind, lb, block, window, draw(st.integers(0, 2**16))
+    sinks = draw(st.sampled_from([None, 1.0, 4.0]))  # sink logits' spread, or no sinks
+    return P, L, K, G, kind, lb, block, window, sinks, draw(st.integers(0, 2**16))
 
 
 @pytest.mark.slow
 @settings(max_examples=12)  # each case compiles a shard_map program: keep the suite short
 @given(cases())
 def test_ring_random_cases(devices, case):
-    P, L, K, G, kind, lb, block, window, seed = case
+    P, L, K, G, kind, lb, block, window, spread, seed = case
     H = K * G
     mask = build_mask(kind, L, H, window, seed)
     if lb == "mask_aware" and mask is not None and not mask.is_static:
         lb = "zigzag"  # mask_aware takes concrete masks; tested with static ones here
     q, k, v = random_qkv(jax.random.key(seed), 2, L, L, H, K, 8, jnp.float32)
+    sinks = None if spread is None else random_sinks(H, seed, spread)
     check(q, k, v, mask, TOL[jnp.float32], mesh=ring_mesh(devices, P), load_balance=lb,
-          block_q=block, block_k=block)
+          block_q=block, block_k=block, sinks=sinks)
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -333,6 +364,28 @@ def test_attend_ring_pallas_matches_reference(devices):
     got = jax.jit(jax.value_and_grad(loss("ring_pallas", mesh=mesh, block_q=8, block_k=8),
                                      argnums=(0, 1, 2)))(q, k, v)
     want = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("load_balance", ["zigzag", "none"])
+def test_attend_ring_pallas_sinks_match_reference(devices, load_balance):
+    """impl="ring_pallas" with sink logits, merged once per row after the kernel's ring: values
+    and gradients (d sinks included) against the dense reference, for both kernel orders."""
+    mesh = ring_mesh(devices, 8)
+    H = 2
+    q, k, v = random_qkv(jax.random.key(2), 1, 128, 128, H, 1, 8, jnp.float32)
+    do = jax.random.normal(jax.random.key(3), q.shape)
+    sinks = random_sinks(H, 2)
+
+    def loss(impl, **kw):
+        return lambda q, k, v, s: jnp.sum(attend(q, k, v, Causal(), impl=impl, sinks=s, **kw)
+                                          * do)
+
+    got = jax.jit(jax.value_and_grad(loss("ring_pallas", mesh=mesh, block_q=8, block_k=8,
+                                          load_balance=load_balance),
+                                     argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+    want = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2, 3))(q, k, v, sinks)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
 

@@ -3,8 +3,8 @@
 Both run the TPU kernels in Pallas' CPU interpret mode: lcm through attend(impl="pallas"), splash
 through jax.experimental.pallas.ops.tpu.splash_attention (shipped with jax itself), on the masks
 splash supports: causal (also with queries aligned to the end of longer keys), local windows,
-causal + segment ids, GQA / MQA and logit softcapping. Forward outputs and gradients of q, k, v
-must agree.
+causal + segment ids, GQA / MQA, logit softcapping and attention sinks (one logit per query
+head). Forward outputs and gradients of q, k, v (and of the sinks) must agree.
 
 Conventions mapped here:
   * layout: lcm takes q [B, T, H, D], k/v [B, S, K, D]; splash takes one example, q [H, T, D] and
@@ -12,7 +12,8 @@ Conventions mapped here:
   * scale: splash does not scale the logits, so its q is pre-scaled by 1/sqrt(D) (lcm's default)
     inside the differentiated function; softcap then caps the same scaled logits in both;
   * Local(w): a query at p sees keys p - w + 1 .. p, i.e. splash LocalMask(window_size=(w - 1, 0));
-  * queries sit at key position i + S - T in lcm: splash masks take offset=S - T.
+  * queries sit at key position i + S - T in lcm: splash masks take offset=S - T;
+  * sinks: both add the sink logit, uncapped, to each row's normaliser after scale and cap.
 """
 
 import math
@@ -30,9 +31,10 @@ FWD_ATOL = 1e-5
 GRAD_ATOL, GRAD_RTOL = 2e-5, 1e-5
 
 
-def _case(*, T, S, H, K, window=None, segments=False, softcap=None, lcm_blocks=(BLOCK, BLOCK)):
+def _case(*, T, S, H, K, window=None, segments=False, softcap=None, lcm_blocks=(BLOCK, BLOCK),
+          sinks=False):
     return dict(T=T, S=S, H=H, K=K, window=window, segments=segments, softcap=softcap,
-                lcm_blocks=lcm_blocks)
+                lcm_blocks=lcm_blocks, sinks=sinks)
 
 
 CASES = {
@@ -44,6 +46,8 @@ CASES = {
     "causal_segments_gqa": _case(T=256, S=256, H=4, K=2, segments=True),
     "local_mqa": _case(T=256, S=256, H=4, K=1, window=37),
     "causal_softcap_gqa": _case(T=256, S=256, H=4, K=2, softcap=5.0),
+    "local_offset_softcap_sinks_gqa": _case(T=256, S=384, H=4, K=2, window=100, softcap=5.0,
+                                            sinks=True),
 }
 
 
@@ -56,11 +60,13 @@ def _inputs(c, seed):
     # Each example its own cotangent, so gradients see every output element with its own weight.
     cot = jax.random.normal(ks[3], q.shape, jnp.float32)
     seg = None
+    rng = np.random.default_rng(seed)
     if c["segments"]:
         # Packed documents: sorted ids, boundaries at random (block-unaligned) positions.
-        rng = np.random.default_rng(seed)
         seg = np.sort(rng.integers(0, 5, (B, c["S"])), axis=1).astype(np.int32)
-    return q, k, v, cot, seg
+    # Sink logits of both signs, some above typical logits: the sink's weight matters.
+    sinks = jnp.asarray(rng.standard_normal(c["H"]) * 3, jnp.float32) if c["sinks"] else None
+    return q, k, v, cot, seg, sinks
 
 
 def _masks(c):
@@ -82,9 +88,9 @@ def _lcm_fn(c, lcm_mask, seg):
         lcm_mask = lcm_mask & Document(seg[:, c["S"] - c["T"]:], seg)
     bq, bk = c["lcm_blocks"]
 
-    def fn(q, k, v):
+    def fn(q, k, v, sinks=None):
         return attend(q, k, v, lcm_mask, impl="pallas", softcap=c["softcap"], block_q=bq,
-                      block_k=bk)
+                      block_k=bk, sinks=sinks)
     return fn
 
 
@@ -94,34 +100,35 @@ def _splash_fn(c, splash_mask, seg):
                   q_seq_shards=1, attn_logits_soft_cap=c["softcap"], interpret=True)
     mqa = c["K"] == 1
 
-    def one(q, k, v, seg_ids):  # q [T, H, D], k/v [S, K, D], seg_ids [S] or None
+    def one(q, k, v, seg_ids, sinks):  # q [T, H, D], k/v [S, K, D], seg_ids [S] or None
         scale = 1.0 / math.sqrt(q.shape[-1])
         q = q.transpose(1, 0, 2) * scale
         k, v = (x[:, 0] if mqa else x.transpose(1, 0, 2) for x in (k, v))
         ids = None
         if seg_ids is not None:
             ids = splash.SegmentIds(q=seg_ids[c["S"] - c["T"]:], kv=seg_ids)
-        return kernel(q, k, v, segment_ids=ids).transpose(1, 0, 2)
+        return kernel(q, k, v, segment_ids=ids, sinks=sinks).transpose(1, 0, 2)
 
-    def fn(q, k, v):
+    def fn(q, k, v, sinks=None):
         if seg is None:
-            return jax.vmap(lambda q, k, v: one(q, k, v, None))(q, k, v)
-        return jax.vmap(one)(q, k, v, jnp.asarray(seg))
+            return jax.vmap(lambda q, k, v: one(q, k, v, None, sinks))(q, k, v)
+        return jax.vmap(lambda q, k, v, s: one(q, k, v, s, sinks))(q, k, v, jnp.asarray(seg))
     return fn
 
 
-def _out_and_grads(fn, q, k, v, cot):
-    """Forward output and the gradients of sum(out * cot) w.r.t. q, k, v, in one jit."""
-    def run(q, k, v, cot):
-        out, vjp = jax.vjp(fn, q, k, v)
+def _out_and_grads(fn, q, k, v, cot, sinks=None):
+    """Forward output and the gradients of sum(out * cot) w.r.t. q, k, v (and the sinks, when
+    given), in one jit."""
+    def run(cot, *args):
+        out, vjp = jax.vjp(fn, *args)
         return out, vjp(cot)
-    return jax.jit(run)(q, k, v, cot)
+    return jax.jit(run)(cot, q, k, v, *(() if sinks is None else (sinks,)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_pallas_matches_splash(name):
     c = CASES[name]
-    q, k, v, cot, seg = _inputs(c, seed=list(CASES).index(name))
+    q, k, v, cot, seg, sinks = _inputs(c, seed=list(CASES).index(name))
     lcm_mask, splash_mask = _masks(c)
 
     # The convention mapping itself: both masks must name the same (query, key) pairs.
@@ -129,9 +136,10 @@ def test_pallas_matches_splash(name):
     want_vis = np.asarray(lcm_mask.visible(np.arange(T), np.arange(S), S - T))[0, 0]
     np.testing.assert_array_equal(splash_mask.masks[0][:, :], want_vis)
 
-    got, got_grads = _out_and_grads(_lcm_fn(c, lcm_mask, seg), q, k, v, cot)
-    want, want_grads = _out_and_grads(_splash_fn(c, splash_mask, seg), q, k, v, cot)
+    got, got_grads = _out_and_grads(_lcm_fn(c, lcm_mask, seg), q, k, v, cot, sinks)
+    want, want_grads = _out_and_grads(_splash_fn(c, splash_mask, seg), q, k, v, cot, sinks)
     np.testing.assert_allclose(got, want, atol=FWD_ATOL, rtol=0, err_msg=f"{name}: forward")
-    for arg, g, w in zip("qkv", got_grads, want_grads):
+    assert len(got_grads) == (4 if c["sinks"] else 3)
+    for arg, g, w in zip(["q", "k", "v", "sinks"], got_grads, want_grads):
         np.testing.assert_allclose(g, w, atol=GRAD_ATOL, rtol=GRAD_RTOL,
                                    err_msg=f"{name}: d{arg}")

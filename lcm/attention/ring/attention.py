@@ -15,6 +15,11 @@ Backward is a custom VJP: residuals are the local q, k, v, output and logsumexp 
 around the ring again (blocked) together with float32 dK/dV accumulators, which end on their
 home device; dQ accumulates in place.
 GQA sends only the K KV heads.
+
+Sink logits (`sinks`, one per query head) enter each device's statistics once, when they are
+initialised for its query shard, before any ring step: every row counts its sink exactly once
+however many shards its keys span. Their gradient is summed over each device's rows here and
+over devices by shard_map's transpose (sinks are replicated over the context axis).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from lcm.attention.blocked import (blocked_backward_step, blocked_delta, blocked_finish,
                                    blocked_forward_step, blocked_init, from_blocks, to_blocks)
@@ -36,6 +42,7 @@ from lcm.attention.ring.layout import (RingPlan, gathered_layout, global_kinds, 
                                        placed_mask, static_kinds, step_layout)
 from lcm.attention.ring.order import LOAD_BALANCE, RingOrder, make_ring_order
 from lcm.attention.ring.specs import check_and_prepare, check_rules, shard_specs
+from lcm.kernels.block_sparse.common import sink_grad
 from lcm.sharding.rules import DEFAULT_RULES
 
 f32 = jnp.float32
@@ -45,7 +52,7 @@ STRATEGIES = ("ring", "allgather", "pallas")
 def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: str = "context",
                    load_balance: str | RingOrder = "zigzag", scale: float | None = None,
                    softcap: float | None = None, block_q: int = 512, block_k: int = 512,
-                   strategy: str = "ring", rules=DEFAULT_RULES):
+                   strategy: str = "ring", rules=DEFAULT_RULES, sinks=None):
     """Self-attention with the sequence split over mesh axis `axis_name`.
 
     q [B, L, H, D]; k, v [B, L, K, D] (H a multiple of K); `mask` as for `lcm.attention.attend`
@@ -67,6 +74,8 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     DMA; index masks, "none"/"zigzag" orders, no softcap; interpreted off TPU; see
     lcm.attention.ring.kernel). `attend` reaches them as impl "ring", "allgather" and
     "ring_pallas".
+    sinks: None or [H] float sink logits (as `lcm.attention.attend`; may be traced,
+    differentiated), split over heads like q and counted once per row.
     Returns [B, L, H, D] in q's dtype; rows that see no key are zeros.
     """
     if strategy not in STRATEGIES:
@@ -93,7 +102,9 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
         raise ValueError(f"load_balance={load_balance!r}; expected one of {list(LOAD_BALANCE)} "
                          f"or a RingOrder")
     mask, scale, softcap, length = check_and_prepare(q, k, v, mask, scale, softcap, block_q,
-                                                     block_k, order)
+                                                     block_k, order, sinks)
+    if sinks is not None:
+        sinks = jnp.asarray(sinks).astype(f32)
     if order is None:
         if load_balance == "mask_aware" and not _concrete(mask):
             raise ValueError("load_balance='mask_aware' needs a mask with concrete arrays; inside "
@@ -127,8 +138,14 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
         body = functools.partial(pallas_ring_local, st, mask_fn)
     else:
         body = functools.partial(_ring_local, st)
-    out = jax.shard_map(body, mesh=mesh, in_specs=(qspec, kspec, kspec, mask_spec),
-                        out_specs=qspec, check_vma=False)(q, k, v, mask)
+    args, in_specs = (q, k, v, mask), (qspec, kspec, kspec, mask_spec)
+    if sinks is None:
+        local = functools.partial(_without_sinks, body)
+    else:  # sinks [H] split over heads like q (whose heads split like K's)
+        local = body
+        args, in_specs = args + (sinks,), in_specs + (PartitionSpec(qspec[2]),)
+    out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=qspec,
+                        check_vma=False)(*args)
     return _constrain(order.from_ring(out), mesh, qspec) if permute else out
 
 
@@ -153,6 +170,10 @@ def context_axis_size(mesh=None, axis_name: str = "context") -> int:
                          f"{tuple(getattr(mesh, 'axis_names', ()))}); pass mesh= or set one with "
                          f"jax.set_mesh, with a context-parallel axis")
     return mesh.shape[axis_name]
+
+
+def _without_sinks(body, q, k, v, mask):
+    return body(q, k, v, mask, None)
 
 
 def _constrain(x, mesh, spec):
@@ -215,8 +236,14 @@ def _step_layout(st, mask, kinds_g, device, step):
             placed_mask(mask, st.plan, device, source))
 
 
-def _forward(st, q, k, v, mask):
-    """Local output [B, T, H, D] and lse [B, nq, bq, K, G] float32 (+inf: nothing seen).
+def _local_sinks(sinks, num_kv_heads):
+    """This device's sinks [H] as [K, G] (the layout of the blocked statistics), or None."""
+    return None if sinks is None else sinks.reshape(num_kv_heads, -1)
+
+
+def _forward(st, q, k, v, mask, sinks):
+    """Local output [B, T, H, D] and lse [B, nq, bq, K, G] float32 (+inf: nothing seen; with
+    sinks, they are counted in: statistics start from them, once per row).
 
     q stays blocked and K/V travel blocked; the float32 statistics are carried through every
     step and updated in place, so no step allocates a partial output to merge.
@@ -237,24 +264,26 @@ def _forward(st, q, k, v, mask):
         k_next, v_next = _shift((kb, vb), st.axis_name, P)
         return k_next, v_next, step_fn(step, kb, vb, stats)
 
-    kb, vb, stats = lax.fori_loop(0, n - 1, body, (kb, vb, blocked_init(qb)))
+    init = blocked_init(qb, _local_sinks(sinks, k.shape[2]))
+    kb, vb, stats = lax.fori_loop(0, n - 1, body, (kb, vb, init))
     out, lse = blocked_finish(step_fn(n - 1, kb, vb, stats), q.dtype)
     return from_blocks(out), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_local(st, q, k, v, mask):
-    return _forward(st, q, k, v, mask)[0]
+def _ring_local(st, q, k, v, mask, sinks):
+    return _forward(st, q, k, v, mask, sinks)[0]
 
 
-def _ring_local_fwd(st, q, k, v, mask):
-    out, lse = _forward(st, q, k, v, mask)
-    return out, (q, k, v, mask, out, lse)
+def _ring_local_fwd(st, q, k, v, mask, sinks):
+    out, lse = _forward(st, q, k, v, mask, sinks)
+    return out, (q, k, v, mask, sinks, out, lse)
 
 
 def _ring_local_bwd(st, residuals, d_out):
-    """residuals: q, k, v, mask, out and lse [B, nq, bq, K, G] float32 (+inf: nothing seen)."""
-    q, k, v, mask, out, lse = residuals
+    """residuals: q, k, v, mask, sinks, out and lse [B, nq, bq, K, G] float32 (+inf: nothing
+    seen)."""
+    q, k, v, mask, sinks, out, lse = residuals
     P, n = st.num_devices, st.plan.num_steps
     device = lax.axis_index(st.axis_name)
     kinds_g = st.kinds(mask)
@@ -281,14 +310,17 @@ def _ring_local_bwd(st, residuals, d_out):
     dq, dk_acc, dv_acc = grads(n - 1, kb, vb, (dq, dk_acc, dv_acc))
     # The accumulators now sit n - 1 hops from home: one direct transfer brings them back.
     dk, dv = _shift((dk_acc, dv_acc), st.axis_name, P, hops=1 - n)
+    # This device's rows' share; shard_map's transpose sums the shares over the context axis.
+    d_sinks = None if sinks is None else sink_grad(
+        _local_sinks(sinks, k.shape[2]), lse, delta, axis=(0, 1, 2)).reshape(-1)
     return (from_blocks(dq).astype(q.dtype), from_blocks(dk).astype(k.dtype),
-            from_blocks(dv).astype(v.dtype), None)
+            from_blocks(dv).astype(v.dtype), None, d_sinks)
 
 
 _ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
-def _allgather_local(st, q, k, v, mask):
+def _allgather_local(st, q, k, v, mask, sinks):
     """All-gather context parallelism: each device gathers K/V (ring order) and attends once.
 
     Differentiated by JAX: the gathers' transpose reduce-scatters dK/dV.
@@ -298,4 +330,4 @@ def _allgather_local(st, q, k, v, mask):
     v_all = lax.all_gather(v, st.axis_name, axis=1, tiled=True)
     layout, local_mask = gathered_layout(st.kinds(mask), mask, st.plan, device)
     return blockwise_attention(q, k_all, v_all, local_mask, layout, scale=st.scale,
-                               softcap=st.softcap)
+                               softcap=st.softcap, sinks=sinks)

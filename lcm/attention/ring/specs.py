@@ -12,7 +12,7 @@ from lcm.attention.masks import Mask
 from lcm.sharding.rules import DEFAULT_RULES, logical_to_spec
 
 
-def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
+def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order, sinks=None):
     """Validates like `attend` (plus q_len == kv_len); returns (mask, scale, softcap, length).
 
     With a RingOrder (q, k, v already in ring order), Document segment ids stay in the original
@@ -20,7 +20,7 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     device holds them whole, so a model permutes only its activations (no gather per call).
     """
     if any(getattr(x, "ndim", None) != 4 for x in (q, k, v)):
-        check_inputs(q, k, v, None, scale, softcap, block_q, block_k)  # raises, naming which
+        check_inputs(q, k, v, None, scale, softcap, block_q, block_k, sinks)  # raises
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q_len={q.shape[1]} != kv_len={k.shape[1]}: context-parallel "
                          f"attention is self-attention over one sharded sequence")
@@ -31,7 +31,7 @@ def check_and_prepare(q, k, v, mask, scale, softcap, block_q, block_k, order):
     def shape(x):
         return jax.ShapeDtypeStruct((x.shape[0], length) + tuple(x.shape[2:]), x.dtype)
 
-    check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k)
+    check_inputs(shape(q), shape(k), shape(v), mask, scale, softcap, block_q, block_k, sinks)
     if mask is not None:
         mask = mask.prepare(length, length, batch=q.shape[0], num_heads=q.shape[2])
     return mask, float(scale), None if softcap is None else float(softcap), length

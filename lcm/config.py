@@ -457,7 +457,8 @@ class ModelConfig:
       cap * tanh(logits / cap)), `query_pre_attn_scalar` (Gemma: logits scaled by
       scalar ** -0.5 instead of head_dim ** -0.5), `qkv_bias` (Qwen2), `out_bias` (the output
       projection's), `attn_output_gate` (Qwen3-Next: the output times sigmoid of a gate
-      projection).
+      projection), `attn_sinks` (gpt-oss: a learned logit per head joins each row's softmax
+      with a zero value; params "sinks" [layers, heads]).
     - layer: `post_norms` (Gemma 2/3's sandwich: a norm on the attention and MLP outputs before
       each residual add), `norm_weight_offset` (Gemma: RMSNorm scales by 1 + w, so weights
       start at 0), `mlp_activation` ("silu": SwiGLU; "gelu_tanh": GeGLU with tanh-approximated
@@ -502,6 +503,7 @@ class ModelConfig:
     norm_weight_offset: float = 0.0
     mlp_activation: str = "silu"
     embed_scale: bool = False
+    attn_sinks: bool = False
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -535,11 +537,12 @@ class ModelConfig:
         self._check_schedule()
         self._check_features()
         if self.positions.type != "rope" and (
-                not self.uniform_layers or self.attn_softcap is not None or self.nope_layers):
+                not self.uniform_layers or self.attn_softcap is not None or self.nope_layers
+                or self.attn_sinks):
             raise ValueError(f"ModelConfig.positions type={self.positions.type!r} needs layers "
-                             f"of one kind with RoPE and no attn_softcap (layer_types="
-                             f"{self.layer_types}, nope_layers={self.nope_layers}, "
-                             f"attn_softcap={self.attn_softcap})")
+                             f"of one kind with RoPE, no attn_softcap and no attn_sinks "
+                             f"(layer_types={self.layer_types}, nope_layers={self.nope_layers}, "
+                             f"attn_softcap={self.attn_softcap}, attn_sinks={self.attn_sinks})")
 
     def _check_schedule(self):
         name = "ModelConfig"
@@ -603,7 +606,7 @@ class ModelConfig:
                              f"finite number (Gemma: 1.0)")
         object.__setattr__(self, "norm_weight_offset", float(self.norm_weight_offset))
         for field in ("tie_embeddings", "qkv_bias", "out_bias", "attn_output_gate",
-                      "post_norms", "embed_scale"):
+                      "post_norms", "embed_scale", "attn_sinks"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{name}.{field}={getattr(self, field)!r}; expected a bool")
 

@@ -75,10 +75,12 @@ def check_policy(policy, cfg: ModelConfig, prompt_len: int):
             raise ValueError(f"{type(policy).__name__} needs a model without sliding_window "
                              f"(cfg.sliding_window={cfg.sliding_window})")
         kinds = {(k.type, k.rope is None) for k in cfg.layer_kinds}
-        if kinds != {("full_attention", False)} or cfg.attn_softcap is not None:
-            raise ValueError(f"{type(policy).__name__} needs full-attention layers with RoPE "
-                             f"and no attn_softcap (cfg.layer_types={cfg.layer_types}, "
-                             f"nope_layers={cfg.nope_layers}, attn_softcap={cfg.attn_softcap})")
+        if kinds != {("full_attention", False)} or cfg.attn_softcap is not None or (
+                cfg.attn_sinks):
+            raise ValueError(f"{type(policy).__name__} needs full-attention layers with RoPE, "
+                             f"no attn_softcap and no attn_sinks (cfg.layer_types="
+                             f"{cfg.layer_types}, nope_layers={cfg.nope_layers}, attn_softcap="
+                             f"{cfg.attn_softcap}, attn_sinks={cfg.attn_sinks})")
         policy.check_model(cfg)
     return policy
 

@@ -142,7 +142,8 @@ def prefill_jit(params, tokens, lengths, *, cfg, policy, chunk, room, all_logits
         qr = apply_rope(q, positions, inv_freq, factor)
         kr = apply_rope(inputs.k, positions, inv_freq, factor)
         out = attend(qr, kr, inputs.v, inputs.kind.mask(), impl=cfg.attention.impl,
-                     block_q=chunk, block_k=chunk, softcap=cfg.attn_softcap)
+                     block_q=chunk, block_k=chunk, softcap=cfg.attn_softcap,
+                     sinks=inputs.params.get("sinks"))
         entries = prompt_entries(kr, inputs.v, real, lengths)
         kept = {}
         if observe is not None:
@@ -211,7 +212,8 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
         vis = cattn.visible(q_pos, entries["pos"] if cache.rotation == "original" else
                             rank_positions(entries), entries_valid(entries),
                             sliding_window=lcfg.sliding_window)
-        probs = cattn.attention_probs(qr, keys, vis, softcap=cfg.attn_softcap)
+        probs = cattn.attention_probs(qr, keys, vis, softcap=cfg.attn_softcap,
+                                      sinks=inputs.params.get("sinks"))
         out = cattn.attend_cache(probs, entries["v"], inputs.h.dtype)
         if buffered:
             queries = jnp.concatenate([queries[:, 1:], q[:, :1].astype(queries.dtype)], 1)

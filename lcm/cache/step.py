@@ -54,14 +54,16 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
         if cache.head is not None:
             qr = apply_rope(q, position[:, None], inv_freq, factor)
             vis = pooled_visible(entries, position, sliding_window=window)
-            return pooled_attention(qr, entries["k"], entries["v"], vis, softcap=softcap)
+            return pooled_attention(qr, entries["k"], entries["v"], vis, softcap=softcap,
+                                    sinks=inputs.params.get("sinks"))
         q_pos, keys, k_pos = position[:, None], entries["k"], entries["pos"]
         if cache.rotation == "cache":  # rotate by rank in the cache, StreamingLLM style
             q_pos, keys = cache_rotation(entries, inv_freq, factor)
             k_pos = rank_positions(entries)
         qr = rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, k_pos, entries_valid(entries), sliding_window=window)
-        probs = cattn.attention_probs(qr, keys, vis, softcap=softcap)
+        probs = cattn.attention_probs(qr, keys, vis, softcap=softcap,
+                                      sinks=inputs.params.get("sinks"))
         return cattn.attend_cache(probs, entries["v"], q.dtype)
 
     if cache.layer_slots is not None:  # runs of layers, each scanned through one window

@@ -48,7 +48,7 @@ _FIXED = {
     "qwen3": dict(qk_norm="rms"),
 }
 _FEATURES = ("qk_norm", "post_norms", "norm_weight_offset", "mlp_activation", "embed_scale",
-             "attn_output_gate")
+             "attn_output_gate", "attn_sinks")
 # Families whose attention_bias key puts biases on q, k, v and o.
 _ATTENTION_BIAS = ("llama", "qwen3")
 

@@ -65,9 +65,10 @@ class Memory:
         if cfg.positions.type != "rope":
             raise ValueError(f"memory={self!r} needs RoPE positions; cfg.positions.type="
                              f"{cfg.positions.type!r} (set PositionConfig(type='rope'))")
-        if cfg.attn_softcap is not None:
-            raise ValueError(f"memory={self!r} with cfg.attn_softcap={cfg.attn_softcap}: the "
-                             f"memory kinds' attention does not cap logits")
+        if cfg.attn_softcap is not None or cfg.attn_sinks:
+            raise ValueError(f"memory={self!r} with cfg.attn_softcap={cfg.attn_softcap}, "
+                             f"attn_sinks={cfg.attn_sinks}: the memory kinds' attention has "
+                             f"neither soft-caps nor sink logits")
         if "chunked_attention" in (cfg.layer_types or ()):
             raise ValueError(f"memory={self!r} with 'chunked_attention' layers: not supported; "
                              f"use full or sliding layers")

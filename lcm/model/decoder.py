@@ -58,7 +58,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
         out = self_attention(inputs.q, inputs.k, inputs.v, positions=positions,
                              inv_freq=inv_freq, attention_factor=attention_factor, mask=mask,
                              attention=cfg.attention, position=cfg.positions, ring_order=order,
-                             softcap=cfg.attn_softcap)
+                             softcap=cfg.attn_softcap, sinks=inputs.params.get("sinks"))
         return out, None, carry
 
     x, _, _ = run_layers(x, params["layers"], cfg, attention, remat=cfg.remat, shard=shard)

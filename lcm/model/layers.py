@@ -133,7 +133,7 @@ def rope_tables(cfg, seq_len):
 
 
 def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, attention,
-                   position=None, ring_order=None, softcap=None):
+                   position=None, ring_order=None, softcap=None, sinks=None):
     """The model's attention over its own tokens: RoPE (or a position method) then `attend`.
 
     q [B, T, H, D], k and v [B, T, K, D] before RoPE; positions [B, T]; returns [B, T, H, D].
@@ -143,7 +143,7 @@ def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, atte
     RingOrder q, k, v and positions are already in (the decoder applies it once at its input;
     the mask's segment ids stay in the original order); None lets each call permute by
     `attention.load_balance`. inv_freq None: a layer without RoPE. softcap: the logits' cap
-    (Gemma 2) or None.
+    (Gemma 2) or None; sinks [H]: the layer's sink logits (gpt-oss) or None.
     """
     if position is not None and position.type != "rope":
         if softcap is not None:
@@ -160,7 +160,7 @@ def self_attention(q, k, v, *, positions, inv_freq, attention_factor, mask, atte
     if attention.context_parallel:
         balance["load_balance"] = attention.load_balance if ring_order is None else ring_order
     return attend(q, k, v, mask, impl=attention.impl, block_q=attention.block_q,
-                  block_k=attention.block_k, softcap=softcap, **balance)
+                  block_k=attention.block_k, softcap=softcap, sinks=sinks, **balance)
 
 class LayerInputs(NamedTuple):
     """What a layer's attention step receives.

@@ -11,6 +11,7 @@ decoder runs its layers under `jax.lax.scan` (compile time does not grow with de
             "wk", "wv":  [layers, embed, kv_heads, head_dim]   (+ "bk", "bv" with qkv_bias)
             "q_norm", "k_norm": [layers, head_dim]             (qk_norm="rms")
             "wg":        [layers, embed, heads, head_dim]      (attn_output_gate)
+            "sinks":     [layers, heads]                       (attn_sinks)
             "wo":        [layers, heads, head_dim, embed]      (+ "bo": [layers, embed], out_bias)
             "post_attn_norm", "post_mlp_norm": [layers, embed] (post_norms)
             "mlp_norm":  [layers, embed]
@@ -77,6 +78,8 @@ def param_specs(cfg: ModelConfig) -> dict:
     if cfg.qk_norm == "rms":
         layers.update(q_norm=WeightSpec((L, D), ("layers", "head_dim"), norm),
                       k_norm=WeightSpec((L, D), ("layers", "head_dim"), norm))
+    if cfg.attn_sinks:  # a logit per head, starting at 0 (one more key with weight e^0)
+        layers["sinks"] = WeightSpec((L, H), ("layers", "heads"), "zeros")
     if cfg.attn_output_gate:
         layers["wg"] = WeightSpec((L, E, H, D), ("layers", "embed", "heads", "head_dim"),
                                   fan_in=E)

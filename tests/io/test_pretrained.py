@@ -61,10 +61,11 @@ def test_the_main_job_runs_a_gemma3_checkpoint_given_by_path(gemma3_with_tokeniz
     config = get_config()
     config.model = str(gemma3_with_tokenizer)
     config.tasks, config.extended_tasks = ("passkey",), ("passkey",)
-    config.lengths, config.depths, config.long_depths, config.long_from = (320,), (0.5,), (0.5,), 1536
+    config.lengths, config.depths, config.long_depths = (320,), (0.5,), (0.5,)
     config.methods, config.extensions, config.extension_methods = ("full", "snapkv"), ("yarn",), (
         "full",)
-    config.extended_lengths, config.batch_size, config.progress = (1536,), 1, False
+    config.long_from, config.extended_lengths = 1536, (1536,)
+    config.batch_size, config.progress = 1, False
     summary = longctx_sweep.run(config, str(tmp_path / "work"))
     cells = {(c["run"], c["task"], c["length"]) for c in summary["cells"]}
     assert cells == {("native-full", "passkey", 320), ("native-snapkv", "passkey", 320),

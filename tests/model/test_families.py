@@ -30,13 +30,14 @@ GEMMA = ModelConfig(
     sliding_rope=RopeConfig(theta=1e4), qk_norm="rms", attn_softcap=3.0, final_softcap=5.0,
     query_pre_attn_scalar=12.0, post_norms=True, norm_weight_offset=1.0,
     mlp_activation="gelu_tanh", embed_scale=True, tie_embeddings=True, attention=XLA)
-# Llama-4 / Qwen3-Next features: chunked and no-RoPE layers, L2 qk-norm, biases, output gate.
+# Llama-4 / Qwen3-Next / gpt-oss features: chunked and no-RoPE layers, L2 qk-norm, biases,
+# output gate, sink logits.
 MISC = ModelConfig(
     vocab_size=53, hidden_size=24, num_layers=4, num_heads=3, num_kv_heads=1, head_dim=8,
     intermediate_size=40, layer_types=("chunked_attention", "full_attention") * 2,
     attention_chunk_size=5, nope_layers=(1, 3), qk_norm="l2", qkv_bias=True, out_bias=True,
-    attn_output_gate=True, rope=RopeConfig(theta=500.0, partial_rotary_factor=0.5),
-    attention=XLA)
+    attn_output_gate=True, attn_sinks=True,
+    rope=RopeConfig(theta=500.0, partial_rotary_factor=0.5), attention=XLA)
 
 
 def perturbed_params(cfg, seed=0):
@@ -48,6 +49,8 @@ def perturbed_params(cfg, seed=0):
         name = path[-1].key
         if name.endswith("norm") or name in ("bq", "bk", "bv", "bo"):
             return x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype)
+        if name == "sinks":
+            return x + jax.random.normal(next(keys), x.shape, x.dtype)
         return x
     return jax.tree_util.tree_map_with_path(move, params)
 
@@ -104,8 +107,11 @@ def numpy_forward(params, tokens, cfg):
         if kind.chunk:
             seen &= ki // kind.chunk == qi // kind.chunk
         s = np.where(seen, s, -np.inf)
-        w = np.exp(s - s.max(-1, keepdims=True))
-        out = np.einsum("bhts,bshd->bthd", w / w.sum(-1, keepdims=True), v)
+        sink = lp["sinks"][None, :, None, None] if cfg.attn_sinks else -np.inf
+        m = np.maximum(s.max(-1, keepdims=True), sink)
+        w = np.exp(s - m)
+        total = w.sum(-1, keepdims=True) + np.exp(sink - m)  # the sink: a key with value 0
+        out = np.einsum("bhts,bshd->bthd", w / total, v)
         if cfg.attn_output_gate:
             out = out / (1 + np.exp(-np.einsum("bte,ehd->bthd", h, lp["wg"])))
         y = np.einsum("bthd,hde->bte", out, lp["wo"]) + lp.get("bo", 0)
@@ -225,8 +231,9 @@ def test_greedy_decoding_through_the_cache_equals_rerunning_forward():
         np.testing.assert_array_equal(out[b], want)
 
 
-def test_prefill_and_decode_logits_equal_forward():
-    cfg = GEMMA
+@pytest.mark.parametrize("cfg", [GEMMA, dataclasses.replace(GEMMA, attn_sinks=True)],
+                         ids=["gemma", "gemma+sinks"])
+def test_prefill_and_decode_logits_equal_forward(cfg):
     params = perturbed_params(cfg, seed=6)
     tokens = tokens_of(cfg, 1, 12, seed=7)
     want = forward(params, tokens, cfg)
@@ -295,7 +302,7 @@ def test_transformer_xl_on_a_windowed_model_equals_forward():
 
 
 def test_ring_attention_model_equals_unsharded(devices):
-    cfg = GEMMA
+    cfg = dataclasses.replace(GEMMA, attn_sinks=True)
     ring = dataclasses.replace(cfg, attention=AttentionConfig(impl="ring", block_q=8,
                                                               block_k=8))
     params = perturbed_params(cfg, seed=12)

@@ -311,7 +311,7 @@ def test_dense_kinds_derive_from_the_visits(kind):
     assert int(np.asarray(shared.counts).max()) <= shared.max_visits
 
 
-@settings(max_examples=10)  # eager jnp on new shapes compiles every op: keep it short
+@settings(max_examples=6)  # eager jnp on new shapes compiles every op: keep it short
 @given(st.integers(1, 60), st.integers(0, 40), st.sampled_from([4, 8, 16]),
        st.sampled_from([4, 8, 16]), st.integers(1, 30), st.integers(0, 1000))
 def test_layout_is_conservative(T, extra, bq, bk, window, seed):

@@ -1,5 +1,6 @@
 """Experiments behind the runner: the fine-tuning recipe, the model benchmark's bookkeeping, the
-remat memory benchmark and the data pipeline benchmark, at tiny sizes."""
+remat memory benchmark, the data pipeline benchmark and the windowed-cache benchmark, at tiny
+sizes."""
 
 import json
 import os
@@ -112,3 +113,22 @@ def test_data_bench_reads_every_record_on_every_path(tmp_path):
     assert all(r["records"] == total for r in rows.values()), rows
     assert len({r["prompt_tokens"] for r in rows.values()}) == 1, rows
     assert (tmp_path / "summary.json").exists()
+
+
+def test_window_cache_bench_keeps_windows_and_counts_bytes(tmp_path):
+    """bench_window_cache at a tiny size without the peer: the layered cache is smaller than
+    the full one once prompts pass the window, and the analytic bytes follow the shapes."""
+    from experiments import bench_window_cache, bench_window_cache_peer
+
+    np.testing.assert_array_equal(bench_window_cache.prompt_ids(300, 1000),
+                                  bench_window_cache_peer.prompt_ids(300, 1000))
+    config = load_config_file(os.path.join(ROOT, "configs", "bench_window_cache.py"))
+    config.lengths, config.decode_tokens, config.repeats, config.peer_python = (64, 160), 2, 1, ""
+    config.hidden_size, config.intermediate_size, config.sliding_window = 32, 64, 32
+    config.vocab_size, config.block, config.num_layers = 128, 64, 6
+    rows = {r["length"]: r for r in bench_window_cache.run(config, str(tmp_path))["rows"]}
+    assert rows[64]["cache_bytes"] < rows[64]["full_cache_bytes"]
+    assert rows[160]["cache_bytes"] / rows[160]["full_cache_bytes"] < 0.4
+    # 1B at 8k: 4 global layers of 8192 entries and 22 sliding ones of 512, 1 kv head.
+    layered, full = bench_window_cache.analytic_bytes(26, 1, 256, 512, 6, 8192)
+    assert (layered, full) == (1028 * (4 * 8192 + 22 * 512), 1028 * 26 * 8192)

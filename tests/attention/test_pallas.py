@@ -241,7 +241,7 @@ def sweep_cases(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(sweep_cases())
 def test_pallas_sweep_matches_reference(case):
     """attend(impl="pallas") over drawn shapes (odd lengths, T < S), GQA ratios, every mask kind

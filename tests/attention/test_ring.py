@@ -281,7 +281,7 @@ def cases(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=12)  # each case compiles a shard_map program: keep the suite short
+@settings(max_examples=10)  # each case compiles a shard_map program: keep the suite short
 @given(cases())
 def test_ring_random_cases(devices, case):
     P, L, K, G, kind, lb, block, window, spread, seed = case

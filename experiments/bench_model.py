@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.workdir import write_summary
+from experiments.workdir import run_peer, write_summary
 
 
 def prompt_ids(length: int, vocab_size: int) -> np.ndarray:
@@ -79,23 +78,13 @@ def bench_lcm(lengths, decode_tokens: int, repeats: int, block: int) -> list[dic
 
 def bench_peer(config, gguf_path: str) -> tuple[list[dict], list[dict]]:
     """Runs the peer script; returns (rows, header lines)."""
-    python = os.path.expanduser(config.peer_python)
-    if not os.path.isfile(python):
-        raise ValueError(f"config.peer_python={config.peer_python!r} is not a file; point it at "
-                         f"a Python with torch and transformers (the side environment)")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_model_peer.py")
-    command = [python, script, "--gguf", gguf_path,
-               "--lengths", ",".join(str(x) for x in config.lengths),
-               "--decode_tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
+    args = ["--gguf", gguf_path, "--lengths", ",".join(str(x) for x in config.lengths),
+            "--decode_tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
     if config.llama_cpp:
-        command.append("--llama_cpp")
+        args.append("--llama_cpp")
     if config.peer_threads:
-        command += ["--threads", str(config.peer_threads)]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"the peer failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return [x for x in lines if "length" in x], [x for x in lines if "length" not in x]
+        args += ["--threads", str(config.peer_threads)]
+    return run_peer(config.peer_python, "bench_model_peer.py", args)
 
 
 def table(rows: list[dict], impls: list[str], lengths) -> str:

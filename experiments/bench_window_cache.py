@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.workdir import write_summary
+from experiments.workdir import run_peer, write_summary
 
 # Gemma 3's published shapes: (layers, kv heads, head_dim, window, global every n-th layer).
 GEMMA3 = {"1B": (26, 1, 256, 512, 6), "4B": (34, 4, 256, 1024, 6),
@@ -105,24 +104,11 @@ def bench_lcm(cfg, params, lengths, decode_tokens: int, repeats: int) -> list[di
 
 def bench_peer(config, checkpoint: str) -> tuple[list[dict], list[dict]]:
     """Runs the peer script; returns (rows, header lines)."""
-    python = os.path.expanduser(config.peer_python)
-    if not os.path.isfile(python):
-        raise ValueError(f"config.peer_python={config.peer_python!r} is not a file; point it at "
-                         f"a Python with torch and transformers (bash "
-                         f"tests/fixtures/make_side_env.sh torch makes .side/torch-venv), or "
-                         f"pass '' to skip the peer")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          "bench_window_cache_peer.py")
-    command = [python, script, "--checkpoint", checkpoint,
-               "--lengths", ",".join(str(x) for x in config.lengths),
-               "--decode_tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
+    args = ["--checkpoint", checkpoint, "--lengths", ",".join(str(x) for x in config.lengths),
+            "--decode_tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
     if config.peer_threads:
-        command += ["--threads", str(config.peer_threads)]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"the peer failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return [x for x in lines if "length" in x], [x for x in lines if "length" not in x]
+        args += ["--threads", str(config.peer_threads)]
+    return run_peer(config.peer_python, "bench_window_cache_peer.py", args)
 
 
 def analytic_table() -> str:

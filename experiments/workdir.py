@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 
 def write_text(path: str, text: str) -> None:
@@ -25,3 +26,21 @@ def write_summary(workdir: str, summary: dict, *, markdown: str | None = None) -
     if markdown is not None:
         write_text(os.path.join(workdir, "results.md"), markdown.rstrip() + "\n")
     return summary
+
+
+def run_peer(peer_python: str, script: str, args: list[str]) -> tuple[list[dict], list[dict]]:
+    """Runs a benchmark's peer script (`experiments/<script>`) with the Python of a side
+    environment; returns (rows with a "length", the other JSON lines it printed)."""
+    python = os.path.expanduser(peer_python)
+    if not os.path.isfile(python):
+        raise ValueError(f"config.peer_python={peer_python!r} is not a file; point it at a "
+                         f"Python with torch and transformers (bash "
+                         f"tests/fixtures/make_side_env.sh torch makes .side/torch-venv), or "
+                         f"pass '' to skip the peer")
+    command = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *args]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the peer failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return [x for x in lines if "length" in x], [x for x in lines if "length" not in x]
+

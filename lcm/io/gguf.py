@@ -56,6 +56,7 @@ import numpy as np
 
 from lcm.config import ModelConfig, RopeConfig
 from lcm.config import dtype_name as config_dtype_name
+from lcm.io.hf import fused_shape, stored_shape
 from lcm.io.tokenizer import GGUFTokenizer
 from lcm.model.params import flatten_params, param_specs, unflatten_params
 
@@ -149,20 +150,6 @@ def _dequantizable(qtype: gguf.GGMLQuantizationType) -> bool:
 def supported_types() -> list[str]:
     """The GGML tensor types `load_gguf` reads: those the installed gguf can dequantize."""
     return [q.name for q in gguf.GGMLQuantizationType if _dequantizable(q)]
-
-
-def _numpy_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
-    if kind == "same":
-        return shape
-    if kind == "flat":
-        return (math.prod(shape),)
-    return (math.prod(shape[kind:]), math.prod(shape[:kind]))
-
-
-def _fused_shape(parts) -> tuple[int, ...]:
-    """The numpy shape of a GGUF tensor made of `parts` [(key, layer, lcm shape, kind)]."""
-    shapes = [_numpy_shape(shape, kind) for _, _, shape, kind in parts]
-    return (sum(s[0] for s in shapes),) + shapes[0][1:]
 
 
 def _layer_tensors(cfg: ModelConfig, tensor_names) -> tuple:
@@ -519,7 +506,7 @@ def load_gguf(path, *, dtype=jnp.float32, tokenizer: bool = True
     for name, parts in layout.items():
         if name not in found:
             continue
-        t, want = found[name], _fused_shape(parts)
+        t, want = found[name], fused_shape(parts)
         got = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims fastest-first
         if got != want:
             problems.append(f"tensor {name!r} has shape {list(got)} (ggml order "
@@ -537,9 +524,9 @@ def load_gguf(path, *, dtype=jnp.float32, tokenizer: bool = True
     for name, parts in layout.items():
         t = found[name]
         x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        x, row = x.reshape(_fused_shape(parts)), 0
+        x, row = x.reshape(fused_shape(parts)), 0
         for key, layer, shape, kind in parts:
-            rows = _numpy_shape(shape, kind)[0]
+            rows = stored_shape(shape, kind)[0]
             part = x[row:row + rows]
             row += rows
             if permuted and key[-1] in _ROPE_PERMUTED:

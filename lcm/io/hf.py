@@ -77,7 +77,9 @@ def _layer_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[tuple[str, object]
 
 # ----------------------------------------------------------------------------- tensor layout
 
-def _hf_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
+def stored_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
+    """The shape a checkpoint stores an lcm tensor of `shape` in ("same", "flat" or the int of
+    a linear weight's input dims: [prod(out dims), prod(in dims)]); HF and GGUF alike."""
     if kind == "same":
         return shape
     if kind == "flat":
@@ -85,9 +87,10 @@ def _hf_shape(shape: tuple[int, ...], kind) -> tuple[int, ...]:
     return (math.prod(shape[kind:]), math.prod(shape[:kind]))
 
 
-def _fused_shape(parts) -> tuple[int, ...]:
-    """The HF shape of an HF tensor made of `parts` [(key, layer, lcm shape, kind)]."""
-    shapes = [_hf_shape(shape, kind) for _, _, shape, kind in parts]
+def fused_shape(parts) -> tuple[int, ...]:
+    """The stored shape of a checkpoint tensor made of `parts` [(key, layer, lcm shape, kind)],
+    stacked along its first axis (fused projections)."""
+    shapes = [stored_shape(shape, kind) for _, _, shape, kind in parts]
     return (sum(s[0] for s in shapes),) + shapes[0][1:]
 
 
@@ -238,7 +241,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     layout = _layout(cfg, prefix, head)
     # A tied checkpoint may still carry lm_head.weight; it must then equal the embedding.
     tied = {head: (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_embeddings else {}
-    _check_tensors(found, {n: _fused_shape(parts) for n, parts in layout.items()}, tied)
+    _check_tensors(found, {n: fused_shape(parts) for n, parts in layout.items()}, tied)
 
     np_dtype = jnp.dtype(dtype_name)
     specs = flatten_params(param_specs(cfg))
@@ -254,7 +257,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
                     elif name in layout:
                         value, row = f.get_tensor(name), 0
                         for key, layer, shape, kind in layout[name]:
-                            rows = _hf_shape(shape, kind)[0]
+                            rows = stored_shape(shape, kind)[0]
                             part = _to_lcm(value[row:row + rows], shape, kind)
                             host[key][... if layer is None else layer] = part  # casts
                             row += rows

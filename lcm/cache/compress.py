@@ -176,6 +176,12 @@ class WindowPlan:
         return tuple(b if w is None else w for b, w in zip(base, self.window_slots))
 
 
+def presses_every_layer(cfg: ModelConfig) -> bool:
+    """Whether a press compresses every layer: the model has no global layer (Mistral: one
+    window for every layer), as kvpress does; otherwise presses skip the sliding layers."""
+    return all(k.window is not None for k in cfg.layer_kinds)
+
+
 def window_plan(cfg: ModelConfig, policy, length: int, room: int, *, windows: bool = True):
     """The WindowPlan of a prefill of `length` tokens with `room` free slots.
 
@@ -186,7 +192,7 @@ def window_plan(cfg: ModelConfig, policy, length: int, room: int, *, windows: bo
     every unpressed layer (the uncompressed cache `prefill_observed` returns).
     """
     kinds = cfg.layer_kinds
-    press_all = all(k.window is not None for k in kinds)
+    press_all = presses_every_layer(cfg)
     has_policy = policy is not None
     heads = cfg.num_heads if has_policy and policy.per_query_head else cfg.num_kv_heads
     press_cap = (min(capacity(policy, length, cfg.num_layers, heads, layout="uniform"), length)

@@ -19,7 +19,7 @@ from lcm.cache.checks import (check_chunk, check_count, check_model, check_promp
                               check_tokens)
 from lcm.cache.compress import (Observations, all_full, check_policy, check_windows,
                                 is_prefill_press, keep_layer, layer_slots, observations_for,
-                                observe_layer, window_plan)
+                                observe_layer, presses_every_layer, window_plan)
 from lcm.cache.formats import (PolicyCache, format_decode_step, format_prefill, owns_cache,
                                policy_decode_step)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
@@ -187,7 +187,7 @@ def mapped_decode_step(params, cache, tokens, *, cfg, policy):
     compress them): each step writes the whole (uniform) cache anew."""
     position = cache.next_pos
     tables = rope_tables(cfg, jnp.max(position) + 1)
-    press_all = all(k.window is not None for k in cfg.layer_kinds)  # window_plan's rule
+    press_all = presses_every_layer(cfg)
     x = embed(params, tokens[:, None], cfg)
     step = cache.step + 1
     buffered = cache.queries is not None

@@ -22,6 +22,7 @@ un-rotated, `ExtendedCache`), with the same prefill / decode_step / generate sig
 """
 
 from lcm.cache.compress import Observations, compress, is_prefill_press
+from lcm.cache.extend import extend
 from lcm.cache.formats import PolicyCache as PolicyCache
 from lcm.cache.generate import generate, sample_logits
 from lcm.cache.kv import KVCache
@@ -35,6 +36,7 @@ from lcm.cache.extended import ExtendedCache as ExtendedCache
 # The configs' name for press_from_name.
 policy_from_name = press_from_name
 
-__all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "generate", "sample_logits",
-           "compress", "Observations", "is_prefill_press", "policy_from_name", "PolicyCache",
+__all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "extend", "generate",
+           "sample_logits", "compress", "Observations", "is_prefill_press", "policy_from_name",
+           "PolicyCache",
            "ExtendedCache", *_presses]

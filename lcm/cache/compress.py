@@ -312,7 +312,7 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
             max_new_tokens < 0):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
-    return _compress(cache, policy, observations, cfg=cfg, room=max_new_tokens, layout=layout,
+    return compress_jit(cache, policy, observations, cfg=cfg, room=max_new_tokens, layout=layout,
                      full_rows=all_full(cache.next_pos, cache.capacity))
 
 
@@ -351,7 +351,8 @@ def keep_layer(policy, plan: WindowPlan, entries, obs, *, kind, index, cfg: Mode
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "cfg", "room", "layout", "full_rows"))
-def _compress(cache, policy, observations, *, cfg, room, layout, full_rows):
+def compress_jit(cache, policy, observations, *, cfg, room, layout, full_rows):
+    """`compress` traced (also inside chunked prefill)."""
     tables = rope_tables(cfg, jnp.max(cache.next_pos))
     obs_all = {name: getattr(observations, name) for name in
                ("q_win", "q_pos", "colsum", "q_mean", "q_cov")

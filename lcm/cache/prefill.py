@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from lcm.attention import attend
 from lcm.cache import attention as cattn
+from lcm.cache.chunked import chunked_prefill_jit
 from lcm.cache.checks import (check_chunk, check_count, check_model, check_prompt,
                               check_tokens)
 from lcm.cache.compress import (Observations, all_full, check_policy, check_windows,
@@ -33,7 +34,8 @@ from lcm.positions import apply_rope
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chunk_size=None,
-            max_new_tokens: int = 0, all_logits: bool = False, layout: str = "compact"):
+            max_new_tokens: int = 0, all_logits: bool = False, layout: str = "compact",
+            prefill_chunk: int | None = None):
     """Runs the prompts and returns `(logits, cache)`.
 
     tokens [B, T] int (right-padded); lengths [B] int real lengths (default T). policy: an
@@ -49,6 +51,10 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     of its heads' entries, so the bytes are the sum of the budgets; "uniform" gives every
     layer and head the largest budget, as decode-time policies (`decode_step(..., policy=)`)
     need (see `lcm.cache.layouts`).
+    prefill_chunk: run the prompt this many tokens at a time against the growing cache
+    (`lcm.cache.chunked`): activations are O(prefill_chunk x hidden) per layer instead of
+    O(T x hidden), with the same logits and cache; a press compresses once at the end from
+    statistics gathered chunk by chunk. None runs the prompt at once.
     """
     full_rows = all_full(lengths, tokens.shape[1])
     lengths = check_prompt(tokens, cfg, lengths, params=params)
@@ -58,6 +64,16 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     if policy is not None:
         check_policy(policy, cfg, tokens.shape[1])
         check_windows(policy, cfg, tokens.shape[1], max_new_tokens, layout)
+    if prefill_chunk is not None:
+        check_count("prefill_chunk", prefill_chunk, minimum=1)
+        if owns_cache(policy):
+            raise ValueError(f"prefill_chunk={prefill_chunk} with policy={type(policy).__name__}"
+                             f", which keeps its own cache format; chunked prefill appends to "
+                             f"a KVCache (prefill_chunk=None runs this policy)")
+        return chunked_prefill_jit(params, tokens, lengths, cfg=cfg, policy=policy,
+                                   chunk=int(prefill_chunk), room=int(max_new_tokens),
+                                   all_logits=bool(all_logits), layout=layout,
+                                   full_rows=full_rows)
     return prefill_jit(params, tokens, lengths, cfg=cfg, policy=policy, chunk=chunk,
                     room=max_new_tokens, all_logits=bool(all_logits), layout=layout,
                     full_rows=full_rows)

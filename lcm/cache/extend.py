@@ -1,0 +1,313 @@
+"""`extend`: several tokens per row appended to a KV cache in one call, with their logits.
+
+    logits, cache = extend(params, cache, tokens, cfg)   # tokens [B, n] -> logits [B, n, V]
+
+What multi-turn cache reuse (a second question against the first turn's cache), chunked
+prefill (`prefill(..., prefill_chunk=c)`) and speculative verification (`lcm.cache.speculative`)
+need. The n tokens of a row sit at `cache.next_pos`, `next_pos + 1`, ...; `lengths [B]` (default
+n) says how many of them are real (right padding is neither written nor counted).
+
+`extend` is n decode steps in one: each new token attends to what `decode_step` would have
+shown it, so `extend` of one token equals `decode_step`, and with free slots for all of them
+it equals `forward` on the concatenated sequence. When a head runs out of slots, each new
+token replaces the oldest entry, as `decode_step` does (a sliding window); the tokens before
+it in the same call still see the entries it replaces. The attention of a call reads the
+layer's entries once, for all n queries, then writes the new entries in place.
+
+Every `KVCache` layout is accepted: uniform, layered (PyramidKV, kept sliding windows) and
+pooled (AdaKV; its heads share a pool, so its tokens are written one after another). A cache
+of a press (`prefill(..., policy=SnapKV(0.5))`) is extended as it is: the new tokens are kept,
+nothing is compressed. Decode-time presses and the formats that keep their own cache (KIVI,
+Quest, DuoAttention, the Self-Extend cache) are refused.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcm.cache import attention as cattn
+from lcm.cache.checks import check_model
+from lcm.cache.kv import KVCache
+from lcm.cache.layouts import layer_runs, pooled_attention, pooled_visible, write_pooled
+from lcm.cache.step import MAX_RUNS
+from lcm.config import ModelConfig
+from lcm.model import check_params, check_token_ids, embed, rope_tables, run_layers, unembed
+from lcm.positions import apply_rope
+from lcm.sharding.mesh import host_array
+
+FIELDS = ("k", "v", "pos", "length", "head", "score")
+
+
+def extend(params, cache: KVCache, tokens, cfg: ModelConfig, *, lengths=None,
+           all_logits: bool = True):
+    """Appends tokens [B, n] to `cache`: `(logits float32 [B, n, vocab], cache)`.
+
+    lengths [B] int in [0, n]: the real tokens of each row (default n); a row's padding is not
+    written and its logits there are meaningless. all_logits=False returns only each row's
+    last real token's logits [B, vocab]. See the module docstring for what each token sees.
+    """
+    check_extend(params, cache, cfg)
+    tokens, counts = check_new_tokens(tokens, cache, cfg, lengths)
+    return extend_jit(params, cache, tokens, counts, cfg=cfg,
+                      logits="all" if all_logits else "last")
+
+
+def check_extend(params, cache, cfg) -> None:
+    """Raises ValueError unless `cache` is a KVCache `extend` can append to for `cfg`."""
+    check_model(cfg)
+    check_params(params, cfg)
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache={type(cache).__name__}; extend needs a KVCache (from prefill "
+                         f"without a press, or with an eviction press; KIVI, Quest, "
+                         f"DuoAttention and the Self-Extend cache keep their own format)")
+    if cache.queries is not None:
+        raise ValueError("cache holds a decode policy's query buffer; extend appends without "
+                         "decode-time compression: use decode_step(..., policy=...) for it")
+    if cache.num_layers != cfg.num_layers or cache.num_heads not in (
+            cfg.num_kv_heads, cfg.num_heads):
+        raise ValueError(f"cache length shape {cache.length.shape} does not fit cfg (num_layers"
+                         f"={cfg.num_layers}, num_kv_heads={cfg.num_kv_heads} or num_heads="
+                         f"{cfg.num_heads} for per-query-head caches)")
+    if cache.head is not None and cache.rotation != "original":
+        raise ValueError("a pooled cache with rotation='cache' cannot be extended")
+
+
+def check_new_tokens(tokens, cache, cfg, lengths):
+    """tokens int [B, n] for the cache's batch, lengths [B] in [0, n] -> (int32 tokens, counts
+    int32 [B])."""
+    tokens = jnp.asarray(tokens)
+    B = cache.next_pos.shape[0]
+    if tokens.ndim != 2 or tokens.shape[0] != B or tokens.shape[1] == 0 or not jnp.issubdtype(
+            tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
+                         f"[batch={B}, n >= 1]")
+    n = tokens.shape[1]
+    if lengths is None:
+        counts = jnp.full((B,), n, jnp.int32)
+    else:
+        counts = jnp.asarray(lengths)
+        if counts.shape != (B,) or not jnp.issubdtype(counts.dtype, jnp.integer):
+            raise ValueError(f"lengths: shape {counts.shape}, dtype {counts.dtype}; expected "
+                             f"int [batch={B}]")
+        if not isinstance(counts, jax.core.Tracer):
+            got = host_array(counts)
+            if got.min() < 0 or got.max() > n:
+                raise ValueError(f"lengths={got.tolist()}; expected every length in [0, {n}]")
+        counts = counts.astype(jnp.int32)
+    check_token_ids(tokens, cfg.vocab_size, lengths=None if lengths is None else counts)
+    return tokens.astype(jnp.int32), counts
+
+
+def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_length=None,
+                  observe=None, seen=None):
+    """`extend` traced: logits "all" [B, n, V], "last" [B, V] or "none" (None returned).
+    rope_length: the length length-dependent RoPE tables cover (default the longest row after
+    the call; chunked prefill passes the whole prompt's, as one-shot prefill uses).
+    observe(seen, layer, aux) -> seen: called in each layer of a uniform cache with that
+    layer's slice of `seen` (stacked per layer) and what the attention computed (`aux` of
+    `extend_entries`); the updated `seen` is returned as a third output."""
+    B, n = tokens.shape
+    start = cache.next_pos
+    positions = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+    if rope_length is None:
+        rope_length = jnp.max(start + counts)
+    tables = rope_tables(cfg, rope_length)
+    x = embed(params, tokens, cfg)
+    store = {f: getattr(cache, f) for f in FIELDS if getattr(cache, f) is not None}
+    groups = cache.num_heads // cfg.num_kv_heads
+    rotation = cache.rotation
+
+    def new_keys(inputs):  # [B, heads of the cache, n, D] as stored, and values
+        inv_freq, factor = tables[inputs.kind.rope]
+        k = inputs.k if rotation == "cache" else apply_rope(inputs.k, positions, inv_freq,
+                                                            factor)
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(inputs.v, groups, axis=2)
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def run(entries, own, size, inputs, aux=False):
+        k, v = new_keys(inputs)
+        return extend_entries(
+            entries, own, size, inputs.q, k, v, positions, counts, rotation=rotation,
+            table=tables[inputs.kind.rope], window=cfg.layer_config(inputs.kind).sliding_window,
+            softcap=cfg.attn_softcap, sinks=inputs.params.get("sinks"), aux=aux)
+
+    if cache.layer_slots is not None:  # runs of layers, each read through one window
+        for first, count, window in layer_runs(cache.layer_slots, MAX_RUNS):
+            layers = range(first, first + count)
+            xs = (jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
+                  jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
+
+            def attention(inputs, xs, store, window=window):
+                begin, size = xs
+                N = store["pos"].shape[-1]
+                ws = jnp.minimum(begin, N - window)  # the window's first slot
+                off = begin - ws
+                j = jnp.arange(window, dtype=jnp.int32)
+                own = (j >= off) & (j < off + size)
+                names = [f for f in ("k", "v", "pos", "score") if f in store]
+                view = {f: jax.lax.dynamic_slice_in_dim(store[f], ws, window, axis=2)
+                        for f in names}
+                view["length"] = store["length"][inputs.index]
+                out, view = run(view, own, size, inputs)
+                store = dict(store, length=store["length"].at[inputs.index].set(view["length"]),
+                             **{f: jax.lax.dynamic_update_slice_in_dim(store[f], view[f], ws, 2)
+                                for f in names})
+                return out, None, store
+
+            x, _, store = run_layers(
+                x, jax.tree.map(lambda a: a[first:first + count], params["layers"]), cfg,
+                attention, xs=xs, carry=store, first=first)
+    elif cache.head is not None:  # pooled: the heads share a pool, tokens go one by one
+        def attention(inputs, xs, store):
+            out, layer = extend_pooled(
+                {f: store[f][inputs.index][None] for f in store}, inputs, positions, counts,
+                table=tables[inputs.kind.rope],
+                window=cfg.layer_config(inputs.kind).sliding_window, softcap=cfg.attn_softcap)
+            return out, None, {f: store[f].at[inputs.index].set(layer[f][0]) for f in store}
+
+        x, _, store = run_layers(x, params["layers"], cfg, attention, carry=store)
+    else:
+        C = cache.k.shape[3]
+
+        def attention(inputs, xs, store):
+            view = {f: store[f][inputs.index] for f in store}
+            if observe is None:
+                out, view = run(view, jnp.ones((C,), bool), C, inputs)
+            else:
+                out, view, aux = run(view, jnp.ones((C,), bool), C, inputs, aux=True)
+                xs = observe(xs, inputs, aux)
+            return out, xs, {f: store[f].at[inputs.index].set(view[f]) for f in store}
+
+        x, seen, store = run_layers(x, params["layers"], cfg, attention, xs=seen, carry=store)
+    cache = cache.replace(next_pos=start + counts, **store)
+    if logits == "none":
+        out = None
+    elif logits == "last":
+        last = jnp.take_along_axis(x, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+        out = unembed(params, last, cfg)[:, 0]
+    else:
+        out = unembed(params, x, cfg)
+    return (out, cache) if observe is None else (out, cache, seen)
+
+
+extend_jit = jax.jit(extend_layers, static_argnames=("cfg", "logits"))
+
+
+def extend_entries(entries, own, size, q, k, v, positions, counts, *, rotation, table, window,
+                   softcap, sinks, aux=False):
+    """One layer's attention for n new queries and the layer after their entries are written.
+
+    entries {k, v [B, K, C, D], pos[, score] [B, K, C], length [B, K]}: the slots the layer is
+    read through; own [C] bool: the layer's own slots among them (all for a uniform cache),
+    `size` of them (static or traced). q [B, n, H, D] un-rotated; k, v [B, K, n, D] the new
+    entries as stored; positions [B, n]; counts [B] real new tokens per row.
+
+    Returns (out [B, n, H, D], entries). A head's slots are filled in the order `decode_step`
+    fills them: free slots first, then the oldest entries (a ring over the slots in age order);
+    query j sees an old entry until token j overwrites it, and the new tokens j' <= j that
+    no later token j'' <= j has overwritten. aux=True adds a third output for observers:
+    {qr: the rotated queries, keys [B, K, C + n, D] and vis [B, K, n, C + n] (old slots, then
+    the new tokens), at [B, K, n]: the slot each new token went to (C where not written)}.
+    """
+    B, K, C = entries["pos"].shape
+    n = q.shape[1]
+    length = entries["length"]
+    big = jnp.iinfo(jnp.int32).max
+    slot = jnp.arange(C, dtype=jnp.int32)[None, None]
+    own = own[None, None]
+    first = jnp.argmax(own)  # the layer's first slot in the view
+    held = own & (slot < first + length[..., None])
+    # Slots in age order: held entries by position, then the free own slots, then the rest.
+    key = jnp.where(held, entries["pos"], jnp.where(own, big - C + slot, big))
+    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)  # [B, K, C]
+    age = jnp.argsort(order, axis=-1).astype(jnp.int32)  # each held slot's age rank
+    j = jnp.arange(n, dtype=jnp.int32)
+    real = j[None] < counts[:, None]  # [B, n]
+
+    # What each new query sees: old entries until overwritten, new ones while not overwritten.
+    q_pos, k_pos = positions[:, None, :, None], entries["pos"][:, :, None, :]
+    see_old = held[:, :, None] & (j[None, None, :, None] < (size - length)[..., None, None]
+                                  + age[:, :, None])
+    see_new = ((j[None, :] <= j[:, None]) & (j[:, None] - j[None, :] < size))[None, None] & (
+        real[:, None, None, :])
+    if window is not None:
+        see_old = see_old & (k_pos > q_pos - window)
+        see_new = see_new & (positions[:, None, None, :] > q_pos - window)
+    vis = jnp.concatenate([see_old, jnp.broadcast_to(see_new, (B, K, n, n))], axis=-1)
+
+    inv_freq, factor = table
+    if rotation == "cache":  # StreamingLLM: keys by rank in the cache, queries after them
+        old_rank = jnp.where(held, age, 0)
+        keys = rotate_heads(entries["k"], old_rank, inv_freq, factor)
+        new_rank = length[..., None] + j[None, None]  # [B, K, n]
+        new_k = rotate_heads(k, new_rank, inv_freq, factor)
+        qr = rotate_queries(q, new_rank, inv_freq, factor)
+    else:
+        keys, new_k = entries["k"], k
+        qr = apply_rope(q, positions, inv_freq, factor)
+    keys = jnp.concatenate([keys.astype(new_k.dtype), new_k], axis=2)
+    values = jnp.concatenate([entries["v"], v.astype(entries["v"].dtype)], axis=2)
+    probs = cattn.attention_probs(qr, keys, vis, softcap=softcap, sinks=sinks)
+    out = cattn.attend_cache(probs, values, q.dtype)
+
+    # The writes: token j goes to the ((length + j) mod size)-th slot in age order; only the
+    # last `size` real tokens of a row survive, so only they are written (distinct slots).
+    ring = jnp.take_along_axis(order, (length[..., None] + j[None, None]) % size,
+                               axis=-1)  # [B, K, n]
+    write = (real & (j[None] >= counts[:, None] - size))[:, None]
+    at = jnp.where(write, ring, C)  # C: dropped
+    b, h = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
+    pos_new = jnp.broadcast_to(positions[:, None], (B, K, n))
+    out_entries = dict(
+        entries,
+        k=entries["k"].at[b, h, at].set(k.astype(entries["k"].dtype), mode="drop"),
+        v=entries["v"].at[b, h, at].set(v.astype(entries["v"].dtype), mode="drop"),
+        pos=entries["pos"].at[b, h, at].set(pos_new, mode="drop"),
+        length=jnp.minimum(length + counts[:, None], size).astype(jnp.int32))
+    if "score" in entries:  # a new entry starts with no accumulated attention
+        out_entries["score"] = entries["score"].at[b, h, at].set(0.0, mode="drop")
+    if aux:
+        return out, out_entries, {"qr": qr, "keys": keys, "vis": vis, "at": at}
+    return out, out_entries
+
+
+def rotate_heads(k, positions, inv_freq, factor):
+    """k [B, K, C, D] rotated at positions [B, K, C]."""
+    B, K, C, D = k.shape
+    flat = k.reshape(B, K * C, 1, D)
+    return apply_rope(flat, positions.reshape(B, K * C), inv_freq, factor).reshape(B, K, C, D)
+
+
+def rotate_queries(q, positions, inv_freq, factor):
+    """q [B, n, H, D] rotated per kv head: head h at positions [B, K, n][:, h // G]."""
+    B, n, H, D = q.shape
+    K = positions.shape[1]
+    qg = q.reshape(B, n, K, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B * K, n, H // K, D)
+    out = apply_rope(qg, positions.reshape(B * K, n), inv_freq, factor)
+    return out.reshape(B, K, n, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B, n, H, D)
+
+
+def extend_pooled(layer, inputs, positions, counts, *, table, window, softcap):
+    """One pooled layer ({k, v [1, B, P, D], pos, head [1, B, P], length [1, B, K]}), its
+    tokens written and attended one after another as `decode_step` does: (out, layer)."""
+    inv_freq, factor = table
+    qr = apply_rope(inputs.q, positions, inv_freq, factor)
+    kr = apply_rope(inputs.k, positions, inv_freq, factor)
+    sinks = inputs.params.get("sinks")
+    n = qr.shape[1]
+
+    def one(i, state):
+        layer, out = state
+        new, entries = write_pooled(layer, 0, kr[:, i], inputs.v[:, i], positions[:, i])
+        active = i < counts  # [B]
+        layer = {f: jnp.where(active.reshape((1, -1) + (1,) * (new[f].ndim - 2)), new[f],
+                              layer[f]) for f in layer}
+        vis = pooled_visible(entries, positions[:, i], sliding_window=window)
+        q_i = jax.lax.dynamic_slice_in_dim(qr, i, 1, axis=1)
+        o = pooled_attention(q_i, entries["k"], entries["v"], vis, softcap=softcap, sinks=sinks)
+        return layer, jax.lax.dynamic_update_slice_in_dim(out, o, i, axis=1)
+
+    out = jnp.zeros(qr.shape, inputs.q.dtype)
+    layer, out = jax.lax.fori_loop(0, n, one, (layer, out))
+    return out, layer

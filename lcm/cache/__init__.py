@@ -25,6 +25,7 @@ from lcm.cache.compress import Observations, compress, is_prefill_press
 from lcm.cache.extend import extend
 from lcm.cache.formats import PolicyCache as PolicyCache
 from lcm.cache.generate import generate, sample_logits
+from lcm.cache.speculative import Speculative
 from lcm.cache.kv import KVCache
 from lcm.cache.prefill import decode_step, prefill, prefill_observed
 from lcm.cache.presses import *  # noqa: F403  (every registered press, PRESSES, Press, ...)
@@ -37,6 +38,5 @@ from lcm.cache.extended import ExtendedCache as ExtendedCache
 policy_from_name = press_from_name
 
 __all__ = ["KVCache", "prefill", "prefill_observed", "decode_step", "extend", "generate",
-           "sample_logits", "compress", "Observations", "is_prefill_press", "policy_from_name",
-           "PolicyCache",
-           "ExtendedCache", *_presses]
+           "Speculative", "sample_logits", "compress", "Observations", "is_prefill_press",
+           "policy_from_name", "PolicyCache", "ExtendedCache", *_presses]

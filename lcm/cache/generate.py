@@ -19,13 +19,15 @@ from lcm.cache.decoding import (check_decode_policy, check_decode_press, decode_
                                 with_query_buffer)
 from lcm.cache.formats import owns_cache
 from lcm.cache.prefill import decode_step_jit, prefill_jit
+from lcm.cache.speculative import Speculative, sampling_logits, speculative_loop
 from lcm.config import ModelConfig
 
 
 def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens: int,
              policy=None, stop_tokens=(), temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, key=None, chunk_size: int | None = None,
-             decode_policy=None, pad_token: int = 0):
+             decode_policy=None, pad_token: int = 0, speculative: Speculative | None = None,
+             return_stats: bool = False):
     """Continues each prompt: `(tokens int32 [B, max_new_tokens], num_generated int32 [B])`.
 
     prompts [B, T] int, right-padded, with lengths [B] (default T). policy compresses the
@@ -35,6 +37,13 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     temperature 0 is greedy (argmax); otherwise logits / temperature are sampled, restricted to
     the top_k most likely tokens and to the smallest set whose probability reaches top_p; `key`
     (a jax PRNG key) is then required. chunk_size: prefill's attention block.
+
+    speculative: `lcm.cache.Speculative(draft=press, gamma=k)` decodes self-speculatively (the
+    model drafts k tokens over the cache `draft` compresses, then verifies them with its full
+    cache in one `extend`; `lcm.cache.speculative`): greedy output is plain greedy decoding's,
+    sampling follows the same distribution. It replaces `policy` and `decode_policy`.
+    return_stats=True (with speculative) adds a third output: {"rounds": [], "drafted": [B],
+    "accepted": [B]}, the verification rounds and the drafts proposed / accepted per row.
     """
     full_rows = all_full(lengths, prompts.shape[1])
     lengths = check_prompt(prompts, cfg, lengths, params=params)
@@ -54,21 +63,37 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
                          layout="uniform"))
         heads = cfg.num_heads if decode_policy.per_query_head else cache_heads(policy, cfg)
         room = decode_room(decode_policy, policy, kept, max_new_tokens, heads)
+    if speculative is not None or return_stats:
+        if not isinstance(speculative, Speculative):
+            raise ValueError(f"speculative={speculative!r}; expected lcm.cache.Speculative("
+                             f"draft=press, gamma=k) (return_stats needs it)")
+        if policy is not None or decode_policy is not None:
+            raise ValueError(f"speculative decoding keeps the full cache and drafts from "
+                             f"speculative.draft; policy={policy!r} and decode_policy="
+                             f"{decode_policy!r} must be None")
+        check_policy(speculative.draft, cfg, prompts.shape[1])
     if key is None:
         key = jax.random.key(0)  # unused when greedy
-    return _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
-                     decode_policy=decode_policy, chunk=chunk, room=room,
-                     max_new_tokens=int(max_new_tokens), stop=stop,
-                     temperature=float(temperature), top_k=top_k,
-                     top_p=None if top_p is None else float(top_p), pad_token=int(pad_token),
-                     full_rows=full_rows)
+    out = _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
+                    decode_policy=decode_policy, chunk=chunk, room=room,
+                    max_new_tokens=int(max_new_tokens), stop=stop,
+                    temperature=float(temperature), top_k=top_k,
+                    top_p=None if top_p is None else float(top_p), pad_token=int(pad_token),
+                    full_rows=full_rows, speculative=speculative)
+    return out if return_stats else out[:2]
 
 
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "policy", "decode_policy", "chunk", "room", "max_new_tokens", "stop", "temperature",
-    "top_k", "top_p", "pad_token", "full_rows"))
+    "top_k", "top_p", "pad_token", "full_rows", "speculative"))
 def _generate(params, prompts, lengths, key, *, cfg, policy, decode_policy, chunk, room,
-              max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows):
+              max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows,
+              speculative=None):
+    if speculative is not None:
+        return speculative_loop(params, prompts, lengths, key, cfg=cfg, speculative=speculative,
+                                chunk=chunk, max_new_tokens=max_new_tokens, stop=stop,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                pad_token=pad_token, full_rows=full_rows)
     # Decode-time policies compress every head to one capacity: the uniform layout.
     logits, cache = prefill_jit(params, prompts, lengths, cfg=cfg, policy=policy, chunk=chunk,
                              room=room, all_logits=False,
@@ -128,18 +153,7 @@ def sample_logits(logits, key, *, temperature: float, top_k=None, top_p=None):
     softmax(logits / temperature) restricted to the top_k tokens and the top_p nucleus."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-        logits = jnp.full_like(logits, -jnp.inf).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    logits = sampling_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -145,15 +145,12 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
                 off = begin - ws
                 j = jnp.arange(window, dtype=jnp.int32)
                 own = (j >= off) & (j < off + size)
-                names = [f for f in ("k", "v", "pos", "score") if f in store]
                 view = {f: jax.lax.dynamic_slice_in_dim(store[f], ws, window, axis=2)
-                        for f in names}
+                        for f in ("k", "v", "pos", "score") if f in store}
                 view["length"] = store["length"][inputs.index]
-                out, view = run(view, own, size, inputs)
-                store = dict(store, length=store["length"].at[inputs.index].set(view["length"]),
-                             **{f: jax.lax.dynamic_update_slice_in_dim(store[f], view[f], ws, 2)
-                                for f in names})
-                return out, None, store
+                out, writes = run(view, own, size, inputs)
+                at = jnp.where(writes["at"] < window, ws + writes["at"], N)  # N: dropped
+                return out, None, write(store, inputs.index, dict(writes, at=at), layer_axis=False)
 
             x, _, store = run_layers(
                 x, jax.tree.map(lambda a: a[first:first + count], params["layers"]), cfg,
@@ -173,11 +170,11 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
         def attention(inputs, xs, store):
             view = {f: store[f][inputs.index] for f in store}
             if observe is None:
-                out, view = run(view, jnp.ones((C,), bool), C, inputs)
+                out, writes = run(view, jnp.ones((C,), bool), C, inputs)
             else:
-                out, view, aux = run(view, jnp.ones((C,), bool), C, inputs, aux=True)
+                out, writes, aux = run(view, jnp.ones((C,), bool), C, inputs, aux=True)
                 xs = observe(xs, inputs, aux)
-            return out, xs, {f: store[f].at[inputs.index].set(view[f]) for f in store}
+            return out, xs, write(store, inputs.index, writes, layer_axis=True)
 
         x, seen, store = run_layers(x, params["layers"], cfg, attention, xs=seen, carry=store)
     cache = cache.replace(next_pos=start + counts, **store)
@@ -203,7 +200,9 @@ def extend_entries(entries, own, size, q, k, v, positions, counts, *, rotation, 
     `size` of them (static or traced). q [B, n, H, D] un-rotated; k, v [B, K, n, D] the new
     entries as stored; positions [B, n]; counts [B] real new tokens per row.
 
-    Returns (out [B, n, H, D], entries). A head's slots are filled in the order `decode_step`
+    Returns (out [B, n, H, D], writes): {at [B, K, n]: the slot of each new entry (C where it
+    is not written), k, v [B, K, n, D], pos [B, K, n], length [B, K]: the layer's new lengths},
+    applied by `write`. A head's slots are filled in the order `decode_step`
     fills them: free slots first, then the oldest entries (a ring over the slots in age order);
     query j sees an old entry until token j overwrites it, and the new tokens j' <= j that
     no later token j'' <= j has overwritten. aux=True adds a third output for observers:
@@ -257,19 +256,27 @@ def extend_entries(entries, own, size, q, k, v, positions, counts, *, rotation, 
                                axis=-1)  # [B, K, n]
     write = (real & (j[None] >= counts[:, None] - size))[:, None]
     at = jnp.where(write, ring, C)  # C: dropped
-    b, h = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
-    pos_new = jnp.broadcast_to(positions[:, None], (B, K, n))
-    out_entries = dict(
-        entries,
-        k=entries["k"].at[b, h, at].set(k.astype(entries["k"].dtype), mode="drop"),
-        v=entries["v"].at[b, h, at].set(v.astype(entries["v"].dtype), mode="drop"),
-        pos=entries["pos"].at[b, h, at].set(pos_new, mode="drop"),
-        length=jnp.minimum(length + counts[:, None], size).astype(jnp.int32))
-    if "score" in entries:  # a new entry starts with no accumulated attention
-        out_entries["score"] = entries["score"].at[b, h, at].set(0.0, mode="drop")
+    writes = {"at": at, "k": k, "v": v, "pos": jnp.broadcast_to(positions[:, None], (B, K, n)),
+              "length": jnp.minimum(length + counts[:, None], size).astype(jnp.int32)}
     if aux:
-        return out, out_entries, {"qr": qr, "keys": keys, "vis": vis, "at": at}
-    return out, out_entries
+        return out, writes, {"qr": qr, "keys": keys, "vis": vis, "at": at}
+    return out, writes
+
+
+def write(store, layer, writes, *, layer_axis: bool):
+    """Scatters `extend_entries`' writes into the cache arrays in place: {k, v [L, B, K, C, D],
+    pos[, score] [L, B, K, C]} (layer_axis) or a layered cache's {k, v [B, K, N, D], ...} with
+    `at` already in its slot numbering; length [L, B, K] either way."""
+    B, K, n = writes["at"].shape
+    b, h = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
+    index = (layer, b, h, writes["at"]) if layer_axis else (b, h, writes["at"])
+    out = dict(store, length=store["length"].at[layer].set(writes["length"]))
+    for name in ("k", "v", "pos"):
+        out[name] = store[name].at[index].set(writes[name].astype(store[name].dtype),
+                                              mode="drop")
+    if "score" in store:  # a new entry starts with no accumulated attention
+        out["score"] = store["score"].at[index].set(0.0, mode="drop")
+    return out
 
 
 def rotate_heads(k, positions, inv_freq, factor):

@@ -23,10 +23,11 @@ Quest, DuoAttention, the Self-Extend cache) are refused.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from lcm.cache import attention as cattn
 from lcm.cache.checks import check_model
 from lcm.cache.kv import KVCache
 from lcm.cache.layouts import layer_runs, pooled_attention, pooled_visible, write_pooled
@@ -37,6 +38,7 @@ from lcm.positions import apply_rope
 from lcm.sharding.mesh import host_array
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
+f32 = jnp.float32
 
 
 def extend(params, cache: KVCache, tokens, cfg: ModelConfig, *, lengths=None,
@@ -125,12 +127,13 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(inputs.v, groups, axis=2)
         return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def run(entries, own, size, inputs, aux=False):
+    def run(store, view, scatter, own, size, inputs, aux=False):
         k, v = new_keys(inputs)
         return extend_entries(
-            entries, own, size, inputs.q, k, v, positions, counts, rotation=rotation,
-            table=tables[inputs.kind.rope], window=cfg.layer_config(inputs.kind).sliding_window,
-            softcap=cfg.attn_softcap, sinks=inputs.params.get("sinks"), aux=aux)
+            store, view, scatter, own, size, inputs.q, k, v, positions, counts,
+            rotation=rotation, table=tables[inputs.kind.rope],
+            window=cfg.layer_config(inputs.kind).sliding_window, softcap=cfg.attn_softcap,
+            sinks=inputs.params.get("sinks"), block=cfg.attention.block_k, aux=aux)
 
     if cache.layer_slots is not None:  # runs of layers, each read through one window
         for first, count, window in layer_runs(cache.layer_slots, MAX_RUNS):
@@ -145,12 +148,18 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
                 off = begin - ws
                 j = jnp.arange(window, dtype=jnp.int32)
                 own = (j >= off) & (j < off + size)
-                view = {f: jax.lax.dynamic_slice_in_dim(store[f], ws, window, axis=2)
-                        for f in ("k", "v", "pos", "score") if f in store}
-                view["length"] = store["length"][inputs.index]
-                out, writes = run(view, own, size, inputs)
-                at = jnp.where(writes["at"] < window, ws + writes["at"], N)  # N: dropped
-                return out, None, write(store, inputs.index, dict(writes, at=at), layer_axis=False)
+
+                def view(store, name):
+                    if name == "length":
+                        return store["length"][inputs.index]
+                    return jax.lax.dynamic_slice_in_dim(store[name], ws, window, axis=2)
+
+                def scatter(store, writes):
+                    at = jnp.where(writes["at"] < window, ws + writes["at"], N)  # N: dropped
+                    return write(store, inputs.index, dict(writes, at=at), layer_axis=False)
+
+                out, store = run(store, view, scatter, own, size, inputs)
+                return out, None, store
 
             x, _, store = run_layers(
                 x, jax.tree.map(lambda a: a[first:first + count], params["layers"]), cfg,
@@ -168,13 +177,19 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
         C = cache.k.shape[3]
 
         def attention(inputs, xs, store):
-            view = {f: store[f][inputs.index] for f in store}
+            def view(store, name):
+                return store[name][inputs.index]
+
+            def scatter(store, writes):
+                return write(store, inputs.index, writes, layer_axis=True)
+
+            own = jnp.ones((C,), bool)
             if observe is None:
-                out, writes = run(view, jnp.ones((C,), bool), C, inputs)
+                out, store = run(store, view, scatter, own, C, inputs)
             else:
-                out, writes, aux = run(view, jnp.ones((C,), bool), C, inputs, aux=True)
+                out, store, aux = run(store, view, scatter, own, C, inputs, aux=True)
                 xs = observe(xs, inputs, aux)
-            return out, xs, write(store, inputs.index, writes, layer_axis=True)
+            return out, xs, store
 
         x, seen, store = run_layers(x, params["layers"], cfg, attention, xs=seen, carry=store)
     cache = cache.replace(next_pos=start + counts, **store)
@@ -191,76 +206,175 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
 extend_jit = jax.jit(extend_layers, static_argnames=("cfg", "logits"))
 
 
-def extend_entries(entries, own, size, q, k, v, positions, counts, *, rotation, table, window,
-                   softcap, sinks, aux=False):
-    """One layer's attention for n new queries and the layer after their entries are written.
+def extend_entries(store, view, scatter, own, size, q, k, v, positions, counts, *, rotation,
+                   table, window, softcap, sinks, block, aux=False):
+    """One layer: the n new entries written into the cache, then the attention of the n new
+    queries. Returns (out [B, n, H, D], store[, aux]).
 
-    entries {k, v [B, K, C, D], pos[, score] [B, K, C], length [B, K]}: the slots the layer is
-    read through; own [C] bool: the layer's own slots among them (all for a uniform cache),
-    `size` of them (static or traced). q [B, n, H, D] un-rotated; k, v [B, K, n, D] the new
-    entries as stored; positions [B, n]; counts [B] real new tokens per row.
+    store: the cache arrays; view(store, name) -> the layer's slots read (k, v [B, K, C, D],
+    pos [B, K, C]; "length" [B, K]); scatter(store, writes) -> store with {at [B, K, n]: the
+    view slot of each new entry (C where it is not written), k, v, pos, length} written.
+    own [C] bool: the layer's own slots among the view's (all for a uniform cache), `size` of
+    them (static or traced). q [B, n, H, D] un-rotated; k, v [B, K, n, D] the new entries as
+    stored; positions [B, n]; counts [B] real new tokens per row; block: old slots read at a
+    time (`cache_attention`).
 
-    Returns (out [B, n, H, D], writes): {at [B, K, n]: the slot of each new entry (C where it
-    is not written), k, v [B, K, n, D], pos [B, K, n], length [B, K]: the layer's new lengths},
-    applied by `write`. A head's slots are filled in the order `decode_step`
-    fills them: free slots first, then the oldest entries (a ring over the slots in age order);
-    query j sees an old entry until token j overwrites it, and the new tokens j' <= j that
-    no later token j'' <= j has overwritten. aux=True adds a third output for observers:
-    {qr: the rotated queries, keys [B, K, C + n, D] and vis [B, K, n, C + n] (old slots, then
-    the new tokens), at [B, K, n]: the slot each new token went to (C where not written)}.
+    A head's slots are filled in the order `decode_step` fills them: free slots first, then the
+    oldest entries (a ring over the slots in age order); query j sees an old entry until token
+    j overwrites it, and the new tokens j' <= j that no later token j'' <= j has overwritten.
+    The entries are written before the layer is read, as `decode_step` does, so that XLA
+    updates the cache in place: the old entries the call overwrites are gathered first (n per
+    head) and attended from there. aux=True adds, for observers, {qr: the rotated queries,
+    keys [B, K, C + n, D] and vis [B, K, n, C + n] (the layer's slots before the call, then the
+    new tokens), at [B, K, n]}.
     """
-    B, K, C = entries["pos"].shape
-    n = q.shape[1]
-    length = entries["length"]
-    big = jnp.iinfo(jnp.int32).max
+    B, K, n, _ = k.shape
+    pos = view(store, "pos")
+    C = pos.shape[-1]
+    length = view(store, "length")
     slot = jnp.arange(C, dtype=jnp.int32)[None, None]
     own = own[None, None]
-    first = jnp.argmax(own)  # the layer's first slot in the view
+    first = jnp.argmax(own).astype(jnp.int32)  # the layer's first slot in the view
     held = own & (slot < first + length[..., None])
-    # Slots in age order: held entries by position, then the free own slots, then the rest.
-    key = jnp.where(held, entries["pos"], jnp.where(own, big - C + slot, big))
-    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)  # [B, K, C]
-    age = jnp.argsort(order, axis=-1).astype(jnp.int32)  # each held slot's age rank
     j = jnp.arange(n, dtype=jnp.int32)
     real = j[None] < counts[:, None]  # [B, n]
 
-    # What each new query sees: old entries until overwritten, new ones while not overwritten.
-    q_pos, k_pos = positions[:, None, :, None], entries["pos"][:, :, None, :]
-    see_old = held[:, :, None] & (j[None, None, :, None] < (size - length)[..., None, None]
-                                  + age[:, :, None])
-    see_new = ((j[None, :] <= j[:, None]) & (j[:, None] - j[None, :] < size))[None, None] & (
-        real[:, None, None, :])
-    if window is not None:
-        see_old = see_old & (k_pos > q_pos - window)
-        see_new = see_new & (positions[:, None, None, :] > q_pos - window)
-    vis = jnp.concatenate([see_old, jnp.broadcast_to(see_new, (B, K, n, n))], axis=-1)
+    # Without overflow token j goes to slot first + length + j and every old entry stays
+    # visible; otherwise the slots are taken in age order (a sort, as decode_step's argmin).
+    def ring(_):
+        order, age = age_order(pos, held, own, C)
+        at = jnp.take_along_axis(order, (length[..., None] + j[None, None]) % size, axis=-1)
+        return at, (size - length)[..., None] + age  # an old entry lives until that token
+    def no_ring(_):
+        return first + length[..., None] + j[None, None], jnp.full((B, K, C), n, jnp.int32)
+    overflow = jnp.any(length + counts[:, None] > size)
+    ring_at, lives = jax.lax.cond(overflow, ring, no_ring, None)
+    write_it = (real & (j[None] >= counts[:, None] - size))[:, None]  # the last `size` survive
+    at = jnp.where(write_it, ring_at, C)  # C: dropped
+    age = age_order(pos, held, own, C)[1] if rotation == "cache" else None
+
+    # The old entries the writes replace ([B, K, n], at their slots; dropped ones read slot 0).
+    def gather(x):
+        idx = jnp.minimum(at, C - 1)
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+    gone = {"k": gather(view(store, "k")), "v": gather(view(store, "v")), "pos": gather(pos),
+            "held": gather(held) & (at < C), "lives": gather(lives)}
+    if age is not None:
+        gone["age"] = gather(age)
+    old = None
+    if aux:  # the layer as it was, for observers
+        old = {"k": view(store, "k"), "v": view(store, "v")}
+    never = at < 0  # always false, but only known at run time: it orders the gathers first
+    store = scatter(store, {
+        "at": at, "k": jnp.where(never[..., None], gone["k"], k),
+        "v": jnp.where(never[..., None], gone["v"], v),
+        "pos": jnp.broadcast_to(positions[:, None], (B, K, n)),
+        "length": jnp.minimum(length + counts[:, None], size).astype(jnp.int32)})
+    written = jnp.zeros((B, K, C), bool).at[jnp.arange(B)[:, None, None],
+                                             jnp.arange(K)[None, :, None], at].set(
+                                                 True, mode="drop")
 
     inv_freq, factor = table
+    k_cache = view(store, "k")
     if rotation == "cache":  # StreamingLLM: keys by rank in the cache, queries after them
-        old_rank = jnp.where(held, age, 0)
-        keys = rotate_heads(entries["k"], old_rank, inv_freq, factor)
+        k_cache = rotate_heads(k_cache, jnp.where(held, age, 0), inv_freq, factor)
+        gone_k = rotate_heads(gone["k"], jnp.where(gone["held"], gone["age"], 0), inv_freq,
+                              factor)
         new_rank = length[..., None] + j[None, None]  # [B, K, n]
         new_k = rotate_heads(k, new_rank, inv_freq, factor)
         qr = rotate_queries(q, new_rank, inv_freq, factor)
     else:
-        keys, new_k = entries["k"], k
+        gone_k, new_k = gone["k"], k
         qr = apply_rope(q, positions, inv_freq, factor)
-    keys = jnp.concatenate([keys.astype(new_k.dtype), new_k], axis=2)
-    values = jnp.concatenate([entries["v"], v.astype(entries["v"].dtype)], axis=2)
-    probs = cattn.attention_probs(qr, keys, vis, softcap=softcap, sinks=sinks)
-    out = cattn.attend_cache(probs, values, q.dtype)
 
-    # The writes: token j goes to the ((length + j) mod size)-th slot in age order; only the
-    # last `size` real tokens of a row survive, so only they are written (distinct slots).
-    ring = jnp.take_along_axis(order, (length[..., None] + j[None, None]) % size,
-                               axis=-1)  # [B, K, n]
-    write = (real & (j[None] >= counts[:, None] - size))[:, None]
-    at = jnp.where(write, ring, C)  # C: dropped
-    writes = {"at": at, "k": k, "v": v, "pos": jnp.broadcast_to(positions[:, None], (B, K, n)),
-              "length": jnp.minimum(length + counts[:, None], size).astype(jnp.int32)}
+    def in_window(k_pos):  # [B, K, m] key positions -> [B, K, n, m]
+        if window is None:
+            return True
+        return k_pos[:, :, None] > positions[:, None, :, None] - window
+
+    # What each query sees: old entries that survive the call (the slots not written) ...
+    def see_cache(lo, width):
+        def cut(x):
+            return jax.lax.dynamic_slice_in_dim(x, lo, width, axis=2)
+        return (cut(held) & ~cut(written))[:, :, None] & in_window(cut(pos))
+    # ... the old entries the call overwrites, until overwritten ...
+    see_gone = gone["held"][:, :, None] & (j[None, None, :, None] < gone["lives"][:, :, None]) & (
+        in_window(gone["pos"]))
+    # ... and the new tokens j' <= j that no later token j'' <= j overwrote.
+    see_new = ((j[None, :] <= j[:, None]) & (j[:, None] - j[None, :] < size))[None, None] & (
+        real[:, None, None, :]) & in_window(jnp.broadcast_to(positions[:, None], (B, K, n)))
+    see_new = jnp.broadcast_to(see_new, (B, K, n, n))
+    out = cache_attention(qr, k_cache, view(store, "v"), see_cache,
+                          [(gone_k, gone["v"], see_gone), (new_k, v, see_new)],
+                          softcap=softcap, sinks=sinks, block=block)
     if aux:
-        return out, writes, {"qr": qr, "keys": keys, "vis": vis, "at": at}
-    return out, writes
+        before = held[:, :, None] & (j[None, None, :, None] < lives[:, :, None]) & in_window(pos)
+        return out, store, {"qr": qr, "keys": jnp.concatenate([old["k"], new_k], 2),
+                            "vis": jnp.concatenate([before, see_new], -1), "at": at}
+    return out, store
+
+
+def age_order(pos, held, own, C):
+    """(order [B, K, C]: slots in age order (held entries by position, then the free own
+    slots, then the rest), age [B, K, C]: each slot's place in that order)."""
+    big = jnp.iinfo(jnp.int32).max
+    slot = jnp.arange(C, dtype=jnp.int32)[None, None]
+    key = jnp.where(held, pos, jnp.where(own, big - C + slot, big))
+    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    return order, jnp.argsort(order, axis=-1).astype(jnp.int32)
+
+
+def cache_attention(qr, k_cache, v_cache, see_cache, parts, *, softcap, sinks, block: int):
+    """Softmax attention of queries qr [B, n, H, D] over a layer's cache slots (k_cache,
+    v_cache [B, K, C, D], visibility see_cache(lo, width) -> [B, K, n, width]) and over
+    `parts`, each (k, v [B, K, m, D], vis [B, K, n, m]) -> [B, n, H, D]. The cache is read
+    `block` slots at a time with an online softmax (float32), so the weights are never
+    [n, C]; soft-cap and sinks as `lcm.cache.attention.attention_probs`; a query that sees
+    nothing gets zeros."""
+    B, n, H, D = qr.shape
+    K, C = k_cache.shape[1], k_cache.shape[2]
+    G = H // K
+    qg = qr.reshape(B, n, K, G, D)
+    scale = 1.0 / math.sqrt(D)
+
+    def update(state, k, v, vis):
+        m, l, acc = state
+        s = jnp.einsum("btkgd,bkcd->bkgtc", qg, k.astype(qr.dtype),
+                       preferred_element_type=f32) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        s = jnp.where(vis[:, :, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        pv = jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(v.dtype), v, preferred_element_type=f32)
+        return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+    state = (jnp.full((B, K, G, n), -jnp.inf, f32), jnp.zeros((B, K, G, n), f32),
+             jnp.zeros((B, K, G, n, D), f32))
+    size = min(block, C)
+    blocks = -(-C // size)
+
+    def one(i, state):
+        lo = jnp.minimum(i * size, C - size)  # the last block ends at C, overlapping
+        fresh = (lo + jnp.arange(size, dtype=jnp.int32)) >= i * size  # not read before
+        vis = see_cache(lo, size) & fresh[None, None, None]
+        return update(state, jax.lax.dynamic_slice_in_dim(k_cache, lo, size, axis=2),
+                      jax.lax.dynamic_slice_in_dim(v_cache, lo, size, axis=2), vis)
+
+    state = one(0, state) if blocks == 1 else jax.lax.fori_loop(0, blocks, one, state)
+    for k, v, vis in parts:
+        state = update(state, k, v, vis)
+    m, l, acc = state
+    if sinks is not None:  # a key whose value is zero, with logit sinks[h]
+        sink = jnp.asarray(sinks).astype(f32).reshape(1, K, G, 1)
+        m_new = jnp.maximum(m, sink)
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        l, acc = l * alpha + jnp.exp(sink - m_safe), acc * alpha[..., None]
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, n, H, D).astype(qr.dtype)
 
 
 def write(store, layer, writes, *, layer_axis: bool):

@@ -102,17 +102,34 @@ def sampling_logits(logits, *, temperature: float, top_k=None, top_p=None):
 def speculative_loop(params, prompts, lengths, key, *, cfg, speculative, chunk,
                      max_new_tokens, stop, temperature, top_k, top_p, pad_token, full_rows):
     """generate's body with `speculative` (traced inside generate's jit): `(tokens [B,
-    max_new_tokens], num_generated [B], stats)` with stats {"rounds": [], "drafted": [B],
-    "accepted": [B]} (drafts proposed and accepted per row while the row was running)."""
-    draft, gamma = speculative.draft, speculative.gamma
-    B = prompts.shape[0]
-    room = max_new_tokens + gamma + 2
+    max_new_tokens], num_generated [B], stats)`; see `speculative_decode`."""
+    logits, full, small = speculative_caches(
+        params, prompts, lengths, cfg=cfg, draft=speculative.draft, chunk=chunk,
+        room=max_new_tokens + speculative.gamma + 2, full_rows=full_rows)
+    return speculative_decode(params, full, small, logits, key, cfg=cfg,
+                              gamma=speculative.gamma, max_new_tokens=max_new_tokens, stop=stop,
+                              temperature=temperature, top_k=top_k, top_p=top_p,
+                              pad_token=pad_token)
+
+
+def speculative_caches(params, prompts, lengths, *, cfg, draft, chunk, room, full_rows):
+    """One prefill: `(last-token logits [B, V], full cache, draft cache)`, both uniform with
+    `room` free slots per head (generated tokens + one round)."""
     logits, full, obs = prefill_jit(params, prompts, lengths, cfg=cfg, policy=None, chunk=chunk,
                                     room=0, all_logits=False,
                                     observe=observations_for((draft,)))
     small = compress_jit(full, draft, obs, cfg=cfg, room=room, layout="uniform",
                          full_rows=full_rows)
-    full = grow(full, room)
+    return logits, grow(full, room), small
+
+
+def speculative_decode(params, full, small, logits, key, *, cfg, gamma, max_new_tokens, stop,
+                       temperature, top_k, top_p, pad_token):
+    """The rounds of draft, verify, accept and roll back from the prefill's caches and logits
+    (`speculative_caches`): `(tokens [B, max_new_tokens], num_generated [B], stats)` with
+    stats {"rounds": [], "drafted": [B], "accepted": [B]} (drafts proposed and accepted per
+    row while the row was running). Traced inside a jit."""
+    B = logits.shape[0]
     greedy = temperature == 0.0
     dist = functools.partial(sampling_logits, temperature=temperature or 1.0, top_k=top_k,
                              top_p=top_p)

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import jax
 from absl import logging
 
+from lcm.checks import check_int
 from lcm.train.checkpoint import Checkpointer
 from lcm.train.metrics import MetricsWriter
 
@@ -37,6 +38,8 @@ def fit(step_fn: Callable, state, data_iter: Iterator, *, num_steps: int,
     `extra_metrics(step)` adds host-side values (e.g. the learning rate); `on_step(step,
     metrics)` sees each logged row. Returns the final state.
     """
+    check_int(None, "num_steps", num_steps, 0)
+    check_int(None, "log_every", log_every, 1)
     step = int(state.step)
     last_saved = step
     while step < num_steps:

@@ -151,8 +151,15 @@ def _check_run(workdir, run, fingerprint, resume, has_rows):
     path = os.path.join(workdir, "runs.json")
     runs = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            runs = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs = json.load(f)
+            if not isinstance(runs, dict):
+                raise ValueError(f"a JSON {type(runs).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path} is unreadable ({e}); it records each run's setup: "
+                             f"restore it, or delete it to accept the results as they "
+                             f"are") from None
     if run in runs and runs[run] != fingerprint and has_rows:
         diff = sorted(k for k in fingerprint if runs[run].get(k) != fingerprint[k])
         raise ValueError(f"{workdir}: run {run!r} was made with a different setup (differs in "

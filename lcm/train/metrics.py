@@ -65,6 +65,10 @@ class MetricsWriter:
         if fields[:1] != ["step"]:
             raise ValueError(f"{self.path}: line 1 is {lines[0][:80]!r}; expected a header "
                              f"starting with 'step'")
+        if torn:  # even when it parses: its last value may be cut short
+            warnings.warn(f"{self.path}: line {len(lines)} is incomplete (a run killed "
+                          f"mid-write?); dropping it", stacklevel=3)
+            lines = lines[:-1]
         rows = []
         for number, line in enumerate(lines[1:], 2):
             values = next(csv.reader(io.StringIO(line)), [])
@@ -74,10 +78,6 @@ class MetricsWriter:
                 rows.append({k: int(v) if k == "step" else float(v)
                              for k, v in zip(fields, values)})
             except ValueError as e:
-                if torn and number == len(lines):
-                    warnings.warn(f"{self.path}: line {number} is incomplete (a run killed "
-                                  f"mid-write?); dropping it", stacklevel=3)
-                    break
                 raise ValueError(f"{self.path}: line {number} is not a metrics row ({e})"
                                  ) from None
         return fields, rows

@@ -147,7 +147,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(straight, tmp_p
     assert Checkpointer(tmp_path / "w" / "checkpoints", every_steps=EVERY).verify(8) is None
 
 
-def test_no_intact_checkpoint_is_an_error_naming_each(straight, tmp_path):
+def test_error_no_intact_checkpoint_names_each(straight, tmp_path):
     shutil.copytree(straight[0], tmp_path / "w")
     for step in ("6", "8"):
         _overwrite_64_bytes(str(tmp_path / "w" / "checkpoints" / step))
@@ -158,7 +158,7 @@ def test_no_intact_checkpoint_is_an_error_naming_each(straight, tmp_path):
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["6", "8"]  # nothing moved
 
 
-def test_torn_last_metrics_row_is_dropped_with_a_warning(straight, tmp_path):
+def test_fallback_torn_last_metrics_row_is_dropped(straight, tmp_path):
     workdir, want_params, want_rows = straight
     shutil.copytree(workdir, tmp_path / "w")
     shutil.rmtree(tmp_path / "w" / "checkpoints" / "8")  # killed writing row 8, before its save
@@ -281,7 +281,7 @@ def test_numpy_ints_and_good_configs_are_accepted(tmp_path, call):
     call(str(tmp_path / "c"))
 
 
-def test_fit_takes_numpy_ints(tmp_path):
+def test_ok_fit_takes_numpy_ints(tmp_path):
     """ok: num_steps / log_every as NumPy ints train like Python ints."""
     params, rows, _ = _train(tmp_path, num_steps=np.int64(4), log_every=np.int64(2))
     assert [r["step"] for r in rows] == [2, 4]

@@ -3,7 +3,7 @@ must do (`error`: a ValueError whose message matches, naming the field or file; 
 result; `fallback`: a correct result after a warning naming the file), and the corrupt-checkpoint
 matrix (the latest checkpoint damaged -> resume from the one before, ending with exactly the
 uninterrupted run's parameters and metrics). The case ids start with the kind, so
-`pytest --collect-only -q tests/train/test_bad_inputs.py | grep -c '\\[error-'` counts them
+`pytest --collect-only -q tests/train/test_train_bad_inputs.py | grep -c '\\[error-'` counts them
 (docs/reliability.md).
 
 Training here is a toy (a 4x4 linear map fitted by AdamW) through the real fit / resume /

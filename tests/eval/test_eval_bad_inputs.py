@@ -3,7 +3,7 @@ must do (`error`: a ValueError whose message matches, naming the argument, or th
 `ok`: a correct result; `fallback`: a correct result after a warning naming the file and line),
 and the kill / corrupt / resume matrix of an evaluation workdir: each damaged workdir resumes to
 exactly the results file of an uninterrupted run. Case ids start with the kind, so
-`pytest --collect-only -q tests/eval/test_bad_inputs.py | grep -c '\\[error-'` counts them
+`pytest --collect-only -q tests/eval/test_eval_bad_inputs.py | grep -c '\\[error-'` counts them
 (docs/reliability.md).
 
 The "model" is a NumPy generate_fn (it echoes the prompt's last tokens), so the loop, its files

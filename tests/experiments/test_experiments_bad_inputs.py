@@ -1,9 +1,9 @@
 """The bad-input catalogue of the runner (experiments/run.py, experiments/workdir.py) and the
 experiments' config checks: every case a row with what it must do (`error`: a ValueError whose
 message (or absl's UsageError for a flag) matches, naming the flag, field or file, which the
-command line prints as one `error:` line; `ok`: a correct result). Case ids start with the kind, so
-`pytest --collect-only -q tests/experiments/test_bad_inputs.py | grep -c '\\[error-'` counts
-them (docs/reliability.md). Every config error is raised before a model is built.
+command line prints as one `error:` line; `ok`: a correct result). Case ids (or test names)
+start with the kind, so docs/reliability.md counts them from `pytest --collect-only -q`.
+Every config error is raised before a model is built.
 """
 
 import json

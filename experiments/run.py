@@ -283,7 +283,8 @@ def main(argv):
     try:
         run_experiment(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                        allow_config_change=_ALLOW_CHANGE.value, distributed=_DISTRIBUTED.value)
-    except (ValueError, OSError) as e:  # OSError names its file: a one-line error too
+    except (ValueError, OSError, FloatingPointError) as e:  # each names its argument, file
+        # or step: one line, no traceback
         sys.exit(f"error: {e}")
 
 

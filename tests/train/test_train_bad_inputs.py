@@ -47,16 +47,19 @@ def _step(state, x):
     return TrainState(state.step + 1, params, opt_state), {"loss": loss}
 
 
-def _data():
-    return iter(grain.MapDataset.range(1000).map(
-        lambda i: np.sin(np.arange(16, dtype=np.float32).reshape(4, 4) + i)).to_iter_dataset())
+def _data(poison=None):
+    """Batch i is a 4x4 sine pattern; batch `poison` holds a NaN."""
+    def batch(i):
+        x = np.sin(np.arange(16, dtype=np.float32).reshape(4, 4) + i)
+        return np.where(i == poison, np.float32("nan"), x)
+    return iter(grain.MapDataset.range(1000).map(batch).to_iter_dataset())
 
 
-def _train(workdir, num_steps=NUM_STEPS, **fit_options):
+def _train(workdir, num_steps=NUM_STEPS, poison=None, **fit_options):
     """Runs (or resumes) the toy training in workdir; returns (params, metric rows, step
     resumed from)."""
     state = init_train_state({"w": jnp.zeros((4, 4), jnp.float32)}, OPT)
-    data = _data()
+    data = _data(poison)
     writer = MetricsWriter(str(workdir))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=EVERY, keep=2)
     state = resume(checkpointer, state, data, writer)
@@ -286,3 +289,12 @@ def test_ok_fit_takes_numpy_ints(tmp_path):
     params, rows, _ = _train(tmp_path, num_steps=np.int64(4), log_every=np.int64(2))
     assert [r["step"] for r in rows] == [2, 4]
     assert json.loads(json.dumps(rows))  # plain Python numbers in the rows
+
+
+def test_error_nan_loss_stops_before_it_is_checkpointed(tmp_path):
+    """error: batch 4 (step 5, not logged with log_every=4) holds a NaN: the run stops at the
+    next checkpoint step, 6, naming it, before saving; the last checkpoint is the finite step 3."""
+    with pytest.raises(FloatingPointError, match=r"step 6: loss is nan; stopped before this "
+                                                 r"state is checkpointed"):
+        _train(tmp_path, poison=4, log_every=4)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]

@@ -115,27 +115,30 @@ class Checkpointer:
         bad = []
         for step in steps:
             problem = self.verify(step)
+            what = "is corrupt or incomplete"
             if problem is None:
                 try:
                     state, data = self.restore(step, like, with_data=with_data)
                 except Exception as e:  # noqa: BLE001 - any failure to load: try an older one
-                    problem = _first_line(e)
+                    problem, what = _first_line(e), "cannot be restored"
             if problem is not None:
                 bad.append((step, problem))
-                warnings.warn(f"checkpoint {self.step_path(step)} is corrupt or incomplete "
-                              f"({problem}); trying an older one", stacklevel=2)
+                warnings.warn(f"checkpoint {self.step_path(step)} {what} ({problem}); trying "
+                              f"an older one", stacklevel=3)
                 continue
             if bad:
                 self._quarantine([s for s, _ in bad])
                 warnings.warn(f"resumed from the checkpoint at step {step} "
                               f"({self.step_path(step)}); the newer "
                               f"{[self.step_path(s) for s, _ in bad]} could not be used and "
-                              f"were renamed <step>.corrupt", stacklevel=2)
+                              f"were renamed <step>.corrupt", stacklevel=3)
             return state, data if with_data else data_state, step
         if bad:
             faults = "; ".join(f"{self.step_path(s)}: {why}" for s, why in bad)
-            raise ValueError(f"no intact checkpoint under {self.directory} ({faults}); delete "
-                             f"the directory to start over, or restore it from a copy")
+            raise ValueError(f"no intact checkpoint under {self.directory} ({faults}); if the "
+                             f"model or optimizer changed since they were saved, they are of "
+                             f"another shape: use a new workdir; else delete the directory to "
+                             f"start over, or restore it from a copy")
         return like, data_state, 0
 
     def wait(self) -> None:

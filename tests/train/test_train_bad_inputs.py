@@ -141,7 +141,8 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(straight, tmp_p
     shutil.copytree(workdir, tmp_path / "w")
     ckpt = str(tmp_path / "w" / "checkpoints" / "8")
     damage(ckpt)
-    with pytest.warns(UserWarning, match=rf"checkpoint {ckpt} is corrupt or incomplete \(.*{why}"):
+    with pytest.warns(UserWarning, match=rf"checkpoint {ckpt} (is corrupt or incomplete|cannot "
+                                         rf"be restored) \(.*{why}"):
         params, rows, start = _train(tmp_path / "w")
     assert start == 6
     np.testing.assert_array_equal(params, want_params)  # bit for bit
@@ -298,3 +299,17 @@ def test_error_nan_loss_stops_before_it_is_checkpointed(tmp_path):
                                                  r"state is checkpointed"):
         _train(tmp_path, poison=4, log_every=4)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_error_checkpoints_of_another_model_name_each(straight, tmp_path):
+    """error: a state of another shape (the model changed) restores from no checkpoint; the
+    error names each and says why, and nothing is renamed."""
+    shutil.copytree(straight[0], tmp_path / "w")
+    checkpointer = Checkpointer(tmp_path / "w" / "checkpoints", every_steps=EVERY)
+    other = init_train_state({"w": jnp.zeros((5, 5), jnp.float32)}, OPT)
+    with pytest.warns(UserWarning, match=r"checkpoints/8 cannot be restored"), pytest.raises(
+            ValueError, match=r"no intact checkpoint .*checkpoints/8: .*checkpoints/6: .*if the "
+                              r"model or optimizer changed"):
+        checkpointer.restore_latest(other)
+    checkpointer.close()
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["6", "8"]

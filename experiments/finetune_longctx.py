@@ -55,6 +55,7 @@ import numpy as np
 from absl import logging
 
 from experiments.workdir import write_summary, write_text
+from lcm.checks import check_int, check_number
 from lcm.config import AttentionConfig, ModelConfig, PositionConfig, RopeConfig
 from lcm.model import forward, init_params
 from lcm.positions.pose import pose_positions
@@ -190,7 +191,24 @@ def train(params, cfg: ModelConfig, config, *, steps: int, learning_rate: float,
     return state.params, losses
 
 
+def check_config(config) -> None:
+    """Steps, sizes and learning rates, checked before any model is built."""
+    for name, minimum in (("seed", 0), ("length", 1), ("self_extend_window", 0),
+                          ("self_extend_group", 0), ("rerope_window", 0), ("pretrain_steps", 1),
+                          ("finetune_steps", 0), ("batch_size", 1), ("eval_samples", 1),
+                          ("eval_batch_size", 1), ("num_values", 2), ("num_digits", 1)):
+        check_int("config", name, config[name], minimum)
+    for name in ("learning_rate", "finetune_learning_rate"):
+        check_number("config", name, config[name], 0, lo_open=True)
+    check_number("config", "factor", config.factor, 1)
+    check_number("config", "filler_loss_weight", config.filler_loss_weight, 0)
+    for name in ("eval_lengths", "methods"):
+        if not config[name]:
+            raise ValueError(f"config.{name}={config[name]!r}; expected at least one")
+
+
 def run(config, workdir: str) -> dict:
+    check_config(config)
     start_time = time.perf_counter()
     m = config.model
     base = ModelConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,

@@ -33,6 +33,7 @@ import time
 import jax
 from absl import logging
 
+from lcm.checks import check_int, check_number
 from lcm.config import ModelConfig, PositionConfig, RopeConfig
 from lcm.data import ByteTokenizer, make_niah, make_passkey
 from lcm.eval import EvalOptions, evaluate, max_context_length, write_reports
@@ -150,8 +151,33 @@ def plan_runs(config, cfg: ModelConfig):
     return runs
 
 
+def check_config(config) -> None:
+    """The sweep's sizes and lists, checked before the model loads: a sweep with no sample
+    (num_samples=0, no task, no length) is an error, not empty tables."""
+    for name, minimum in (("num_samples", 1), ("batch_size", 1), ("seed", 0),
+                          ("passkey_max_new_tokens", 1), ("niah_max_new_tokens", 1),
+                          ("long_from", 1)):
+        check_int("config", name, config[name], minimum)
+    if config.batch_tokens is not None:
+        check_int("config", "batch_tokens", config.batch_tokens, 1)
+    check_number("config", "compression_ratio", config.compression_ratio, 0, 1, hi_open=True)
+    for name in ("tasks", "lengths", "methods"):
+        if not config[name]:
+            raise ValueError(f"config.{name}={config[name]!r}; expected at least one (the sweep "
+                             f"would have no sample)")
+    for name in ("lengths", "extended_lengths"):
+        for i, n in enumerate(config[name]):
+            check_int(None, f"config.{name}[{i}]", n, 1)
+    for name in ("depths", "long_depths"):
+        if not config[name]:
+            raise ValueError(f"config.{name}={config[name]!r}; expected at least one depth")
+        for i, d in enumerate(config[name]):
+            check_number(None, f"config.{name}[{i}]", d, 0, 1)
+
+
 def run(config, workdir: str) -> dict:
     """Runs every (setting, method) over the records; returns and writes the summary."""
+    check_config(config)
     start, cpu_start = time.perf_counter(), time.process_time()
     cfg, params, tokenizer = load_model(config.model, config.seed)
     load_s = time.perf_counter() - start

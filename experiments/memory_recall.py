@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from experiments.workdir import write_summary
+from lcm.checks import check_int, check_number
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.memory import (CompressiveMemory, KNNMemory, LinearRecurrence, RecurrentMemory,
                         TransformerXL, init_memory_params, run_segments)
@@ -121,10 +122,26 @@ def _train_and_eval(name, config, cfg, params0, key):
             "final_loss": float(np.mean(tail)), "accuracy": accuracy}
 
 
+def check_config(config) -> None:
+    """Sizes, steps and the learning rate, checked before any model is built."""
+    for name, minimum in (("seed", 0), ("num_segments", 1), ("segment_len", 1),
+                          ("num_fillers", 1), ("num_passkeys", 2), ("hidden_size", 1),
+                          ("num_layers", 1), ("num_heads", 1), ("steps", 1),
+                          ("warmup_steps", 0), ("batch_size", 1), ("xl_mem_len", 0),
+                          ("rmt_mem_tokens", 0), ("knn_k", 1), ("bptt_segments", 0),
+                          ("eval_examples", 1)):
+        check_int("config", name, config[name], minimum)
+    check_number("config", "learning_rate", config.learning_rate, 0, lo_open=True)
+
+
 def run(config, workdir: str) -> dict:
+    check_config(config)
     names = [n.strip() for n in config.memories.split(",") if n.strip()]
     if bad := [n for n in names if n not in MEMORIES]:
         raise ValueError(f"config.memories has {bad}; expected names from {list(MEMORIES)}")
+    if not names:
+        raise ValueError(f"config.memories={config.memories!r}; expected at least one of "
+                         f"{list(MEMORIES)}")
     cfg = model_config(config)
     params0, _ = init_params(cfg, jax.random.key(config.seed))
     chance = 1.0 / config.num_passkeys

@@ -38,6 +38,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from lcm.checks import is_int
+
 CONFIG_FILE_NAME = "config.json"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
@@ -59,7 +61,10 @@ def load_config_file(path: str) -> config_dict.ConfigDict:
     if spec is None or not os.path.isfile(path):
         raise ValueError(f"--config={path!r} is not a file; expected configs/<name>.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"--config={path!r}: line {e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config={path!r} defines no get_config()")
     return module.get_config()
@@ -93,9 +98,11 @@ def check_overrides(argv: list[str]) -> None:
             path = argv[i + 1]
         elif arg.startswith("--config."):
             fields.append(arg[len("--config."):].split("=", 1)[0])
-    if path is None or not fields:
+    if path is None:
         return
-    config = load_config_file(path)
+    config = load_config_file(path)  # a missing or broken file: one line, before absl's parse
+    if not fields:
+        return
     problems = [m for f in fields if (m := unknown_override(config, f))]
     if problems:
         raise app.UsageError("\n".join(problems))
@@ -115,17 +122,23 @@ def prepare_workdir(workdir: str, config, *, overwrite: bool = False,
 
     A workdir that exists and is not empty must come from an lcm run (it holds config.json);
     with the same config, the experiment resumes from what is there. With a different config it
-    raises, unless `overwrite` (delete its contents first) or `allow_config_change`.
-    Only the primary process writes; the others only check.
+    raises, unless `overwrite` (delete its contents first) or `allow_config_change`. A workdir
+    that holds no result yet (`has_results`: a first attempt failed early) starts afresh with
+    any config. Only the primary process writes; the others only check.
     """
     text = config_json(config)
     path = os.path.join(workdir, CONFIG_FILE_NAME)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir={workdir!r} is a file; expected a directory (new or from "
+                         f"an lcm run)")
     entries = os.listdir(workdir) if os.path.isdir(workdir) else []
     if entries and not os.path.isfile(path):
         raise ValueError(f"--workdir={workdir!r} is not empty and holds no {CONFIG_FILE_NAME}, "
                          f"so it is not an lcm run directory; pick a new or empty directory")
     resuming = bool(entries)
-    if resuming and overwrite:
+    # An attempt that failed before writing any result (a bad config, say) leaves nothing to
+    # resume or protect: a corrected config starts afresh.
+    if resuming and (overwrite or not has_results(workdir)):
         if is_primary:
             for name in entries:
                 full = os.path.join(workdir, name)
@@ -135,10 +148,10 @@ def prepare_workdir(workdir: str, config, *, overwrite: bool = False,
                     os.remove(full)
         resuming = False
     elif resuming:
-        with open(path) as f:
-            old = f.read()
-        if json.loads(old) != json.loads(text):
-            diff = _diff_fields(json.loads(old), json.loads(text))
+        old = _read_config_json(path, allow_config_change)
+        if old != json.loads(text):
+            diff = (_diff_fields(old, json.loads(text)) if old is not None
+                    else f"{path} is unreadable")
             if not allow_config_change:
                 raise ValueError(
                     f"--workdir={workdir!r} holds results of a different config ({diff}); pass "
@@ -148,12 +161,46 @@ def prepare_workdir(workdir: str, config, *, overwrite: bool = False,
                 os.replace(path, os.path.join(workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}"
                                                        f".json"))
     if is_primary:
-        os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + ("" if text.endswith("\n") else "\n"))
-        os.replace(tmp, path)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(text + ("" if text.endswith("\n") else "\n"))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ValueError(f"--workdir={workdir!r} is not writable ({e.strerror}: "
+                             f"{e.filename}); pick a directory you can write") from None
     return resuming
+
+
+_NOT_RESULTS = (CONFIG_FILE_NAME, "runs.json")
+
+
+def has_results(workdir: str) -> bool:
+    """Whether `workdir` holds any file besides the configs (config.json, config.<time>.json,
+    an evaluation's runs.json) and temporary files: an empty checkpoints/ directory is none."""
+    for _, _, names in os.walk(workdir):
+        for name in names:
+            if not (name in _NOT_RESULTS or ".tmp" in name
+                    or (name.startswith("config.") and name.endswith(".json"))):
+                return True
+    return False
+
+
+def _read_config_json(path: str, allow_config_change: bool):
+    """The recorded config, or None when unreadable and allow_config_change (else an error
+    naming the file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        return config
+    except (ValueError, UnicodeDecodeError) as e:
+        if allow_config_change:
+            return None
+        raise ValueError(f"{path} is unreadable ({e}); pass --allow_config_change to resume "
+                         f"with this config, or --overwrite to start over") from None
 
 
 def _diff_fields(old: dict, new: dict, prefix: str = "") -> str:
@@ -177,7 +224,7 @@ def check_mesh(config, device_count: int) -> None:
     if not mesh:  # None or (): the experiment picks (usually all devices on "data")
         return
     mesh = tuple(mesh)
-    if any(not isinstance(s, int) or s <= 0 for s in mesh):
+    if any(not is_int(s) or s <= 0 for s in mesh):
         raise ValueError(f"config.mesh={mesh!r}; expected positive ints (data, fsdp, tensor, "
                          f"context)")
     if math.prod(mesh) != device_count:
@@ -236,7 +283,8 @@ def main(argv):
     try:
         run_experiment(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                        allow_config_change=_ALLOW_CHANGE.value, distributed=_DISTRIBUTED.value)
-    except ValueError as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # each names its argument, file
+        # or step: one line, no traceback
         sys.exit(f"error: {e}")
 
 

@@ -21,13 +21,24 @@ import time
 import jax
 
 from experiments.workdir import write_summary
+from lcm.checks import check_int
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.data.packing import packed_batches, synthetic_documents, text_documents
 from lcm.model import init_params, param_axes
 from lcm.sharding import make_mesh
-from lcm.train import (Checkpointer, MetricsWriter, OptimizerConfig, batch_sharding, fit,
-                       init_train_state, learning_rate_schedule, make_optimizer,
-                       make_train_step, resume, state_shardings)
+from lcm.train import (
+    Checkpointer,
+    MetricsWriter,
+    OptimizerConfig,
+    batch_sharding,
+    fit,
+    init_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+    resume,
+    state_shardings,
+)
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"rope", "attention",
                                                                       "positions"}
@@ -92,9 +103,23 @@ def optimizer_config(config) -> OptimizerConfig:
                            accumulation_steps=o.accumulation_steps)
 
 
+def check_config(config) -> None:
+    """The run's scalar fields and the optimizer, checked before any model is built."""
+    for name, minimum in (("num_steps", 1), ("log_every", 1), ("checkpoint_every", 1),
+                          ("keep_checkpoints", 1), ("seed", 0)):
+        check_int("config", name, config[name], minimum)
+    for name in ("seq_len", "batch_size", "min_length", "max_length", "num_packing_bins"):
+        check_int("config.data", name, config.data[name], 1)
+    if config.data.min_length > config.data.max_length:
+        raise ValueError(f"config.data.min_length={config.data.min_length} > max_length="
+                         f"{config.data.max_length}")
+    optimizer_config(config)
+
+
 def run(config, workdir: str, *, on_step=None) -> dict:
     """Trains to `config.num_steps` (resuming from the workdir's checkpoints); returns and
     writes the summary. `on_step(step, metrics)` sees each logged row."""
+    check_config(config)
     mesh_shape = tuple(config.mesh) if config.get("mesh") else (jax.device_count(), 1, 1, 1)
     mesh = make_mesh(mesh_shape)
     key = jax.random.key(config.seed)

@@ -38,6 +38,7 @@ import re
 import grain
 import numpy as np
 
+from lcm.checks import is_int
 from lcm.data.fit import task_rng
 from lcm.data.pipeline import processes
 from lcm.data.records import Record, record_id
@@ -188,8 +189,7 @@ class ListOpsEncoder:
                 or any(not isinstance(t, str) or not t.strip() for t in self.vocab)):
             raise ValueError(f"ListOpsEncoder(vocab={self.vocab!r}); expected a tuple of "
                              f"distinct non-empty tokens")
-        if (not isinstance(self.max_length, int) or isinstance(self.max_length, bool)
-                or self.max_length <= 0):
+        if not is_int(self.max_length) or self.max_length <= 0:
             raise ValueError(f"ListOpsEncoder(max_length={self.max_length!r}); expected a "
                              f"positive int")
 
@@ -247,7 +247,7 @@ def listops_batches(records, *, batch_size: int,
     [b] (False on the last batch's padding rows, whose inputs are all 0), "indices": int64 [b]
     (-1 for padding)}, b = batch_size / process_count. Random access, so its iterator's state
     `{'next_index': k}` resumes exactly. Process index and count default to JAX's."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected an int >= 1")
     process_index, process_count = processes(process_index, process_count)
     if batch_size % process_count:

@@ -25,6 +25,8 @@ import grain
 import grain.experimental
 import numpy as np
 
+from lcm.checks import check_int, is_int
+
 
 def text_documents(path, tokenizer, *, field: str = "text", add_eos: bool = True,
                    shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
@@ -96,8 +98,8 @@ def packed_batches(documents: grain.MapDataset, *, seq_len: int, batch_size: int
     repeats forever. `num_packing_bins` (default `batch_size`) rows are filled at a time: more
     bins pack tighter."""
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r}; expected a positive int")
+        check_int(None, name, value, 1)
+    seq_len, batch_size = int(seq_len), int(batch_size)
     if not isinstance(documents, grain.MapDataset):
         raise ValueError(f"documents={type(documents).__name__}; expected a grain.MapDataset of "
                          f"1-D int token arrays")
@@ -119,7 +121,7 @@ def _rename(batch):
 
 
 def _check_shard(shard_index, shard_count):
-    if not (isinstance(shard_count, int) and shard_count > 0
-            and isinstance(shard_index, int) and 0 <= shard_index < shard_count):
+    if not (is_int(shard_count) and shard_count > 0
+            and is_int(shard_index) and 0 <= shard_index < shard_count):
         raise ValueError(f"shard_index={shard_index!r}, shard_count={shard_count!r}; expected "
                          f"0 <= shard_index < shard_count")

@@ -24,6 +24,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from lcm.checks import is_int
 from lcm.data.records import Record
 from lcm.data.tokenizers import pad_id, tokenizer_name
 
@@ -45,8 +46,7 @@ class Truncation:
     def __post_init__(self):
         if self.policy not in TRUNCATION_POLICIES:
             raise ValueError(f"policy={self.policy!r}; expected one of {list(TRUNCATION_POLICIES)}")
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool)
-                                            or not isinstance(self.max_tokens, int)
+        if self.max_tokens is not None and (not is_int(self.max_tokens)
                                             or self.max_tokens < 2):
             raise ValueError(f"max_tokens={self.max_tokens!r}; expected None or an int >= 2")
 
@@ -152,8 +152,7 @@ def plan_batches(index: LengthIndex, *, buckets: Sequence[int], batch_size: int 
     `process_count` (at least process_count). The last batch of a group is padded with -1 rows.
     """
     buckets = sorted(set(buckets))
-    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                          for b in buckets):
+    if not buckets or any(not is_int(b) or b < 1 for b in buckets):
         raise ValueError(f"buckets={buckets!r}; expected a non-empty sequence of ints >= 1")
     if (batch_size is None) == (tokens_per_batch is None):
         raise ValueError(f"batch_size={batch_size!r}, tokens_per_batch={tokens_per_batch!r}; "

@@ -13,6 +13,10 @@ import json
 import math
 from typing import Any
 
+import numpy as np
+
+from lcm.checks import is_int
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Record:
@@ -55,19 +59,21 @@ class Record:
                 raise ValueError(f"Record {self.id!r}: all_classes={self.all_classes!r}; "
                                  f"expected None or a tuple of str")
             object.__setattr__(self, "all_classes", tuple(self.all_classes))
-        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 0:
+        if not is_int(self.length) or self.length < 0:
             raise ValueError(f"Record {self.id!r}: length={self.length!r}; expected an int >= 0 "
                              f"(the target context length in tokens)")
+        object.__setattr__(self, "length", int(self.length))  # NumPy ints are not JSON
         if self.depth is not None:
-            if (isinstance(self.depth, bool) or not isinstance(self.depth, (int, float))
+            if (isinstance(self.depth, (bool, np.bool_))
+                    or not isinstance(self.depth, (int, float, np.integer, np.floating))
                     or not math.isfinite(self.depth) or not 0.0 <= self.depth <= 1.0):
                 raise ValueError(f"Record {self.id!r}: depth={self.depth!r}; expected None or "
                                  f"a float in [0, 1]")
             object.__setattr__(self, "depth", float(self.depth))
-        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
-                or self.max_new_tokens < 1):
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"Record {self.id!r}: max_new_tokens={self.max_new_tokens!r}; "
                              f"expected an int >= 1")
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         if not isinstance(self.meta, dict):
             raise ValueError(f"Record {self.id!r}: meta is a {type(self.meta).__name__}; "
                              f"expected a JSON-serialisable dict")

@@ -22,8 +22,13 @@ import uuid
 import numpy as np
 
 from lcm.data.fit import check_budget, fit_largest, task_rng
-from lcm.data.haystack import ESSAY_VERSION, essay_words, random_number, random_word
-from lcm.data.haystack import split_sentences
+from lcm.data.haystack import (
+    ESSAY_VERSION,
+    essay_words,
+    random_number,
+    random_word,
+    split_sentences,
+)
 from lcm.data.records import Record, record_id
 from lcm.data.tokenizers import tokenizer_name
 

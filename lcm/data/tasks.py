@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import grain
 
-from lcm.data.infinitebench import (make_infinitebench_passkey, make_kv_retrieval,
-                                    make_number_string)
+from lcm.checks import is_int
+from lcm.data.infinitebench import make_infinitebench_passkey, make_kv_retrieval, make_number_string
 from lcm.data.listops import make_listops
 from lcm.data.niah import RULER_NIAH, make_niah, make_ruler_niah
 from lcm.data.passkey import make_passkey
@@ -58,9 +58,9 @@ def make_record(task: str, index: int, *, seed: int, length: int, tokenizer, **o
 
 def _positive_ints(name, values):
     values = tuple(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+    if not values or any(not is_int(v) or v < 1 for v in values):
         raise ValueError(f"{name}={values!r}; expected a non-empty sequence of ints >= 1")
-    return values
+    return tuple(int(v) for v in values)
 
 
 def synthetic_dataset(task: str, *, lengths: Sequence[int], num_samples: int, seed: int,

@@ -4,8 +4,12 @@ Grain pipeline, optionally split over a mesh), results files, tables and heatmap
 (`write_reports`)."""
 
 from lcm.eval import metrics
-from lcm.eval.generation import (default_generate_fn, generate_from_cache, greedy_generate,
-                                 shared_prefill_generate)
+from lcm.eval.generation import (
+                                 default_generate_fn,
+                                 generate_from_cache,
+                                 greedy_generate,
+                                 shared_prefill_generate,
+)
 from lcm.eval.loop import EvalOptions, evaluate, load_records, max_context_length
 from lcm.eval.results import read_results, summarize, write_reports
 from lcm.eval.scoring import SAMPLE_METRICS, aggregate, score_sample

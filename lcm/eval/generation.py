@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm.checks import is_int
 from lcm.config import ModelConfig
 from lcm.model import forward
 
@@ -203,8 +204,7 @@ def _with_room(cache, room: int):
 
 
 def _check_budget(max_new_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-            max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
 
 

@@ -30,12 +30,24 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lcm.checks import check_int, is_int
 from lcm.config import ModelConfig
-from lcm.data import (LengthIndex, Record, Truncation, batch_dataset, encode_batch, length_index,
-                      plan_batches)
+from lcm.data import (
+    LengthIndex,
+    Record,
+    Truncation,
+    batch_dataset,
+    encode_batch,
+    length_index,
+    plan_batches,
+)
 from lcm.data.pipeline import TRUNCATION_POLICIES
-from lcm.eval.generation import (default_generate_fn, shared_prefill_generate, shares_prefill,
-                                 trim_generation)
+from lcm.eval.generation import (
+    default_generate_fn,
+    shared_prefill_generate,
+    shares_prefill,
+    trim_generation,
+)
 from lcm.eval.results import RESULTS_FILE, append_lines, read_results, write_reports
 from lcm.eval.scoring import check_metric, score_sample
 from lcm.sharding.mesh import host_array
@@ -75,13 +87,13 @@ class EvalOptions:
                              f"'/'")
         for name in ("batch_size", "pad_multiple"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalOptions.{name}={value!r}; expected an int >= 1")
+            check_int("EvalOptions", name, value, 1)
+            object.__setattr__(self, name, int(value))
         for name in ("batch_tokens", "max_length"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"EvalOptions.{name}={value!r}; expected None or an int >= 1")
+            object.__setattr__(self, name, None if value is None else int(value))
         if self.truncation not in TRUNCATIONS:
             raise ValueError(f"EvalOptions.truncation={self.truncation!r}; expected one of "
                              f"{list(TRUNCATIONS)}")
@@ -139,8 +151,15 @@ def _check_run(workdir, run, fingerprint, resume, has_rows):
     path = os.path.join(workdir, "runs.json")
     runs = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            runs = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs = json.load(f)
+            if not isinstance(runs, dict):
+                raise ValueError(f"a JSON {type(runs).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path} is unreadable ({e}); it records each run's setup: "
+                             f"restore it, or delete it to accept the results as they "
+                             f"are") from None
     if run in runs and runs[run] != fingerprint and has_rows:
         diff = sorted(k for k in fingerprint if runs[run].get(k) != fingerprint[k])
         raise ValueError(f"{workdir}: run {run!r} was made with a different setup (differs in "

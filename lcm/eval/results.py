@@ -2,7 +2,8 @@
 
 The JSONL is append-only: each batch's lines go out in one `write` followed by `fsync`, so a
 killed run loses at most the batch in flight. On resume a torn last line (no trailing newline)
-is cut off; any other line that does not parse is an error naming the file and the line.
+is cut off; any other line that does not parse is an error naming the file and the line, and
+a row repeated exactly (same run, id and content) is counted once, with a warning.
 
 The summary groups samples into cells keyed by (run, task, length) and scores each cell with
 the metric's own aggregation (`lcm.eval.scoring.aggregate`). Headline averages, stated in the
@@ -18,6 +19,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from collections import defaultdict
 
 from lcm.eval.metrics import longbench_v2_table
@@ -37,8 +39,18 @@ def append_lines(path: str, rows: list[dict]) -> None:
         os.close(fd)
 
 
+_REQUIRED = {"id": str, "task": str, "metric": str, "prediction": str, "score": (int, float)}
+
+
 def read_results(path: str, *, repair: bool = False) -> list[dict]:
-    """The rows of a results JSONL ([] when missing). repair=True cuts a torn last line."""
+    """The rows of a results JSONL ([] when missing). repair=True cuts a torn last line and
+    rewrites the file without repeated rows.
+
+    A line that is not UTF-8, not JSON, or not a result row (id, task, length, metric,
+    prediction, score) is a ValueError naming the file and the line. A (run, id) written twice
+    with the same content (a batch appended twice) is counted once, with a warning; twice with
+    different content is a ValueError naming both lines.
+    """
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -52,15 +64,46 @@ def read_results(path: str, *, repair: bool = False) -> list[dict]:
         with open(path, "r+b") as f:
             f.truncate(cut)
         data = data[:cut]
-    rows = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+    rows, seen, repeated = [], {}, []
+    for number, raw in enumerate(data.split(b"\n")[:-1], 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not UTF-8 ({e.reason} at byte "
+                             f"{e.start})") from None
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "id" not in row:
             raise ValueError(f"{path}: line {number} is not a result row (no 'id')")
+        for key, kind in _REQUIRED.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                raise ValueError(f"{path}: line {number} is not a result row ({key!r} is "
+                                 f"{'missing' if key not in row else repr(row[key])[:40]})")
+        if "length" not in row:
+            raise ValueError(f"{path}: line {number} is not a result row ('length' is missing)")
+        key = (row.get("run", "eval"), row["id"])
+        if key in seen:
+            first, kept = seen[key]
+            if kept != row:
+                raise ValueError(f"{path}: lines {first} and {number} both hold run "
+                                 f"{key[0]!r} id {key[1]!r}, with different content; delete "
+                                 f"the wrong one")
+            repeated.append(number)
+            continue
+        seen[key] = (number, row)
         rows.append(row)
+    if repeated:
+        warnings.warn(f"{path}: lines {repeated} repeat earlier rows (same run, id and "
+                      f"content); counted once{' and removed' if repair else ''}",
+                      stacklevel=2)
+        if repair:
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                                for r in rows).encode("utf-8"))
+            os.replace(tmp, path)
     return rows
 
 

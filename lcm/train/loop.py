@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterator
 
 import jax
 from absl import logging
 
+from lcm.checks import check_int
 from lcm.train.checkpoint import Checkpointer
 from lcm.train.metrics import MetricsWriter
 
@@ -35,8 +37,12 @@ def fit(step_fn: Callable, state, data_iter: Iterator, *, num_steps: int,
     with the data iterator's state (`checkpointer.every_steps`, and at the end).
 
     `extra_metrics(step)` adds host-side values (e.g. the learning rate); `on_step(step,
-    metrics)` sees each logged row. Returns the final state.
+    metrics)` sees each logged row. A loss or param_norm that is NaN or infinite (checked on
+    every logged or checkpointed step) raises a FloatingPointError naming the step, before that
+    state is checkpointed. Returns the final state.
     """
+    check_int(None, "num_steps", num_steps, 0)
+    check_int(None, "log_every", log_every, 1)
     step = int(state.step)
     last_saved = step
     while step < num_steps:
@@ -44,8 +50,12 @@ def fit(step_fn: Callable, state, data_iter: Iterator, *, num_steps: int,
         batch = put_batch(next(data_iter))
         state, metrics = step_fn(state, batch)
         step += 1
-        if step % log_every == 0 or step == num_steps:
+        saving = checkpointer is not None and step % checkpointer.every_steps == 0
+        logged = step % log_every == 0 or step == num_steps
+        if logged or saving:
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(row, step)  # before this state can be checkpointed
+        if logged:
             row["step_seconds"] = time.perf_counter() - start
             row.update(extra_metrics(step) if extra_metrics else {})
             if writer is not None:
@@ -62,3 +72,14 @@ def fit(step_fn: Callable, state, data_iter: Iterator, *, num_steps: int,
             checkpointer.save(step, state, data_iter.get_state())
         checkpointer.wait()
     return state
+
+
+def _check_finite(row: dict, step: int) -> None:
+    """Raises when the loss (of the params before the step) or the norm of the params after it
+    is NaN or infinite: the weights are lost, and a resume must start from finite ones."""
+    for name in ("loss", "param_norm"):
+        if name in row and not math.isfinite(row[name]):
+            raise FloatingPointError(
+                f"step {step}: {name} is {row[name]}; stopped before this state is checkpointed "
+                f"(lower the learning rate, check the data, or run with JAX_DEBUG_NANS=True to "
+                f"find the operation)")

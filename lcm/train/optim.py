@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from lcm.checks import check_int, check_number
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
@@ -31,29 +33,21 @@ class OptimizerConfig:
     accumulation_steps: int = 1
 
     def __post_init__(self):
-        for name in ("learning_rate", "b1", "b2", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"OptimizerConfig.{name}={value!r}; expected a positive number")
+        for name in ("learning_rate", "eps"):
+            check_number("OptimizerConfig", name, getattr(self, name), 0, lo_open=True)
         for name in ("b1", "b2"):
-            if getattr(self, name) >= 1:
-                raise ValueError(f"OptimizerConfig.{name}={getattr(self, name)!r}; expected a "
-                                 f"number in (0, 1)")
-        for name in ("warmup_steps", "total_steps", "accumulation_steps"):
-            value = getattr(self, name)
-            low = 0 if name == "warmup_steps" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"OptimizerConfig.{name}={value!r}; expected an int >= {low}")
+            check_number("OptimizerConfig", name, getattr(self, name), 0, 1, lo_open=True,
+                         hi_open=True)
+        check_int("OptimizerConfig", "warmup_steps", self.warmup_steps, 0)
+        check_int("OptimizerConfig", "total_steps", self.total_steps, 1)
+        check_int("OptimizerConfig", "accumulation_steps", self.accumulation_steps, 1)
         if self.warmup_steps >= self.total_steps:
             raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps} >= total_steps="
                              f"{self.total_steps}; expected fewer warmup steps than total")
-        if not 0 <= self.end_ratio <= 1:
-            raise ValueError(f"OptimizerConfig.end_ratio={self.end_ratio!r}; expected [0, 1]")
-        if not 0 <= self.weight_decay:
-            raise ValueError(f"OptimizerConfig.weight_decay={self.weight_decay!r}; expected >= 0")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"OptimizerConfig.clip_norm={self.clip_norm!r}; expected a positive "
-                             f"number or None")
+        check_number("OptimizerConfig", "end_ratio", self.end_ratio, 0, 1)
+        check_number("OptimizerConfig", "weight_decay", self.weight_decay, 0)
+        if self.clip_norm is not None:
+            check_number("OptimizerConfig", "clip_norm", self.clip_norm, 0, lo_open=True)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

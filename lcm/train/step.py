@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lcm.checks import is_int
 from lcm.config import ModelConfig
 from lcm.model import forward
 from lcm.sharding import DEFAULT_RULES, LogicalSharding, logical_to_spec, param_shardings
@@ -112,7 +113,7 @@ def _check_batch(batch, accumulation_steps):
         raise ValueError(f"batch['tokens'] shape {shape}; expected [batch, seq] with seq >= 2")
     if bad := [k for k, v in batch.items() if v.shape != shape]:
         raise ValueError(f"batch keys {bad} differ in shape from tokens {shape}")
-    if (not isinstance(accumulation_steps, int) or accumulation_steps < 1
+    if (not is_int(accumulation_steps) or accumulation_steps < 1
             or shape[0] % accumulation_steps):
         raise ValueError(f"accumulation_steps={accumulation_steps!r}; expected a positive int "
                          f"dividing the batch size {shape[0]}")

@@ -273,11 +273,13 @@ def test_load_records_names_file_and_line(tmp_path):
 
 def test_results_file_errors_name_the_line(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n')
+    row = json.dumps({"id": "a", "task": "t", "length": 1, "metric": "exact_match",
+                      "prediction": "", "score": 0.0})
+    path.write_text(f'{row}\nnot json\n')
     with pytest.raises(ValueError, match=r"results.jsonl: line 2 is not valid JSON"):
         read_results(str(path))
-    path.write_text('{"id": "a"}\n{"id": "b"')
+    path.write_text(f'{row}\n{{"id": "b"')
     with pytest.raises(ValueError, match="line 2 is incomplete"):
         read_results(str(path))
     assert [r["id"] for r in read_results(str(path), repair=True)] == ["a"]
-    assert os.path.getsize(path) == len('{"id": "a"}\n')
+    assert os.path.getsize(path) == len(row) + 1

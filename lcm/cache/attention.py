@@ -115,3 +115,56 @@ def query_moments(q, q_valid):
     qf = jnp.where(q_valid[:, :, None, None], q.astype(f32), 0.0)
     count = q_valid.sum(-1).astype(f32)
     return count, qf.sum(1), jnp.einsum("bthi,bthj->bhij", qf, qf)
+
+
+def cache_attention(qr, k_cache, v_cache, see_cache, parts, *, softcap, sinks, block: int):
+    """Softmax attention of queries qr [B, n, H, D] over a layer's cache slots (k_cache,
+    v_cache [B, K, C, D], visibility see_cache(lo, width) -> [B, K, n, width]) and over
+    `parts`, each (k, v [B, K, m, D], vis [B, K, n, m]) -> [B, n, H, D]. The cache is read
+    `block` slots at a time with an online softmax (float32), so the weights are never
+    [n, C]; soft-cap and sinks as `lcm.cache.attention.attention_probs`; a query that sees
+    nothing gets zeros."""
+    B, n, H, D = qr.shape
+    K, C = k_cache.shape[1], k_cache.shape[2]
+    G = H // K
+    qg = qr.reshape(B, n, K, G, D)
+    scale = 1.0 / math.sqrt(D)
+
+    def update(state, k, v, vis):
+        m, l, acc = state
+        s = jnp.einsum("btkgd,bkcd->bkgtc", qg, k.astype(qr.dtype),
+                       preferred_element_type=f32) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        s = jnp.where(vis[:, :, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        pv = jnp.einsum("bkgtc,bkcd->bkgtd", p.astype(v.dtype), v, preferred_element_type=f32)
+        return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
+
+    state = (jnp.full((B, K, G, n), -jnp.inf, f32), jnp.zeros((B, K, G, n), f32),
+             jnp.zeros((B, K, G, n, D), f32))
+    size = min(block, C)
+    blocks = -(-C // size)
+
+    def one(i, state):
+        lo = jnp.minimum(i * size, C - size)  # the last block ends at C, overlapping
+        fresh = (lo + jnp.arange(size, dtype=jnp.int32)) >= i * size  # not read before
+        vis = see_cache(lo, size) & fresh[None, None, None]
+        return update(state, jax.lax.dynamic_slice_in_dim(k_cache, lo, size, axis=2),
+                      jax.lax.dynamic_slice_in_dim(v_cache, lo, size, axis=2), vis)
+
+    state = one(0, state) if blocks == 1 else jax.lax.fori_loop(0, blocks, one, state)
+    for k, v, vis in parts:
+        state = update(state, k, v, vis)
+    m, l, acc = state
+    if sinks is not None:  # a key whose value is zero, with logit sinks[h]
+        sink = jnp.asarray(sinks).astype(f32).reshape(1, K, G, 1)
+        m_new = jnp.maximum(m, sink)
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        l, acc = l * alpha + jnp.exp(sink - m_safe), acc * alpha[..., None]
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, n, H, D).astype(qr.dtype)

@@ -38,7 +38,7 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
     x = embed(params, tokens[:, None], cfg)
     store = {n: getattr(cache, n) for n in FIELDS if getattr(cache, n) is not None}
     groups = cache.num_heads // cfg.num_kv_heads  # > 1: one entry set per query head
-    softcap = cfg.attn_softcap
+    softcap, block = cfg.attn_softcap, cfg.attention.block_k
 
     def entry(inputs):  # the new entry of one layer: k, v [B, heads of the cache, D]
         inv_freq, factor = tables[inputs.kind.rope]
@@ -62,9 +62,12 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
             k_pos = rank_positions(entries)
         qr = rotate_queries(q, q_pos, inv_freq, factor)
         vis = cattn.visible(q_pos, k_pos, entries_valid(entries), sliding_window=window)
-        probs = cattn.attention_probs(qr, keys, vis, softcap=softcap,
-                                      sinks=inputs.params.get("sinks"))
-        return cattn.attend_cache(probs, entries["v"], q.dtype)
+
+        def see(lo, width):
+            return jax.lax.dynamic_slice_in_dim(vis, lo, width, axis=3)
+        # read `block` slots at a time: no relayout of the whole layer's keys per step
+        return cattn.cache_attention(qr, keys, entries["v"], see, [], softcap=softcap,
+                                     sinks=inputs.params.get("sinks"), block=block)
 
     if cache.layer_slots is not None:  # runs of layers, each scanned through one window
         for first, count, window in layer_runs(cache.layer_slots, max_runs):

@@ -15,10 +15,10 @@ def reference_attention(q, k, v, mask: Mask | None = None, *, scale: float, soft
 
     q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (query heads of a group share a KV
     head; K/V are not repeated). Returns [B, T, H, D] in q's dtype. Rows with no visible key
-    give zeros (even when v holds NaN). `alibi_slopes` (H floats) adds -slope_h * (query pos - key pos) after the cap.
-    `sinks` (None or [H] float logits, differentiable) adds to every row's softmax one more
-    logit sinks[h] whose value vector is zero: out = sum_j exp(s_j) v_j / (exp(sinks[h]) +
-    sum_j exp(s_j)).
+    give zeros (even when v holds NaN). `alibi_slopes` (H floats) adds -slope_h * (query pos -
+    key pos) after the cap. `sinks` (None or [H] float logits, differentiable) adds to every
+    row's softmax one more logit sinks[h] whose value vector is zero: out = sum_j exp(s_j) v_j /
+    (exp(sinks[h]) + sum_j exp(s_j)).
     """
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]

@@ -75,6 +75,9 @@ class RetrievedBlocks(Memory):
 
     def __post_init__(self):
         self._check_ints(1, "capacity", "block_size", "top_k")
+        if not isinstance(self.clip_positions, bool):
+            raise ValueError(f"RetrievedBlocks(clip_positions={self.clip_positions!r}); expected "
+                             f"a bool")
         self._check_ints(0, "init_blocks", "local_blocks")
         if self.capacity % self.block_size:
             raise ValueError(f"RetrievedBlocks(capacity={self.capacity}) is not a multiple of "

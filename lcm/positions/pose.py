@@ -104,7 +104,7 @@ def e2llm_positions(key, chunk_len: int, scales, *, batch_size: int | None = Non
     if not scales or any(not isinstance(s, (int, float, np.integer, np.floating))
                          or isinstance(s, (bool, np.bool_)) or not 1 <= s < math.inf
                          for s in scales):
-        raise ValueError(f"scales={scales!r}; expected finite numbers >= 1")
+        raise ValueError(f"scales={scales!r}; expected numbers >= 1 (finite)")
     check_int(None, "chunk_len", chunk_len, 1)
     chunk_len = int(chunk_len)
     key_scale, key_offset = jax.random.split(key)

@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_qkv
+from helpers import block_kinds, random_qkv
 
 from lcm.attention import Causal, Document, Local, MaskFn, attend, ring_attention
+from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
+from lcm.kernels.block_sparse.layout import layout_from_kinds
+from lcm.kernels.block_sparse.reference import dense_mask
 from lcm.positions import alibi_slopes
 from lcm.sharding import make_mesh
 
@@ -122,7 +125,24 @@ def test_nan_and_inf_reach_every_row_that_attends_to_them(backend):
     options = dict(BACKENDS[backend])
     if options["impl"] in ("ring", "allgather"):
         options["mesh"] = ring_mesh(2)
-    run = jax.jit(lambda q, k, v: attend(q, k, v, NAN_MASK, **options))  # one compile
+    check_propagation(jax.jit(lambda q, k, v: attend(q, k, v, NAN_MASK, **options)))
+
+
+def test_gpu_kernel_keeps_nan_rows():
+    """The Triton kernel (impl='pallas' on a GPU), interpreted: the same NaN rules."""
+    def mask_fn(qi, ki, qs, ks):
+        return (qi >= ki) & (qi >= 4)
+
+    kinds = block_kinds(dense_mask(mask_fn, 16, 16), 16, 16)
+    kv_blocks, counts = layout_from_kinds(kinds)
+    check_propagation(jax.jit(lambda q, k, v: block_sparse_attention_gpu(
+        q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
+        scale=8 ** -0.5, block_q=16, block_k=16, interpret=True)))
+
+
+def check_propagation(run):
+    """run(q, k, v) jitted (one compile) on each bad entry: NaN in every row that attends to it
+    (and, but for NaN in v, in no other row); rows 0-3 (fully masked) exactly zero."""
     for case in ("nan_q", "nan_k", "inf_k", "nan_v"):
         q, k, v, attending = bad_inputs(case)
         out = np.asarray(run(q, k, v))

@@ -178,14 +178,15 @@ def _without_sinks(body, q, k, v, mask):
 
 
 def _constrain(x, mesh, spec):
-    """x placed as `spec` on `mesh`. A length the mesh does not divide (the output back in the
-    original order, e.g. 13 tokens over 8 devices) is left as it is: under jit the constraint
-    would pad, but eagerly it raises IndivisibleError, and it is only a placement hint."""
-    sizes = dict(getattr(mesh, "shape", None) or jax.sharding.get_abstract_mesh().shape)
-    for dim, axes in zip(x.shape, spec):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        if dim % math.prod(sizes[a] for a in axes):
-            return x
+    """x placed as `spec` on `mesh`. Eagerly, a length the mesh does not divide (the output
+    back in the original order, e.g. 13 tokens over 8 devices) is left as it is: there the
+    constraint raises IndivisibleError, while under jit it pads (and is kept)."""
+    if not isinstance(x, jax.core.Tracer):
+        sizes = dict(mesh.shape)
+        for dim, axes in zip(x.shape, spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if dim % math.prod(sizes[a] for a in axes):
+                return x
     if isinstance(mesh, jax.sharding.Mesh):
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
     return jax.lax.with_sharding_constraint(x, spec)  # under jax.set_mesh

@@ -36,6 +36,8 @@ def _positive(obj, *names):
     for name in names:
         value = getattr(obj, name)
         check_int(type(obj).__name__, name, value, 1)
+        # NumPy ints pass; store a Python int so equal configs hash and print alike.
+        object.__setattr__(obj, name, int(value))
 
 
 def _choice(obj, name, allowed):
@@ -408,8 +410,7 @@ class PositionConfig:
             raise ValueError(f"PositionConfig.log_scale_length={self.log_scale_length}; expected "
                              f"an int >= 2 (the training length)")
         if self.leak is not None:
-            if (isinstance(self.leak, bool) or not isinstance(self.leak, (int, float))
-                    or not self.leak > 1.0 or self.leak == float("inf")):
+            if not RopeConfig._finite(self.leak) or not self.leak > 1.0:
                 raise ValueError(f"PositionConfig.leak={self.leak!r}; expected a finite number "
                                  f"> 1 (the slope beyond the window is 1 / leak)")
             object.__setattr__(self, "leak", float(self.leak))
@@ -513,8 +514,9 @@ class ModelConfig:
                              f"num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim}; RoPE needs an even head_dim")
-        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+        if not RopeConfig._finite(self.norm_eps) or not 0 < self.norm_eps < 1:
             raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r}; expected a float in (0, 1)")
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
         if self.sliding_window is not None:
             _positive(self, "sliding_window")
         if not isinstance(self.rope, RopeConfig):

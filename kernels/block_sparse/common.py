@@ -142,13 +142,21 @@ def online_softmax_step(m_prev, l_prev, s):
     return m_next, alpha, p, l_next
 
 
+def row_seen(m):
+    """Whether a row saw a key (or a sink), from its running max m: only a row that saw nothing
+    keeps m = -inf. Not `l > 0`, which is False for NaN too: NaN or +inf logits make m or l NaN,
+    and those rows must come out NaN, not as the zeros of a fully masked row."""
+    return m != -jnp.inf
+
+
 def finish_softmax(acc, m, l):
     """(out, lse [..., bq, 1]) from the accumulator acc [..., bq, D] and the row statistics.
 
     Rows that saw no key give out = 0 and lse = +inf, so backward's exp(s - lse) is 0, not NaN.
+    A NaN that reached a row's statistics (NaN or +inf logits) stays in its output and lse.
     """
     m, l = m[..., :1], l[..., :1]
-    seen = l > 0
+    seen = row_seen(m)
     l_safe = jnp.where(seen, l, 1.0)
     out = jnp.where(seen, acc / l_safe, 0.0)
     lse = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)

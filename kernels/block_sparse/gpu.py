@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .common import alibi_bias, pad_axis, sink_grad, sink_stats
+from .common import alibi_bias, pad_axis, row_seen, sink_grad, sink_stats
 from .gpu_checks import defaults, GpuParams, prepare
 from .layout import FULL, PARTIAL, SKIP, transpose_visits
 
@@ -174,7 +174,7 @@ def _fwd_kernel(kinds_ref, kv_blocks_ref, counts_ref, q_ref, k_ref, v_ref, *refs
     init = (*sink_stats(None if sinks_ref is None else sinks_ref[h], (bq,)),
             jnp.zeros(q.shape, f32))
     m, l, acc = lax.fori_loop(0, counts_ref[i], visit, init)
-    seen = l > 0
+    seen = row_seen(m)
     l_safe = jnp.where(seen, l, 1.0)
     out_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(out_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)

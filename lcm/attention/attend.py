@@ -81,8 +81,8 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
                 raise ValueError(f"{name}= is for impl in {list(CONTEXT_PARALLEL_IMPLS)}, not "
                                  f"impl={impl!r}")
     options = _Options(scale=1.0 / math.sqrt(D) if scale is None else float(scale),
-                       softcap=None if softcap is None else float(softcap), block_q=block_q,
-                       block_k=block_k, alibi=alibi,
+                       softcap=None if softcap is None else float(softcap), block_q=int(block_q),
+                       block_k=int(block_k), alibi=alibi,
                        sinks=None if sinks is None else jnp.asarray(sinks).astype(jnp.float32),
                        mesh=mesh, axis_name=axis_name,
                        load_balance=load_balance,

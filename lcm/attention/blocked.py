@@ -17,7 +17,7 @@ from jax import lax
 from lcm.attention.blockwise import apply_mask, block_grads
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask
-from lcm.kernels.block_sparse.common import sink_stats
+from lcm.kernels.block_sparse.common import row_seen, sink_stats
 
 f32 = jnp.float32
 
@@ -64,7 +64,7 @@ def blocked_finish(carry, dtype):
     """(m, l, acc) -> (out [B, nq, bq, K, G, D] in dtype, zeros where nothing was seen;
     lse [B, nq, bq, K, G] float32, +inf where nothing was seen, as `attention_backward` wants)."""
     m, l, acc = carry
-    seen = l > 0
+    seen = row_seen(m)  # not l > 0: NaN logits must give NaN rows, not zeros
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     return out.astype(dtype), jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 

@@ -21,7 +21,7 @@ from jax import lax
 from lcm.attention.alibi import alibi_bias
 from lcm.attention.layout import FULL, BlockLayout
 from lcm.attention.masks import Mask, group_heads
-from lcm.kernels.block_sparse.common import sink_grad, sink_stats
+from lcm.kernels.block_sparse.common import row_seen, sink_grad, sink_stats
 
 f32 = jnp.float32
 
@@ -242,7 +242,7 @@ def _forward(q, k, v, mask, layout, head, sinks, scale, softcap, num_kv_heads, a
         init = (*sink_stats(None if sinks is None else sinks[None, :, :, None], stats_shape),
                 jnp.zeros(q_blk.shape, f32))
         m, denom, acc = lax.fori_loop(0, layout.counts[0, i], visit, init)
-        seen = denom > 0
+        seen = row_seen(m)  # not denom > 0: NaN logits must give NaN rows, not zeros
         out = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)
         # +inf for rows that saw nothing: backward's exp(s - lse) is then 0, not NaN.
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)

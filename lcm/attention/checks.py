@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+import numpy as np
 
 from lcm.attention.masks import Mask
+from lcm.checks import check_int
 from lcm.kernels.block_sparse.common import check_sinks
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -40,11 +44,15 @@ def check_inputs(q, k, v, mask, scale, softcap, block_q, block_k, sinks=None):
             raise ValueError(f"mask={mask!r}; expected None or a Mask (Causal(), Local(w), "
                              f"Document(ids), combined with & and |)")
         mask.validate(B, H, T, k.shape[1])
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale={scale!r}; expected a positive float or None")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap={softcap!r}; expected a positive float or None")
+    for name, x in (("scale", scale), ("softcap", softcap)):
+        if x is not None and not (_is_number(x) and math.isfinite(x) and x > 0):
+            raise ValueError(f"{name}={x!r}; expected a positive finite float or None")
     for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise ValueError(f"{name}={b!r}; expected a positive int")
+        check_int(None, name, b, 1)
     check_sinks(sinks, H)
+
+
+def _is_number(x) -> bool:
+    """A Python or NumPy int or float, not a bool (NumPy scalars come from configs and sweeps)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_))

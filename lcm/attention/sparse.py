@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lcm.attention.data_masks import BlockMask, VerticalSlash
@@ -144,8 +145,8 @@ def estimate_block_topk(q, k, *, block_size: int, k_blocks: int | None = None,
     if k_blocks is not None:
         _check_int(fn, "k_blocks", k_blocks, 1, nkb,
                    f"the number of key blocks ceil({S}/{block_size}) = {nkb}")
-    if coverage is not None and (isinstance(coverage, bool)
-                                 or not isinstance(coverage, (int, float))
+    if coverage is not None and (isinstance(coverage, (bool, np.bool_))
+                                 or not isinstance(coverage, (int, float, np.integer, np.floating))
                                  or not 0.0 < coverage <= 1.0):
         raise ValueError(f"{fn}(coverage={coverage!r}); expected a float in (0, 1]")
     if not isinstance(causal, bool):
@@ -295,7 +296,8 @@ def _check_int(fn, name, value, lo, hi, hi_desc):
 def _check_scale(fn, scale, head_dim):
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(
+            scale, (int, float, np.integer, np.floating)) or not 0 < scale < math.inf:
         raise ValueError(f"{fn}(scale={scale!r}); expected a positive float or None "
                          f"(1/sqrt(head_dim))")
     return float(scale)

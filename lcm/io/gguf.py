@@ -47,7 +47,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
-import struct
 from pathlib import Path
 
 import gguf
@@ -56,6 +55,7 @@ import numpy as np
 
 from lcm.config import ModelConfig, RopeConfig
 from lcm.config import dtype_name as config_dtype_name
+from lcm.io.gguf_header import tensor_type_ids
 from lcm.io.hf import fused_shape, stored_shape
 from lcm.io.tokenizer import GGUFTokenizer
 from lcm.model.params import flatten_params, param_specs, unflatten_params
@@ -188,12 +188,14 @@ def _open(path: Path) -> gguf.GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path}: starts with {magic!r}, not b'GGUF'; not a GGUF file")
+    # Counts and lengths checked against the file size first: the reader trusts them.
+    type_ids = tensor_type_ids(path)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
         # A type id newer than the installed gguf fails inside the reader; name its tensor.
         known = {int(q) for q in gguf.GGMLQuantizationType}
-        if unknown := {n: i for n, i in _tensor_type_ids(path).items() if i not in known}:
+        if unknown := {n: i for n, i in type_ids.items() if i not in known}:
             raise ValueError(f"{path}: tensors {sorted(unknown)} have quantization type ids "
                              f"{sorted(set(unknown.values()))}, unknown to gguf "
                              f"{_version('gguf')}; supported: {supported_types()}") from e
@@ -204,47 +206,6 @@ def _open(path: Path) -> gguf.GGUFReader:
             raise ValueError(f"{path}: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
                              f"but the file has {size} bytes; the file is truncated")
     return reader
-
-
-_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
-def _tensor_type_ids(path: Path) -> dict[str, int]:
-    """Tensor name -> raw ggml type id, from the header alone; {} if the header cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            def take(fmt):
-                size = struct.calcsize("<" + fmt)
-                raw = f.read(size)
-                if len(raw) != size:
-                    raise EOFError
-                return struct.unpack("<" + fmt, raw)
-
-            def skip(kind, count=1):
-                if kind == _STRING:
-                    for _ in range(count):
-                        f.seek(take("Q")[0], 1)
-                elif kind == _ARRAY:
-                    for _ in range(count):
-                        inner, n = take("IQ")
-                        skip(inner, n)
-                else:
-                    f.seek(_SCALAR_BYTES[kind] * count, 1)
-
-            f.seek(8)  # magic, version
-            n_tensors, n_fields = take("QQ")
-            for _ in range(n_fields):
-                skip(_STRING)
-                skip(take("I")[0])
-            out = {}
-            for _ in range(n_tensors):
-                name = f.read(take("Q")[0]).decode("utf-8", "replace")
-                f.seek(8 * take("I")[0], 1)  # dims
-                out[name] = take("IQ")[0]
-            return out
-    except (EOFError, KeyError, OSError, struct.error):
-        return {}
 
 
 def _version(package: str) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import safetensors
 from safetensors.numpy import save_file
 
+from lcm.checks import check_int
 from lcm.config import ModelConfig
 from lcm.config import dtype_name as config_dtype_name
 from lcm.io.hf_config import config_from_hf, config_to_hf
@@ -280,9 +281,9 @@ def save_hf_checkpoint(path, cfg: ModelConfig, params: dict, *, max_shard_bytes:
     renamed into place, so a crash never leaves a half-written checkpoint at `path`.
     """
     path = Path(path)
-    if max_shard_bytes is not None and not (isinstance(max_shard_bytes, int)
-                                            and max_shard_bytes > 0):
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}; expected a positive int or None")
+    if max_shard_bytes is not None:
+        check_int(None, "max_shard_bytes", max_shard_bytes, 1)
+        max_shard_bytes = int(max_shard_bytes)
     if path.exists() and not overwrite:
         raise ValueError(f"path={str(path)!r} exists; pass overwrite=True to replace it")
     if path.exists() and not path.is_dir():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.attention import Causal, Document, Local, attend
+from lcm.checks import check_int
 from lcm.config import ModelConfig
 from lcm.positions import apply_rope
 
@@ -72,6 +73,14 @@ class Memory:
         if "chunked_attention" in (cfg.layer_types or ()):
             raise ValueError(f"memory={self!r} with 'chunked_attention' layers: not supported; "
                              f"use full or sliding layers")
+
+    def _check_ints(self, minimum: int, *names) -> None:
+        """Raises ValueError unless each field is an int >= minimum (NumPy ints pass and are
+        stored as Python ints, so equal kinds hash alike as static arguments)."""
+        for name in names:
+            value = getattr(self, name)
+            check_int(type(self).__name__, name, value, minimum, call=True)
+            object.__setattr__(self, name, int(value))
 
     def check_segment(self, segment_len: int) -> None:
         """Raises ValueError when this memory cannot run segments of `segment_len` tokens."""

@@ -31,10 +31,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lcm.attention import BlockMask, Causal, attend, mask_layout
 from lcm.attention.blockwise import attention_with_lse
+from lcm.checks import is_int
 from lcm.memory.base import Memory, default_scale, f32, grouped, key_validity
 from lcm.memory.events import (TokenRows, block_representatives, event_starts, last_valid,
                                surprise_of, surprise_threshold)
@@ -72,17 +74,11 @@ class RetrievedBlocks(Memory):
     repr_tokens: int | None = None
 
     def __post_init__(self):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("capacity", "block_size", "top_k"):
-            v = getattr(self, name)
-            if not is_int(v) or v <= 0:
-                raise ValueError(f"RetrievedBlocks({name}={v!r}); expected a positive int")
-        for name in ("init_blocks", "local_blocks"):
-            v = getattr(self, name)
-            if not is_int(v) or v < 0:
-                raise ValueError(f"RetrievedBlocks({name}={v!r}); expected an int >= 0")
+        self._check_ints(1, "capacity", "block_size", "top_k")
+        if not isinstance(self.clip_positions, bool):
+            raise ValueError(f"RetrievedBlocks(clip_positions={self.clip_positions!r}); expected "
+                             f"a bool")
+        self._check_ints(0, "init_blocks", "local_blocks")
         if self.capacity % self.block_size:
             raise ValueError(f"RetrievedBlocks(capacity={self.capacity}) is not a multiple of "
                              f"block_size={self.block_size}")
@@ -95,11 +91,16 @@ class RetrievedBlocks(Memory):
             if used and (not is_int(v) or not 1 <= v <= self.block_size):
                 raise ValueError(f"RetrievedBlocks({name}={v!r}); expected an int in 1.."
                                  f"block_size={self.block_size}")
-        if not isinstance(self.surprise_gamma, (int, float)) or isinstance(self.surprise_gamma,
-                                                                           bool):
+            if is_int(v):
+                object.__setattr__(self, name, int(v))
+        if not isinstance(self.surprise_gamma, (int, float, np.integer, np.floating)) or \
+                isinstance(self.surprise_gamma, (bool, np.bool_)):
             raise ValueError(f"RetrievedBlocks(surprise_gamma={self.surprise_gamma!r}); expected "
                              f"a float")
         w = self.surprise_window
+        if is_int(w):
+            w = int(w)
+            object.__setattr__(self, "surprise_window", w)
         if (w is not None and (not is_int(w) or w <= 0)) or (
                 self.boundaries == "surprise" and self.window < 2):
             raise ValueError(f"RetrievedBlocks(surprise_window={w!r}) gives a window of "

@@ -32,6 +32,10 @@ class CompressiveMemory(Memory):
 
     delta_rule: bool = False
 
+    def __post_init__(self):
+        if not isinstance(self.delta_rule, bool):
+            raise ValueError(f"CompressiveMemory(delta_rule={self.delta_rule!r}); expected a bool")
+
     def param_specs(self, cfg):
         return {"layers": {"gate": WeightSpec((cfg.num_layers, cfg.num_heads),
                                               ("layers", "heads"), "zeros")}}

@@ -16,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lcm.checks import check_int
 from lcm.config import ModelConfig
 from lcm.memory.base import Memory, NoMemory, SegmentContext
 from lcm.memory.scan import segment_scan
@@ -25,6 +26,11 @@ from lcm.model import (WeightSpec, check_params, check_token_ids, embed, identit
 
 def _is_spec(x):
     return isinstance(x, WeightSpec)
+
+
+def _check_cfg(cfg) -> None:
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={type(cfg).__name__}; expected a ModelConfig")
 
 
 def _memory_of(memory) -> Memory:
@@ -40,6 +46,7 @@ def _memory_of(memory) -> Memory:
 def memory_param_specs(memory, cfg: ModelConfig) -> dict:
     """The WeightSpecs of the extra weights `memory` needs with `cfg` ({} for none)."""
     memory = _memory_of(memory)
+    _check_cfg(cfg)
     memory.check(cfg)
     return memory.param_specs(cfg)
 
@@ -61,7 +68,10 @@ def init_memory_params(memory, cfg: ModelConfig, key) -> tuple[dict, dict]:
 def init_memory_state(memory, cfg: ModelConfig, batch: int, memory_params=None) -> dict:
     """The state of a fresh sequence: position 0 and the kind's empty memory."""
     memory = _memory_of(memory)
+    _check_cfg(cfg)
     memory.check(cfg)
+    check_int(None, "batch", batch, 1)
+    batch = int(batch)
     memory_params = _checked_params(memory, cfg, memory_params)
     return {"position": jnp.zeros((batch,), jnp.int32),
             "memory": memory.init(cfg, batch, memory_params)}
@@ -69,9 +79,13 @@ def init_memory_state(memory, cfg: ModelConfig, batch: int, memory_params=None) 
 
 def _checked_params(memory, cfg, memory_params):
     specs = memory.param_specs(cfg)
-    if isinstance(memory_params, tuple):
-        raise ValueError(f"memory_params is a tuple of {len(memory_params)}; expected the params "
-                         f"dict: init_memory_params returns (params, axes), pass its first item")
+    if isinstance(memory_params, (tuple, list)):
+        raise ValueError(f"memory_params is a {type(memory_params).__name__} of "
+                         f"{len(memory_params)}; expected the params dict: init_memory_params "
+                         f"returns (params, axes), pass its first item")
+    if memory_params is not None and not isinstance(memory_params, dict):
+        raise ValueError(f"memory_params={type(memory_params).__name__}; expected None or the "
+                         f"params dict of init_memory_params(memory, cfg, key)[0]")
     if memory_params is None:
         memory_params = {}
         if specs:
@@ -104,13 +118,16 @@ def run_segments(params, tokens, cfg: ModelConfig, *, memory, segment_len: int, 
     Returns (logits [B, T, vocab] float32 or, with targets, log-probs [B, T] float32, state).
     """
     memory = _memory_of(memory)
+    _check_cfg(cfg)
     memory.check(cfg)
-    if (not isinstance(segment_len, int) or isinstance(segment_len, bool) or segment_len <= 0):
-        raise ValueError(f"segment_len={segment_len!r}; expected a positive int")
+    check_int(None, "segment_len", segment_len, 1)
+    segment_len = int(segment_len)
     memory.check_segment(segment_len)
     if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: shape {getattr(tokens, 'shape', None)}, dtype "
                          f"{getattr(tokens, 'dtype', None)}; expected int [batch, seq]")
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
     memory_params = _checked_params(memory, cfg, memory_params)
     check_params(params, cfg)
     check_token_ids(tokens, cfg.vocab_size)

@@ -25,14 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lcm.checks import check_int
+from lcm.checks import is_int
 from lcm.memory.base import Memory, NoMemory, default_scale, f32, grouped, softmax_parts
 
 _STORE_AXES = ("batch", "seq", "kv_heads", "head_dim")
-
-
-def _positive(owner, name, value):
-    check_int(owner, name, value, 1, call=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +50,7 @@ class KNNMemory(Memory):
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        for name in ("capacity", "k", "shards"):
-            _positive("KNNMemory", name, getattr(self, name))
+        self._check_ints(1, "capacity", "k", "shards")
         if self.k > self.capacity:
             raise ValueError(f"KNNMemory(k={self.k}) > capacity={self.capacity}; expected "
                              f"k <= capacity")
@@ -66,10 +61,12 @@ class KNNMemory(Memory):
             raise ValueError(f"KNNMemory(approx={self.approx!r}); expected a bool")
         if self.layers is not None and (
                 not isinstance(self.layers, tuple) or not self.layers
-                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers)
+                or any(not is_int(i) or i < 0 for i in self.layers)
                 or len(set(self.layers)) != len(self.layers)):
             raise ValueError(f"KNNMemory(layers={self.layers!r}); expected None (every layer) or "
                              f"a non-empty tuple of distinct layer indices >= 0")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
     def check(self, cfg):
         super().check(cfg)

@@ -108,9 +108,7 @@ class LinearRecurrence(Memory):
     chunk_size: int = 64
 
     def __post_init__(self):
-        c = self.chunk_size
-        if not isinstance(c, int) or isinstance(c, bool) or c <= 0:
-            raise ValueError(f"LinearRecurrence(chunk_size={c!r}); expected a positive int")
+        self._check_ints(1, "chunk_size")
 
     def param_specs(self, cfg):
         L, E, K = cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads

@@ -31,9 +31,7 @@ class RecurrentMemory(Memory):
     level = "token"
 
     def __post_init__(self):
-        n = self.num_mem_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"RecurrentMemory(num_mem_tokens={n!r}); expected an int >= 0")
+        self._check_ints(0, "num_mem_tokens")
 
     def param_specs(self, cfg):
         # Embedding-like: unit variance, as lcm.model's token embeddings.

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcm.checks import is_int
+
 
 def segment_scan(step_fn: Callable, memory0, segments, *, memory=None, start_of_sequence=None,
                  bptt_segments: int | None = None, remat: bool = True):
@@ -33,9 +35,9 @@ def segment_scan(step_fn: Callable, memory0, segments, *, memory=None, start_of_
     if any(x.shape[:1] != (num_segments,) for x in leaves):
         raise ValueError(f"segments leaves have leading dims {[x.shape[:1] for x in leaves]}; "
                          f"expected one shared number of segments")
-    if bptt_segments is not None and (not isinstance(bptt_segments, int)
-                                      or isinstance(bptt_segments, bool) or bptt_segments <= 0):
+    if bptt_segments is not None and (not is_int(bptt_segments) or bptt_segments <= 0):
         raise ValueError(f"bptt_segments={bptt_segments!r}; expected a positive int or None")
+    bptt_segments = None if bptt_segments is None else int(bptt_segments)
     memory = memory0 if memory is None else memory
     if jax.tree.structure(memory) != jax.tree.structure(memory0):
         raise ValueError(f"memory has structure {jax.tree.structure(memory)}; expected that of "

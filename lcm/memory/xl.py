@@ -27,8 +27,7 @@ class TransformerXL(Memory):
     mem_len: int
 
     def __post_init__(self):
-        if not isinstance(self.mem_len, int) or isinstance(self.mem_len, bool) or self.mem_len <= 0:
-            raise ValueError(f"TransformerXL(mem_len={self.mem_len!r}); expected a positive int")
+        self._check_ints(1, "mem_len")
 
     def init(self, cfg, batch, memory_params):
         shape = (batch, cfg.num_layers, self.mem_len, cfg.num_kv_heads, cfg.head_dim)

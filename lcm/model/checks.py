@@ -1,10 +1,15 @@
 """Checks at the model boundary: params that fit the config, token ids inside the vocabulary,
-raised before tracing (a traced input is left to `jax.experimental.checkify`)."""
+raised before tracing. Traced inputs (token ids inside `jit`) are checked by `checked`, through
+`jax.experimental.checkify`."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from lcm.config import ModelConfig
 from lcm.model.params import flatten_params, param_shapes
@@ -54,3 +59,26 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", lengths=None)
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds id {bad}; expected ids in [0, {vocab_size}) "
                          f"(cfg.vocab_size={vocab_size})")
+
+
+def checked(fn, *, errors=checkify.float_checks | checkify.user_checks):
+    """`fn(params, tokens, cfg, ...)` (forward, run_segments, a train loss, ...) with the checks
+    that also see traced values, for debugging: token ids in [0, cfg.vocab_size) and, by
+    default, no NaN produced (`checkify.float_checks`: a diverging model fails at the first op
+    that makes a NaN, rather than at the loss). Returns a function giving `(error, out)`; jit it
+    and raise outside:
+
+        err, logits = jax.jit(checked(forward), static_argnums=2)(params, tokens, cfg)
+        err.throw()  # JaxRuntimeError naming the failed check; a no-op when all passed
+
+    `errors`: the checkify error set (e.g. `checkify.all_checks` for out-of-bounds indexing
+    too). The checks cost time: use it to find a fault, not in production."""
+    @functools.wraps(fn)
+    def with_token_check(params, tokens, cfg, *args, **kwargs):
+        checkify.check(jnp.all((tokens >= 0) & (tokens < cfg.vocab_size)),
+                       f"tokens holds an id outside [0, {cfg.vocab_size}) "
+                       f"(cfg.vocab_size={cfg.vocab_size})")
+        return fn(params, tokens, cfg, *args, **kwargs)
+
+    return checkify.checkify(with_token_check, errors=errors)
+

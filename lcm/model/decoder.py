@@ -119,6 +119,7 @@ def _check_forward_inputs(tokens, cfg, positions, segment_ids):
     for name, x in (("positions", positions), ("segment_ids", segment_ids)):
         if x is None:
             continue
-        if x.shape != tokens.shape or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name}: shape {x.shape}, dtype {x.dtype}; expected int with the "
-                             f"shape of tokens {tokens.shape}")
+        shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        if shape != tokens.shape or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"{name}: shape {shape}, dtype {dtype}; expected an int array with "
+                             f"the shape of tokens {tokens.shape}")

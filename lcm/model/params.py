@@ -53,6 +53,8 @@ class WeightSpec:
 
 def param_specs(cfg: ModelConfig) -> dict:
     """The pytree of WeightSpecs for `cfg`; `init_params` and the HF importer both follow it."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg={type(cfg).__name__}; expected a ModelConfig")
     L, E, H, K, D, F, V = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                            cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
     layers = {

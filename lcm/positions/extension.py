@@ -34,6 +34,7 @@ from lcm.attention.blockwise import attention_backward, attention_with_lse
 from lcm.attention.pallas import (default_platform, pallas_attention_backward,
                                   pallas_attention_with_lse)
 from lcm.attention.masks import IndexMask, Mask, causal_bounds, positive_int, group_heads
+from lcm.checks import check_int
 from lcm.config import PositionConfig
 from lcm.positions.rope import apply_rope
 
@@ -78,6 +79,8 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     """ALiBi's per-head slopes [H] float32: 2^(-8 i / H), i = 1..H, for a power-of-two H; else
     those of the nearest lower power of two n, then every other slope of 2n (Press et al.'s
     reference code)."""
+    check_int(None, "num_heads", num_heads, 1)
+    num_heads = int(num_heads)
 
     def power_of_two(n):
         start = 2.0 ** (-8.0 / n)

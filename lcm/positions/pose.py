@@ -30,8 +30,13 @@ has one RoPE table): `e2llm_positions` returns the positions and the scale for t
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from lcm.checks import check_int
 
 
 def skip_positions(chunk_len: int, cuts, biases):
@@ -96,11 +101,12 @@ def e2llm_positions(key, chunk_len: int, scales, *, batch_size: int | None = Non
     linear factor (positions / scale stay below chunk_len).
     """
     scales = tuple(scales)
-    if not scales or any(not isinstance(s, (int, float)) or isinstance(s, bool) or s < 1
+    if not scales or any(not isinstance(s, (int, float, np.integer, np.floating))
+                         or isinstance(s, (bool, np.bool_)) or not 1 <= s < math.inf
                          for s in scales):
-        raise ValueError(f"scales={scales!r}; expected numbers >= 1")
-    if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
-        raise ValueError(f"chunk_len={chunk_len!r}; expected a positive int")
+        raise ValueError(f"scales={scales!r}; expected numbers >= 1 (finite)")
+    check_int(None, "chunk_len", chunk_len, 1)
+    chunk_len = int(chunk_len)
     key_scale, key_offset = jax.random.split(key)
     scale = jax.random.choice(key_scale, jnp.asarray(scales, jnp.float32))
     top = jnp.floor((scale - 1) * chunk_len).astype(jnp.int32)
@@ -114,8 +120,7 @@ def e2llm_positions(key, chunk_len: int, scales, *, batch_size: int | None = Non
 def _check(chunk_len, target_len, num_chunks):
     for name, value in (("chunk_len", chunk_len), ("target_len", target_len),
                         ("num_chunks", num_chunks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; expected a positive int")
+        check_int(None, name, value, 1)
     if target_len < chunk_len:
         raise ValueError(f"target_len={target_len} < chunk_len={chunk_len}; PoSE stretches a "
                          f"chunk over a longer window")

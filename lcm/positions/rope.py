@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from lcm.checks import is_int
 from lcm.config import RopeConfig
 
 LAYOUTS = ("half", "interleaved")
@@ -48,8 +49,9 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, seq_len=None):
     """
     if not isinstance(rope, RopeConfig):
         raise ValueError(f"rope={rope!r}; expected a RopeConfig")
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+    if not is_int(head_dim) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim={head_dim!r}; expected a positive even int")
+    head_dim = int(head_dim)
     if seq_len is not None and jnp.ndim(seq_len) != 0:
         raise ValueError(f"seq_len has shape {jnp.shape(seq_len)}; expected a scalar int or None")
     kind = rope.rope_type

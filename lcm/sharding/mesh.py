@@ -17,8 +17,9 @@ def simulate_cpu_devices(count: int) -> None:
     Must run before JAX initialises its backends (before the first array is created); raises
     ValueError if that has already happened with a different device count.
     """
-    if not isinstance(count, int) or count <= 0:
+    if not _is_int(count) or count <= 0:
         raise ValueError(f"count={count!r}; expected a positive int")
+    count = int(count)
     flag = f"--xla_force_host_platform_device_count={count}"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -43,8 +44,9 @@ def make_mesh(shape, axis_names=MESH_AXES, *, devices=None) -> jax.sharding.Mesh
     if len(shape) != len(axis_names):
         raise ValueError(f"shape={shape} has {len(shape)} axes but axis_names={axis_names} has "
                          f"{len(axis_names)}")
-    if any(not isinstance(s, int) or s <= 0 for s in shape):
+    if any(not _is_int(s) or s <= 0 for s in shape):
         raise ValueError(f"shape={shape}; expected positive ints")
+    shape = tuple(int(s) for s in shape)
     if len(set(axis_names)) != len(axis_names):
         raise ValueError(f"axis_names={axis_names} has duplicates")
     devices = jax.devices() if devices is None else list(devices)
@@ -66,3 +68,8 @@ def host_array(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool (lcm.sharding imports nothing from lcm)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -103,6 +103,7 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
                          f"or a RingOrder")
     mask, scale, softcap, length = check_and_prepare(q, k, v, mask, scale, softcap, block_q,
                                                      block_k, order, sinks)
+    block_q, block_k = int(block_q), int(block_k)  # NumPy ints pass the check
     if sinks is not None:
         sinks = jnp.asarray(sinks).astype(f32)
     if order is None:
@@ -177,6 +178,15 @@ def _without_sinks(body, q, k, v, mask):
 
 
 def _constrain(x, mesh, spec):
+    """x placed as `spec` on `mesh`. Eagerly, a length the mesh does not divide (the output
+    back in the original order, e.g. 13 tokens over 8 devices) is left as it is: there the
+    constraint raises IndivisibleError, while under jit it pads (and is kept)."""
+    if not isinstance(x, jax.core.Tracer):
+        sizes = dict(mesh.shape)
+        for dim, axes in zip(x.shape, spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if dim % math.prod(sizes[a] for a in axes):
+                return x
     if isinstance(mesh, jax.sharding.Mesh):
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
     return jax.lax.with_sharding_constraint(x, spec)  # under jax.set_mesh

@@ -125,16 +125,18 @@ def make_ring_order(length: int, num_devices: int, load_balance: str = "zigzag",
     P = int(num_devices)
     if load_balance == "striped":
         stripe = block if stripe is None else stripe
-        if not isinstance(stripe, int) or stripe <= 0:
+        if not isinstance(stripe, (int, np.integer)) or isinstance(stripe, bool) or stripe <= 0:
             raise ValueError(f"stripe={stripe!r}; expected a positive int")
+        stripe = int(stripe)
         per_device = -(-length // (P * stripe))
         chunks = tuple(tuple(d + P * i for i in range(per_device)) for d in range(P))
         return RingOrder(chunks, stripe, length, load_balance)
     if load_balance == "mask_aware":
         C = 4 * P if num_chunks is None else num_chunks
-        if not isinstance(C, int) or C <= 0 or C % P:
+        if not isinstance(C, (int, np.integer)) or isinstance(C, bool) or C <= 0 or C % P:
             raise ValueError(f"num_chunks={num_chunks!r}; expected a positive multiple of "
                              f"num_devices={P}")
+        C = int(C)
     else:
         C = P if load_balance == "none" else 2 * P
     size = chunk_size_for(length, C, block)

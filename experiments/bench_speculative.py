@@ -85,7 +85,7 @@ def bench_context(cfg, params, ids, drafts, gammas, budget, new_tokens, repeats)
     from lcm.cache.extend import extend_layers
     from lcm.cache.generate import sampling_loop
     from lcm.cache.prefill import decode_step_jit
-    from lcm.cache.speculative import grow, speculative_decode
+    from lcm.cache.speculative import speculative_decode
 
     tokens = jnp.asarray(ids)[None]
     presses = {name: make_draft(name, budget) for name in drafts}
@@ -94,7 +94,7 @@ def bench_context(cfg, params, ids, drafts, gammas, budget, new_tokens, repeats)
     logits, cache, obs = prefill_observed(params, tokens, cfg, tuple(presses.values()))
     jax.block_until_ready(logits)
     prefill_s = time.perf_counter() - start
-    full = grow(cache, room)
+    full = cache.grow(room)
     smalls = {name: compress_jit(cache, p, obs, cfg=cfg, room=room, layout="uniform",
                                  full_rows=True) for name, p in presses.items()}
     key = jax.random.key(0)

@@ -27,6 +27,7 @@ from lcm.cache.presses.base import Press, protect_recent
 from lcm.config import ModelConfig
 from lcm.model import rope_tables, scan_layers
 from lcm.positions import apply_rope
+from lcm.checks import check_int
 from lcm.sharding.mesh import host_array
 
 f32 = jnp.float32
@@ -296,6 +297,13 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
     if not isinstance(cache, KVCache) or cache.rotation != "original" or (
             cache.score is not None) or cache.layout != "uniform":
         raise ValueError("cache: expected the uncompressed KVCache of prefill_observed")
+    if not isinstance(cache.length, jax.core.Tracer) and cache.length.is_fully_addressable:
+        held, next_pos = host_array(cache.length), host_array(cache.next_pos)
+        if (held != next_pos[None, :, None]).any():
+            raise ValueError(f"cache holds {held.min()} to {held.max()} entries per head for "
+                             f"prompts of {next_pos.tolist()} tokens: it is already compressed; "
+                             f"compress takes the uncompressed cache of prefill_observed (keep "
+                             f"it, and compress it once per policy)")
     if not isinstance(observations, Observations):
         raise ValueError(f"observations={type(observations).__name__}; expected the "
                          f"Observations of prefill_observed")
@@ -309,11 +317,9 @@ def compress(cache: KVCache, policy, observations: Observations, cfg: ModelConfi
         raise ValueError(f"observations lack what {type(policy.scorer).__name__} needs "
                          f"(window {window}, attention sums {colsum}, moments from {sink}); "
                          f"pass the policy to prefill_observed")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
-            max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 0")
-    return compress_jit(cache, policy, observations, cfg=cfg, room=max_new_tokens, layout=layout,
-                     full_rows=all_full(cache.next_pos, cache.capacity))
+    check_int(None, "max_new_tokens", max_new_tokens, 0)
+    return compress_jit(cache, policy, observations, cfg=cfg, room=int(max_new_tokens),
+                        layout=layout, full_rows=all_full(cache.next_pos, cache.capacity))
 
 
 def to_rotation(entries, rotation, inv_freq, factor):

@@ -9,9 +9,11 @@ n) says how many of them are real (right padding is neither written nor counted)
 
 `extend` is n decode steps in one: each new token attends to what `decode_step` would have
 shown it, so `extend` of one token equals `decode_step`, and with free slots for all of them
-it equals `forward` on the concatenated sequence. When a head runs out of slots, each new
-token replaces the oldest entry, as `decode_step` does (a sliding window); the tokens before
-it in the same call still see the entries it replaces. The attention of a call reads the
+it equals `forward` on the concatenated sequence. A uniform cache without room grows first
+(`lcm.cache.kv.make_room`, as `decode_step`). When a head of a layered or pooled cache (or
+any cache under `jit`) runs out of slots, each new token replaces the oldest entry, as
+`decode_step` does (a sliding window); the tokens before it in the same call still see the
+entries it replaces. The attention of a call reads the
 layer's entries once, for all n queries, then writes the new entries in place.
 
 Every `KVCache` layout is accepted: uniform, layered (PyramidKV, kept sliding windows) and
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
 from lcm.cache.checks import check_model
-from lcm.cache.kv import KVCache
+from lcm.cache.kv import KVCache, make_room
 from lcm.cache.layouts import layer_runs, pooled_attention, pooled_visible, write_pooled
 from lcm.cache.step import MAX_RUNS
 from lcm.config import ModelConfig
@@ -51,6 +53,7 @@ def extend(params, cache: KVCache, tokens, cfg: ModelConfig, *, lengths=None,
     """
     check_extend(params, cache, cfg)
     tokens, counts = check_new_tokens(tokens, cache, cfg, lengths)
+    cache = make_room(cache, cfg, tokens.shape[1])
     return extend_jit(params, cache, tokens, counts, cfg=cfg,
                       logits="all" if all_logits else "last")
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.cache.checks import check_chunk, check_count, check_prompt
+from lcm.checks import is_int
 from lcm.cache.compress import all_full, cache_heads, capacity, check_policy
 from lcm.cache.decoding import (check_decode_policy, check_decode_press, decode_room,
                                 with_query_buffer)
@@ -77,7 +78,8 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     out = _generate(params, prompts, lengths, key, cfg=cfg, policy=policy,
                     decode_policy=decode_policy, chunk=chunk, room=room,
                     max_new_tokens=int(max_new_tokens), stop=stop,
-                    temperature=float(temperature), top_k=top_k,
+                    temperature=float(temperature),
+                    top_k=None if top_k is None else int(top_k),
                     top_p=None if top_p is None else float(top_p), pad_token=int(pad_token),
                     full_rows=full_rows, speculative=speculative)
     return out if return_stats else out[:2]
@@ -166,14 +168,15 @@ def check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token):
         raise ValueError(f"stop_tokens={stop_tokens!r}; expected a sequence of token ids") from None
     if any(not 0 <= t < cfg.vocab_size for t in stop):
         raise ValueError(f"stop_tokens={stop}; expected ids in [0, vocab_size={cfg.vocab_size})")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+    if (isinstance(temperature, (bool, np.bool_))
+            or not isinstance(temperature, (int, float, np.integer, np.floating))
             or not 0 <= temperature < float("inf")):
         raise ValueError(f"temperature={temperature!r}; expected a finite float >= 0 "
                          f"(0 is greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
-                              or not 1 <= top_k <= cfg.vocab_size):
+    if top_k is not None and (not is_int(top_k) or not 1 <= top_k <= cfg.vocab_size):
         raise ValueError(f"top_k={top_k!r}; expected None or an int in [1, {cfg.vocab_size}]")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+    if top_p is not None and (isinstance(top_p, (bool, np.bool_))
+                              or not isinstance(top_p, (int, float, np.integer, np.floating))
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}; expected None or a float in (0, 1]")
     if temperature > 0 and key is None:

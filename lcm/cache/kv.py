@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from lcm.checks import check_int
+from lcm.sharding.mesh import host_array
 from lcm.positions import apply_rope
 
 ROTATIONS = ("original", "cache")
@@ -73,8 +76,9 @@ class KVCache:
         for name, value in (("num_layers", num_layers), ("batch", batch),
                             ("num_kv_heads", num_kv_heads), ("capacity", capacity),
                             ("head_dim", head_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r}; expected a positive int")
+            check_int(None, name, value, 1)
+        num_layers, batch, num_kv_heads, capacity, head_dim = map(
+            int, (num_layers, batch, num_kv_heads, capacity, head_dim))
         shape = (num_layers, batch, num_kv_heads, capacity)
         return cls(k=jnp.zeros(shape + (head_dim,), dtype),
                    v=jnp.zeros(shape + (head_dim,), dtype),
@@ -159,6 +163,21 @@ class KVCache:
 
     def replace(self, **changes) -> KVCache:
         return dataclasses.replace(self, **changes)
+
+    def grow(self, extra: int) -> KVCache:
+        """A uniform cache with `extra` more empty slots per head (the same entries)."""
+        if self.layout != "uniform":
+            raise ValueError(f"grow needs a uniform cache; this one is {self.layout!r}")
+
+        def pad(x, fill):
+            widths = [(0, 0)] * x.ndim
+            widths[3] = (0, extra)
+            return jnp.pad(x, widths, constant_values=fill)
+
+        changes = dict(k=pad(self.k, 0), v=pad(self.v, 0), pos=pad(self.pos, -1))
+        if self.score is not None:
+            changes["score"] = pad(self.score, 0)
+        return self.replace(**changes)
 
 
 def slot_valid(length, capacity: int):
@@ -310,3 +329,38 @@ def prompt_entries(k, v, real, lengths):
             "v": jnp.where(keep, v.transpose(0, 2, 1, 3), 0).astype(v.dtype),
             "pos": jnp.broadcast_to(pos[:, None], (B, K, T)),
             "length": jnp.broadcast_to(lengths[:, None], (B, K)).astype(jnp.int32)}
+
+
+_warned = set()
+
+
+def make_room(cache: KVCache, cfg, n: int) -> KVCache:
+    """A concrete cache with room for `n` more tokens in every head of its full-attention
+    layers (sliding layers are ring buffers of their window by design): a uniform cache that
+    lacks it grows by max(64, capacity // 4, what is missing) slots, with a warning once (size
+    it with `prefill(..., max_new_tokens=n)` to avoid the copy). A layered or pooled cache
+    cannot grow: its oldest entries are then replaced (a sliding window), with a warning once.
+    Under `jit` nothing is checked: `generate` sizes its cache, and a full head replaces its
+    oldest entry."""
+    if isinstance(cache.length, jax.core.Tracer) or not cache.length.is_fully_addressable:
+        return cache
+    held = host_array(cache.length).max(axis=(1, 2))  # per layer
+    slots = cache.layer_slots or (cache.capacity,) * cache.num_layers
+    short = [h + n - c for h, c, kind in zip(held, slots, cfg.layer_kinds)
+             if kind.window is None and h + n > c]
+    if not short:
+        return cache
+    if cache.layout == "uniform":
+        extra = max(64, cache.capacity // 4, max(short))
+        if "grow" not in _warned:
+            _warned.add("grow")
+            warnings.warn(f"the KV cache is full ({cache.capacity} slots per head); it grows by "
+                          f"{extra} slots (a copy). Pass prefill(..., max_new_tokens=n) to size "
+                          f"it once.", stacklevel=3)
+        return cache.grow(extra)
+    if "window" not in _warned:
+        _warned.add("window")
+        warnings.warn(f"a full-attention layer of the {cache.layout} KV cache is full; each new "
+                      f"token replaces its oldest entry (a sliding window). Pass prefill(..., "
+                      f"max_new_tokens=n) to keep every token.", stacklevel=3)
+    return cache

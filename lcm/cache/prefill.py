@@ -25,6 +25,7 @@ from lcm.cache.formats import (PolicyCache, format_decode_step, format_prefill, 
                                policy_decode_step)
 from lcm.cache.decoding import check_decode_policy, decode_update, next_step, with_query_buffer
 from lcm.cache.kv import (KVCache, cache_rotation, entries_valid, from_layer_slices, insert,
+                          make_room,
                           layer_slices, prompt_entries, rank_positions)
 from lcm.cache.layouts import check_layout, make_cache, storage
 from lcm.cache.step import plain_decode_step, rotate_queries
@@ -103,9 +104,11 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
 
     The token sits at `cache.next_pos` and is appended to every layer's cache. policy: a decode
     policy (`lcm.cache.Decoding`, `H2O`, ...) that keeps the cache within its budget (it needs
-    a uniform cache); without one, only the new entries are written (in place under `jit`)
-    and a head whose cache is full replaces its oldest entry (a sliding window) — size the
-    cache with `prefill(..., max_new_tokens=n)` to avoid that.
+    a uniform cache); without one, only the new entries are written (in place under `jit`).
+    A full uniform cache grows (with a warning once) and a full layered or pooled one replaces
+    its oldest entries (a sliding window; a warning once): `lcm.cache.kv.make_room`. Size the
+    cache with `prefill(..., max_new_tokens=n)` to avoid both. Under `jit` a full head replaces
+    its oldest entry.
     """
     check_model(cfg)
     if isinstance(cache, PolicyCache):  # KIVI, Quest, DuoAttention
@@ -128,6 +131,8 @@ def decode_step(params, cache: KVCache, tokens, cfg: ModelConfig, *, policy=None
     if policy is not None:
         cache = with_query_buffer(cache, policy, cfg)
         check_decode_policy(policy, cache)
+    if policy is None and cache.queries is None:
+        cache = make_room(cache, cfg, 1)
     return decode_step_jit(params, cache, tokens, cfg=cfg, policy=policy)
 
 

@@ -120,7 +120,7 @@ def speculative_caches(params, prompts, lengths, *, cfg, draft, chunk, room, ful
                                     observe=observations_for((draft,)))
     small = compress_jit(full, draft, obs, cfg=cfg, room=room, layout="uniform",
                          full_rows=full_rows)
-    return logits, grow(full, room), small
+    return logits, full.grow(room), small
 
 
 def speculative_decode(params, full, small, logits, key, *, cfg, gamma, max_new_tokens, stop,
@@ -233,15 +233,3 @@ def speculative_decode(params, full, small, logits, key, *, cfg, gamma, max_new_
     stats = {"rounds": s["rounds"], "drafted": s["drafted"], "accepted": s["accepted"]}
     return s["out"][:, :max_new_tokens], s["count"], stats
 
-
-def grow(cache: KVCache, room: int) -> KVCache:
-    """A uniform cache with `room` more empty slots per head."""
-    def pad(x, fill):
-        widths = [(0, 0)] * x.ndim
-        widths[3] = (0, room)
-        return jnp.pad(x, widths, constant_values=fill)
-
-    changes = dict(k=pad(cache.k, 0), v=pad(cache.v, 0), pos=pad(cache.pos, -1))
-    if cache.score is not None:
-        changes["score"] = pad(cache.score, 0)
-    return cache.replace(**changes)

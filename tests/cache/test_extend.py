@@ -12,6 +12,9 @@ import pytest
 
 from lcm.cache import (H2O, AdaKV, ExpectedAttention, Knorm, ObservedAttention, PyramidKV,
                        SnapKV, StreamingLLM, decode_step, extend, prefill)
+from lcm.cache import kv
+from lcm.cache.extend import extend_jit
+from lcm.cache.prefill import decode_step_jit
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import forward, init_params
 
@@ -28,14 +31,14 @@ def setup(seed=0, cfg=CFG, batch=2, seq=24):
 
 
 def decode_each(params, cache, tokens, cfg, counts):
-    """decode_step token by token, each row stopping after its count (rows that stopped
-    keep their cache by feeding it again from the saved state)."""
+    """decode_step token by token (jitted: a full head replaces its oldest entry), each row
+    alone, for its count of tokens."""
     rows = []
     for b in range(tokens.shape[0]):
         one = _row(cache, b)
         logits = []
         for t in range(int(counts[b])):
-            lg, one = decode_step(params, one, tokens[b:b + 1, t], cfg)
+            lg, one = decode_step_jit(params, one, tokens[b:b + 1, t], cfg=cfg, policy=None)
             logits.append(lg[0])
         rows.append((jnp.stack(logits) if logits else None, one))
     return rows
@@ -85,13 +88,14 @@ POLICIES = {"none": None, "snapkv": SnapKV(0.5, window_size=4),
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_extend_equals_decode_steps(name, room=2):
-    """Any press's cache, overflowing (each new token past the room replaces the oldest
-    entry; free slots are covered by the forward test above)."""
+    """Any press's cache, overflowing under jit (each new token past the room replaces the
+    oldest entry; free slots are covered by the forward test above)."""
     params, seq = setup(seed=3)
     cfg = dataclasses.replace(CFG, sliding_window=7) if name == "none" else CFG
     _, cache = prefill(params, seq[:, :12], cfg, policy=POLICIES[name], max_new_tokens=room)
     counts = np.array([6, 4])
-    logits, got = extend(params, cache, seq[:, 12:18], cfg, lengths=jnp.asarray(counts))
+    logits, got = extend_jit(params, cache, seq[:, 12:18], jnp.asarray(counts, jnp.int32),
+                             cfg=cfg)
     for b, (want, one) in enumerate(decode_each(params, cache, seq[:, 12:18], cfg, counts)):
         np.testing.assert_allclose(logits[b, :counts[b]], want, atol=3e-5, rtol=3e-5)
         mine = _row(got, b)
@@ -108,6 +112,25 @@ def test_second_turn_equals_both_turns_prefilled():
     _, cache = prefill(params, seq[:, :20], CFG, max_new_tokens=10)
     logits, _ = extend(params, cache, seq[:, 20:], CFG)
     np.testing.assert_allclose(logits, both[:, 20:], atol=3e-5, rtol=3e-5)
+
+
+def test_a_full_cache_grows_with_one_warning(monkeypatch):
+    """prefill's default leaves no free slot: the eager decode_step / extend grow a full
+    uniform cache (warning once) instead of evicting, so decoding equals forward."""
+    monkeypatch.setattr(kv, "_warned", set())
+    params, seq = setup(seed=9, seq=14)
+    want = fwd(params, seq, CFG)
+    _, cache = prefill(params, seq[:, :10], CFG)
+    assert cache.capacity == 10
+    with pytest.warns(UserWarning, match="the KV cache is full .10 slots per head.; it grows"):
+        logits, cache = decode_step(params, cache, seq[:, 10], CFG)
+    np.testing.assert_allclose(logits, want[:, 10], atol=3e-5, rtol=3e-5)
+    assert cache.capacity == 74
+    logits, cache = extend(params, cache, seq[:, 11:], CFG)
+    np.testing.assert_allclose(logits, want[:, 11:], atol=3e-5, rtol=3e-5)
+    _, small = prefill(params, seq[:, :10], CFG, policy=PyramidKV(0.5, window_size=2, beta=2))
+    with pytest.warns(UserWarning, match="layered KV cache is full; each new token replaces"):
+        decode_step(params, small, seq[:, 10], CFG)
 
 
 def test_errors():

@@ -29,6 +29,7 @@ import numpy as np
 from lcm.attention import Causal, SinkWindow, attend
 from lcm.cache.masked_read import causal_visibility, masked_attention
 from lcm.cache.presses.base import CacheFormat, register
+from lcm.checks import check_int, check_number
 
 
 @register
@@ -54,14 +55,12 @@ class DuoAttention(CacheFormat):
                              ">= threshold) and head_compression_ratio (that fraction of heads, "
                              "the lowest scores, stream); set threshold=None with a ratio")
         ratio = self.head_compression_ratio
-        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
-            raise ValueError(f"DuoAttention(head_compression_ratio={ratio!r}); expected a float "
-                             f"in [0, 1]")
-        if self.sink_size < 0 or not isinstance(self.sink_size, int):
-            raise ValueError(f"DuoAttention(sink_size={self.sink_size!r}); expected an int >= 0")
-        if self.recent_size < 1 or not isinstance(self.recent_size, int):
-            raise ValueError(f"DuoAttention(recent_size={self.recent_size!r}); expected an "
-                             f"int >= 1")
+        if ratio is not None:
+            check_number("DuoAttention", "head_compression_ratio", ratio, 0.0, 1.0, call=True)
+            object.__setattr__(self, "head_compression_ratio", float(ratio))
+        for name, minimum in (("sink_size", 0), ("recent_size", 1)):
+            check_int("DuoAttention", name, getattr(self, name), minimum, call=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
     def retrieval(self) -> np.ndarray:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from lcm.cache.masked_read import causal_visibility, masked_attention
 from lcm.cache.presses.base import CacheFormat, Press, register
+from lcm.checks import check_int, is_int
 from lcm.config import dtype_name
 
 f32 = jnp.float32
@@ -64,9 +65,8 @@ class KIVI(CacheFormat):
         if self.bits not in BITS or isinstance(self.bits, bool):
             raise ValueError(f"KIVI(bits={self.bits!r}); expected one of {list(BITS)}")
         for name in ("group_size", "residual_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"KIVI({name}={value!r}); expected a positive int")
+            check_int("KIVI", name, getattr(self, name), 1, call=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.residual_length % self.group_size:
             raise ValueError(f"KIVI(residual_length={self.residual_length}) must be a multiple "
                              f"of group_size={self.group_size}: keys are quantized a residual "
@@ -218,7 +218,7 @@ def kivi_prefill(policy: KIVI, k, v, lengths, *, capacity: int) -> KIVIState:
     (prompt plus the tokens to be generated)."""
     B, T, K, D = k.shape
     policy.check_head_dim(D)
-    if not isinstance(capacity, int) or capacity < T:
+    if not is_int(capacity) or capacity < T:
         raise ValueError(f"capacity={capacity!r}; expected an int >= the prompt length {T}")
     R, Q = policy.residual_length, policy.quantized_capacity(capacity)
     scale_dtype = policy.scale_dtype or k.dtype

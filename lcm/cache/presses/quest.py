@@ -30,6 +30,7 @@ from lcm.attention import BlockMask, Document, attend
 from lcm.attention.sparse import top_k_blocks
 from lcm.cache.masked_read import masked_attention
 from lcm.cache.presses.base import CacheFormat, register
+from lcm.checks import check_int
 
 f32 = jnp.float32
 GQA = ("query_head", "max", "mean")
@@ -52,9 +53,8 @@ class Quest(CacheFormat):
 
     def __post_init__(self):
         for name, minimum in (("token_budget", 1), ("page_size", 1), ("dense_layers", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"Quest({name}={value!r}); expected an int >= {minimum}")
+            check_int("Quest", name, getattr(self, name), minimum, call=True)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.gqa not in GQA:
             raise ValueError(f"Quest(gqa={self.gqa!r}); expected one of {list(GQA)}")
         if self.impl not in IMPLS:

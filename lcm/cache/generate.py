@@ -46,8 +46,9 @@ def generate(params, cfg: ModelConfig, prompts, *, lengths=None, max_new_tokens:
     return_stats=True (with speculative) adds a third output: {"rounds": [], "drafted": [B],
     "accepted": [B]}, the verification rounds and the drafts proposed / accepted per row.
     """
+    checked = check_prompt(prompts, cfg, lengths, params=params)
     full_rows = all_full(lengths, prompts.shape[1])
-    lengths = check_prompt(prompts, cfg, lengths, params=params)
+    lengths = checked
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=1)
     stop = check_sampling(cfg, stop_tokens, temperature, top_k, top_p, key, pad_token)

@@ -57,8 +57,9 @@ def prefill(params, tokens, cfg: ModelConfig, *, policy=None, lengths=None, chun
     O(T x hidden), with the same logits and cache; a press compresses once at the end from
     statistics gathered chunk by chunk. None runs the prompt at once.
     """
+    checked = check_prompt(tokens, cfg, lengths, params=params)
     full_rows = all_full(lengths, tokens.shape[1])
-    lengths = check_prompt(tokens, cfg, lengths, params=params)
+    lengths = checked
     chunk = check_chunk(chunk_size, cfg)
     check_count("max_new_tokens", max_new_tokens, minimum=0)
     check_layout(layout)

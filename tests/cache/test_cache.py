@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lcm.cache import KVCache, decode_step, generate, prefill, sample_logits
+from lcm.cache.prefill import decode_step_jit
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import forward, init_params
 
@@ -141,12 +142,14 @@ def test_sampled_generate_is_reproducible_and_varies_with_key():
     assert (np.asarray(run[0]) != np.asarray(run[2])).any()
 
 
-def test_full_cache_slides_instead_of_growing():
+def test_full_cache_slides_under_jit():
+    """Under jit a full head replaces its oldest entry (the eager decode_step grows a full
+    uniform cache instead: tests/cache/test_extend.py)."""
     params = model()
     seq = tokens_of(8, 1, 12)
     _, cache = prefill(params, seq[:, :8], CFG)
     for t in range(8, 12):
-        _, cache = decode_step(params, cache, seq[:, t], CFG)
+        _, cache = decode_step_jit(params, cache, seq[:, t], cfg=CFG, policy=None)
     assert cache.capacity == 8
     np.testing.assert_array_equal(cache.kept_positions(0)[0, 0], np.arange(4, 12))
     assert np.isfinite(np.asarray(cache.k)).all()

@@ -17,7 +17,7 @@ from lcm.cache import (H2O, AdaKV, Decoding, Knorm, PyramidKV, SnapKV, Streaming
                        decode_step, generate, prefill, prefill_observed)
 from lcm.cache.compress import budget_table
 from lcm.cache.layouts import layer_runs
-from lcm.cache.prefill import mapped_decode_step
+from lcm.cache.prefill import decode_step_jit, mapped_decode_step
 from lcm.cache.step import plain_decode_step
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.model import init_params
@@ -134,7 +134,7 @@ def test_in_place_decode_step_equals_the_layer_mapping_step(policy):
     step = jax.jit(functools.partial(mapped_decode_step, cfg=CFG, policy=None))
     token = jnp.asarray([5, 7])
     for _ in range(4):
-        got, cache = decode_step(PARAMS, cache, token, CFG)
+        got, cache = decode_step_jit(PARAMS, cache, token, cfg=CFG, policy=None)  # jit: slides
         want, mapped = step(PARAMS, mapped, token)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
         for name in ("pos", "length", "k", "v", "score"):

@@ -2,8 +2,9 @@
 
 `prefill(..., prefill_chunk=c)` feeds the prompt to `lcm.cache.extend` one chunk after another
 inside one `lax.scan`, so a layer's activations are [B, c, hidden] (and its attention weights
-[c, cache slots]) instead of [B, T, hidden]; the cache is the only thing that grows with the
-prompt. Without a press the logits and the cache equal the one-shot prefill's.
+[c, block]: the cache is read blockwise) instead of [B, T, hidden]; the cache is the only thing
+that grows with the prompt. Without a press the logits and the cache equal the one-shot
+prefill's.
 
 With a press, every token is kept while the chunks run, and what the press observes is
 gathered chunk by chunk (the last window of rotated queries, attention summed over all

@@ -13,8 +13,8 @@ it equals `forward` on the concatenated sequence. A uniform cache without room g
 (`lcm.cache.kv.make_room`, as `decode_step`). When a head of a layered or pooled cache (or
 any cache under `jit`) runs out of slots, each new token replaces the oldest entry, as
 `decode_step` does (a sliding window); the tokens before it in the same call still see the
-entries it replaces. The attention of a call reads the
-layer's entries once, for all n queries, then writes the new entries in place.
+entries it replaces. Each layer writes the new entries in place, then reads its entries once
+for all n queries (blockwise, `lcm.cache.attention.cache_attention`).
 
 Every `KVCache` layout is accepted: uniform, layered (PyramidKV, kept sliding windows) and
 pooled (AdaKV; its heads share a pool, so its tokens are written one after another). A cache
@@ -24,7 +24,6 @@ Quest, DuoAttention, the Self-Extend cache) are refused.
 """
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,6 @@ from lcm.positions import apply_rope
 from lcm.sharding.mesh import host_array
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
-f32 = jnp.float32
 
 
 def extend(params, cache: KVCache, tokens, cfg: ModelConfig, *, lengths=None,

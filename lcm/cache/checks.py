@@ -63,15 +63,21 @@ def check_prompt_lengths(tokens, lengths):
     B, T = tokens.shape
     if B == 0 or T == 0:
         raise ValueError(f"tokens has shape {tokens.shape}; expected a non-empty [batch, seq]")
+    return check_row_lengths(lengths, B, T, minimum=1)
+
+
+def check_row_lengths(lengths, batch: int, length: int, *, minimum: int):
+    """lengths [batch] int, each in [minimum, length] when concrete (None: every row `length`)
+    -> int32 [batch]."""
     if lengths is None:
-        return jnp.full((B,), T, jnp.int32)
+        return jnp.full((batch,), length, jnp.int32)
     lengths = jnp.asarray(lengths)
-    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected int "
-                         f"[batch={B}]")
+                         f"[batch={batch}]")
     if not isinstance(lengths, jax.core.Tracer):
-        bad = host_array(lengths)
-        if bad.min() < 1 or bad.max() > T:
-            raise ValueError(f"lengths={bad.tolist()}; expected every length in [1, {T}] "
-                             f"(tokens are right-padded to {T})")
+        got = host_array(lengths)
+        if got.min() < minimum or got.max() > length:
+            raise ValueError(f"lengths={got.tolist()}; expected every length in [{minimum}, "
+                             f"{length}] (tokens are right-padded to {length})")
     return lengths.astype(jnp.int32)

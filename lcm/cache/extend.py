@@ -29,14 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
-from lcm.cache.checks import check_model
+from lcm.cache.checks import check_model, check_row_lengths
 from lcm.cache.kv import KVCache, make_room
 from lcm.cache.layouts import layer_runs, pooled_attention, pooled_visible, write_pooled
 from lcm.cache.step import MAX_RUNS
 from lcm.config import ModelConfig
 from lcm.model import check_params, check_token_ids, embed, rope_tables, run_layers, unembed
 from lcm.positions import apply_rope
-from lcm.sharding.mesh import host_array
 
 FIELDS = ("k", "v", "pos", "length", "head", "score")
 
@@ -85,19 +84,7 @@ def check_new_tokens(tokens, cache, cfg, lengths):
             tokens.dtype, jnp.integer):
         raise ValueError(f"tokens: shape {tokens.shape}, dtype {tokens.dtype}; expected int "
                          f"[batch={B}, n >= 1]")
-    n = tokens.shape[1]
-    if lengths is None:
-        counts = jnp.full((B,), n, jnp.int32)
-    else:
-        counts = jnp.asarray(lengths)
-        if counts.shape != (B,) or not jnp.issubdtype(counts.dtype, jnp.integer):
-            raise ValueError(f"lengths: shape {counts.shape}, dtype {counts.dtype}; expected "
-                             f"int [batch={B}]")
-        if not isinstance(counts, jax.core.Tracer):
-            got = host_array(counts)
-            if got.min() < 0 or got.max() > n:
-                raise ValueError(f"lengths={got.tolist()}; expected every length in [0, {n}]")
-        counts = counts.astype(jnp.int32)
+    counts = check_row_lengths(lengths, B, tokens.shape[1], minimum=0)
     check_token_ids(tokens, cfg.vocab_size, lengths=None if lengths is None else counts)
     return tokens.astype(jnp.int32), counts
 

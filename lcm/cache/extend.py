@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from lcm.cache import attention as cattn
 from lcm.cache.checks import check_model, check_row_lengths
 from lcm.cache.kv import KVCache, make_room
-from lcm.cache.layouts import layer_runs, pooled_attention, pooled_visible, write_pooled
+from lcm.cache.layouts import pooled_attention, pooled_visible, window_runs, write_pooled
 from lcm.cache.step import MAX_RUNS
 from lcm.config import ModelConfig
 from lcm.model import check_params, check_token_ids, embed, rope_tables, run_layers, unembed
@@ -124,10 +124,7 @@ def extend_layers(params, cache, tokens, counts, *, cfg, logits="all", rope_leng
             sinks=inputs.params.get("sinks"), block=cfg.attention.block_k, aux=aux)
 
     if cache.layer_slots is not None:  # runs of layers, each read through one window
-        for first, count, window in layer_runs(cache.layer_slots, MAX_RUNS):
-            layers = range(first, first + count)
-            xs = (jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
-                  jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
+        for first, count, window, xs in window_runs(cache, MAX_RUNS):
 
             def attention(inputs, xs, store, window=window):
                 begin, size = xs

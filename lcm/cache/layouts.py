@@ -163,6 +163,17 @@ def layer_runs(slots: tuple, max_runs: int) -> tuple:
     return tuple(reversed(out))
 
 
+def window_runs(cache: KVCache, max_runs: int):
+    """The runs of a layered cache (`layer_runs`), each as (first layer, layers, window,
+    (first slot of each layer, slots of each layer) int32 arrays: the per-layer inputs of the
+    run's scan)."""
+    for first, count, window in layer_runs(cache.layer_slots, max_runs):
+        layers = range(first, first + count)
+        yield first, count, window, (
+            jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
+            jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
+
+
 def _slots(pos, length, valid, size, first=0):
     """Where each head's new entry goes among slots [first, first + size) of pos [B, K, C]:
     slot first + length, or the oldest valid entry's when full; and the new length."""

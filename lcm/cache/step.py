@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
 from lcm.cache.kv import cache_rotation, entries_valid, rank_positions
-from lcm.cache.layouts import (layer_runs, pooled_attention, pooled_visible, write_pooled,
+from lcm.cache.layouts import (pooled_attention, pooled_visible, window_runs, write_pooled,
                                write_uniform, write_window)
 from lcm.model import embed, rope_tables, run_layers, unembed
 from lcm.positions import apply_rope
@@ -70,10 +70,7 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
                                      sinks=inputs.params.get("sinks"), block=block)
 
     if cache.layer_slots is not None:  # runs of layers, each scanned through one window
-        for first, count, window in layer_runs(cache.layer_slots, max_runs):
-            layers = range(first, first + count)
-            xs = (jnp.asarray([cache.layer_offset(i) for i in layers], jnp.int32),
-                  jnp.asarray(cache.layer_slots[first:first + count], jnp.int32))
+        for first, count, window, xs in window_runs(cache, max_runs):
 
             def attention(inputs, xs, store, window=window):
                 start, size = xs

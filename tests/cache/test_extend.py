@@ -78,8 +78,7 @@ def test_extend_equals_forward_with_free_slots(variant):
     assert last.shape == (2, cfg.vocab_size)
 
 
-POLICIES = {"none": None, "snapkv": SnapKV(0.5, window_size=4),
-            "query_head": SnapKV(0.5, window_size=4, gqa="query_head"),
+POLICIES = {"none": None, "query_head": SnapKV(0.5, window_size=4, gqa="query_head"),
             "pyramidkv": PyramidKV(0.5, window_size=4, beta=2),
             "adakv": AdaKV(Knorm(0.5)),
             "streaming_cache": StreamingLLM(0.5, n_sink=2, positions="cache"),

@@ -44,7 +44,7 @@ def test_greedy_equals_plain_decoding(draft, gamma, variant):
 
 
 def test_sampling_follows_the_target_distribution():
-    """4000 rows of one prompt, temperature 1: the empirical joint of the first two tokens
+    """3000 rows of one prompt, temperature 1: the empirical joint of the first two tokens
     (the second one drafted, then accepted or resampled) against the exact joint from
     forward; the draft's own distribution is far from it, so acceptance is exercised."""
     cfg = ModelConfig(vocab_size=8, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -52,7 +52,7 @@ def test_sampling_follows_the_target_distribution():
                       attention=AttentionConfig(impl="xla", block_q=8, block_k=8))
     params = sharp_model(cfg, seed=2, scale=2.0)
     prompt = jax.random.randint(jax.random.key(3), (1, 16), 0, 8, jnp.int32)
-    n = 4000
+    n = 3000
     tokens, _, stats = generate(
         params, cfg, jnp.repeat(prompt, n, 0), max_new_tokens=3, temperature=1.0,
         key=jax.random.key(4), speculative=Speculative(StreamingLLM(budget=2), gamma=2),

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.cache import attention as cattn
-from lcm.cache.kv import KVCache, expand_heads, gather_entries, pad_capacity, window_entries
+from lcm.cache.kv import (KVCache, expand_heads, gather_entries, pad_capacity, rotate_heads,
+                          window_entries)
 from lcm.cache.layouts import check_layout, make_cache, pool_layer, storage
 from lcm.cache.presses.base import Press, protect_recent
 from lcm.config import ModelConfig
 from lcm.model import rope_tables, scan_layers
-from lcm.positions import apply_rope
 from lcm.checks import check_int
 from lcm.sharding.mesh import host_array
 
@@ -327,10 +327,7 @@ def to_rotation(entries, rotation, inv_freq, factor):
     "cache" stores them un-rotated (attention rotates them by rank)."""
     if rotation == "original":
         return entries
-    B, K, C, D = entries["k"].shape
-    flat = entries["k"].reshape(B, K * C, 1, D)
-    k = apply_rope(flat, -jnp.maximum(entries["pos"], 0).reshape(B, K * C), inv_freq,
-                   1.0 / factor).reshape(B, K, C, D)
+    k = rotate_heads(entries["k"], -jnp.maximum(entries["pos"], 0), inv_freq, 1.0 / factor)
     return dict(entries, k=jnp.where((entries["pos"] >= 0)[..., None], k, 0).astype(
         entries["k"].dtype))
 

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 from lcm.cache import attention as cattn
 from lcm.cache.checks import check_model, check_row_lengths
-from lcm.cache.kv import KVCache, make_room
+from lcm.cache.kv import KVCache, make_room, rotate_heads
 from lcm.cache.layouts import pooled_attention, pooled_visible, window_runs, write_pooled
-from lcm.cache.step import MAX_RUNS
+from lcm.cache.step import MAX_RUNS, rotate_queries
 from lcm.config import ModelConfig
 from lcm.model import check_params, check_token_ids, embed, rope_tables, run_layers, unembed
 from lcm.positions import apply_rope
@@ -323,22 +323,6 @@ def write(store, layer, writes, *, layer_axis: bool):
     if "score" in store:  # a new entry starts with no accumulated attention
         out["score"] = store["score"].at[index].set(0.0, mode="drop")
     return out
-
-
-def rotate_heads(k, positions, inv_freq, factor):
-    """k [B, K, C, D] rotated at positions [B, K, C]."""
-    B, K, C, D = k.shape
-    flat = k.reshape(B, K * C, 1, D)
-    return apply_rope(flat, positions.reshape(B, K * C), inv_freq, factor).reshape(B, K, C, D)
-
-
-def rotate_queries(q, positions, inv_freq, factor):
-    """q [B, n, H, D] rotated per kv head: head h at positions [B, K, n][:, h // G]."""
-    B, n, H, D = q.shape
-    K = positions.shape[1]
-    qg = q.reshape(B, n, K, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B * K, n, H // K, D)
-    out = apply_rope(qg, positions.reshape(B * K, n), inv_freq, factor)
-    return out.reshape(B, K, n, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B, n, H, D)
 
 
 def extend_pooled(layer, inputs, positions, counts, *, table, window, softcap):

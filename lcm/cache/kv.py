@@ -289,10 +289,15 @@ def cache_rotation(entries, inv_freq, factor):
     """StreamingLLM positions: keys (stored un-rotated) rotated by their rank in the cache, and
     the newest entry's rank as the query position. Returns (q_pos [B, K, 1], keys [B, K, C, D])."""
     ranks = rank_positions(entries)
-    B, K, C, D = entries["k"].shape
-    flat = entries["k"].reshape(B, K * C, 1, D)
-    keys = apply_rope(flat, jnp.maximum(ranks, 0).reshape(B, K * C), inv_freq, factor)
-    return (entries["length"] - 1)[..., None], keys.reshape(B, K, C, D)
+    keys = rotate_heads(entries["k"], jnp.maximum(ranks, 0), inv_freq, factor)
+    return (entries["length"] - 1)[..., None], keys
+
+
+def rotate_heads(k, positions, inv_freq, factor):
+    """k [B, K, C, D] rotated at positions [B, K, C] (each head's entries at their own)."""
+    B, K, C, D = k.shape
+    flat = k.reshape(B, K * C, 1, D)
+    return apply_rope(flat, positions.reshape(B, K * C), inv_freq, factor).reshape(B, K, C, D)
 
 
 def window_entries(entries, lengths, size: int):

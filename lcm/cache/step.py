@@ -96,11 +96,12 @@ def plain_decode_step(params, cache, tokens, *, cfg, max_runs: int = MAX_RUNS):
 
 
 def rotate_queries(q, q_pos, inv_freq, factor):
-    """q [B, 1, H, D] rotated at q_pos [B, 1] (shared) or [B, K, 1] (one position per kv head)."""
+    """q [B, n, H, D] rotated at q_pos [B, n] (shared by the heads) or [B, K, n] (one position
+    per kv head, shared by the query heads of its group)."""
     if q_pos.ndim == 2:
         return apply_rope(q, q_pos, inv_freq, factor)
-    B, _, H, D = q.shape
+    B, n, H, D = q.shape
     K = q_pos.shape[1]
-    qg = q.reshape(B, K, H // K, D)  # T == 1: heads of a group share their kv head's position
-    rotated = apply_rope(qg, q_pos.reshape(B, K), inv_freq, factor)
-    return rotated.reshape(B, 1, H, D)
+    qg = q.reshape(B, n, K, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B * K, n, H // K, D)
+    out = apply_rope(qg, q_pos.reshape(B * K, n), inv_freq, factor)
+    return out.reshape(B, K, n, H // K, D).transpose(0, 2, 1, 3, 4).reshape(B, n, H, D)

@@ -226,8 +226,12 @@ def extend_entries(store, view, scatter, own, size, q, k, v, positions, counts, 
 
     # Without overflow token j goes to slot first + length + j and every old entry stays
     # visible; otherwise the slots are taken in age order (a sort, as decode_step's argmin).
+    # StreamingLLM's rotation needs every entry's age anyway: sort once, outside the cond.
+    ordered = age_order(pos, held, own, C) if rotation == "cache" else None
+    age = None if ordered is None else ordered[1]
+
     def ring(_):
-        order, age = age_order(pos, held, own, C)
+        order, age = ordered or age_order(pos, held, own, C)
         at = jnp.take_along_axis(order, (length[..., None] + j[None, None]) % size, axis=-1)
         return at, (size - length)[..., None] + age  # an old entry lives until that token
     def no_ring(_):
@@ -236,7 +240,6 @@ def extend_entries(store, view, scatter, own, size, q, k, v, positions, counts, 
     ring_at, lives = jax.lax.cond(overflow, ring, no_ring, None)
     write_it = (real & (j[None] >= counts[:, None] - size))[:, None]  # the last `size` survive
     at = jnp.where(write_it, ring_at, C)  # C: dropped
-    age = age_order(pos, held, own, C)[1] if rotation == "cache" else None
 
     # The old entries the writes replace ([B, K, n], at their slots; dropped ones read slot 0).
     def gather(x):

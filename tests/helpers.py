@@ -1,10 +1,16 @@
 """Helpers shared by test files (tests/ is on sys.path via pyproject's pytest `pythonpath`)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP
+
+# The kernel tests run the Pallas kernels interpreted (CPU); `python -m experiments.device_check`
+# sets LCM_PALLAS_COMPILED=1 on a GPU / TPU so the same tests run them compiled.
+INTERPRET = os.environ.get("LCM_PALLAS_COMPILED") != "1"
 
 
 def random_qkv(key, B, T, S, H, K, D, dtype):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm.kernels.block_sparse.gpu import block_sparse_attention_gpu
-from helpers import block_kinds, merged_two_pass, random_qkv
+from helpers import INTERPRET, block_kinds, merged_two_pass, random_qkv
 from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
 
@@ -58,7 +58,7 @@ def check_against_reference(q, k, v, kinds, *, mask_fn, segs, scale, softcap, bl
         return block_sparse_attention_gpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
             q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale, softcap=softcap,
-            block_q=block_q, block_k=block_k, interpret=True, alibi_slopes=alibi_slopes)
+            block_q=block_q, block_k=block_k, interpret=INTERPRET, alibi_slopes=alibi_slopes)
 
     def reference(q, k, v):
         return attention_reference(q, k, v, mask_fn=mask_fn, q_segment_ids=q_seg,
@@ -148,7 +148,7 @@ def test_empty_layout_rows_and_short_sequences():
     def f(q, k, v):
         return block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=kv_blocks,
                                           counts=counts, scale=0.25, block_q=16, block_k=16,
-                                          interpret=True)
+                                          interpret=INTERPRET)
 
     out, vjp = jax.vjp(f, q, k, v)
     np.testing.assert_array_equal(np.asarray(out), 0.0)
@@ -172,7 +172,7 @@ def test_runtime_per_head_layouts_do_not_recompile():
         def f(q, k, v):
             return block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=kv_blocks,
                                               counts=counts, scale=0.25, block_q=bq,
-                                              block_k=bk, interpret=True)
+                                              block_k=bk, interpret=INTERPRET)
 
         out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(out), kinds
@@ -208,7 +208,7 @@ def test_bad_block_sizes_raise(block_q, block_k, bad):
     with pytest.raises(ValueError, match=bad):
         block_sparse_attention_gpu(q, k, v, kinds=kinds, kv_blocks=jnp.zeros((1, 2, 2), jnp.int32),
                                    counts=jnp.zeros((1, 2), jnp.int32), scale=1.0,
-                                   block_q=block_q, block_k=block_k, interpret=True)
+                                   block_q=block_q, block_k=block_k, interpret=INTERPRET)
 
 
 def test_bad_layout_shapes_raise():
@@ -220,10 +220,10 @@ def test_bad_layout_shapes_raise():
     for name, value in bad:
         with pytest.raises(ValueError, match=rf"{name}\.shape"):
             block_sparse_attention_gpu(q, k, v, **{**good, name: value}, scale=1.0,
-                                       block_q=16, block_k=16, interpret=True)
+                                       block_q=16, block_k=16, interpret=INTERPRET)
     with pytest.raises(ValueError, match="multiple"):
         block_sparse_attention_gpu(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2),
-                                   **good, scale=1.0, block_q=16, block_k=16, interpret=True)
+                                   **good, scale=1.0, block_q=16, block_k=16, interpret=INTERPRET)
 
 
 def test_forward_lse_and_backward_merge_two_passes():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from helpers import block_kinds, merged_two_pass
+from helpers import INTERPRET, block_kinds, merged_two_pass
 from lcm.kernels.block_sparse.layout import FULL, PARTIAL, SKIP, layout_from_kinds
 from lcm.kernels.block_sparse.reference import attention_reference, dense_mask
 from lcm.kernels.block_sparse.tpu import make_specs, block_sparse_attention_tpu
@@ -61,7 +61,7 @@ def _slopes(H):
 
 
 def _check_against_reference(*, B, T, S, K, G, D, bq, bk, mask, dtype, softcap, per_head,
-                             interpret=True, seed=0, alibi=False):
+                             interpret=INTERPRET, seed=0, alibi=False):
     mask_fn, q_seg, kv_seg = _mask(mask, B, T, S)
     kinds = block_kinds(dense_mask(mask_fn, T, S, q_seg, kv_seg), bq, bk)
     if per_head:
@@ -142,7 +142,7 @@ def test_rows_that_see_nothing_are_zero():
     out, dq, dk, dv = jax.jit(lambda *a: _value_and_grads(
         lambda q, k, v: block_sparse_attention_tpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, mask_fn=mask_fn,
-            scale=0.2, block_q=bq, block_k=bk, interpret=True), *a))(q, k, v, d_out)
+            scale=0.2, block_q=bq, block_k=bk, interpret=INTERPRET), *a))(q, k, v, d_out)
     assert np.all(np.asarray(out[:, :13]) == 0)
     assert np.all(np.asarray(dq[:, :13]) == 0)
     for g in (out, dq, dk, dv):
@@ -175,7 +175,7 @@ def test_runtime_layouts_do_not_recompile_and_only_listed_blocks_count():
         kv_blocks, counts = layout_from_kinds(kinds)
         return _value_and_grads(lambda q, k, v: block_sparse_attention_tpu(
             q, k, v, kinds=kinds, kv_blocks=kv_blocks, counts=counts, scale=0.3, block_q=bq,
-            block_k=bk, interpret=True), q, k, v, d_out)
+            block_k=bk, interpret=INTERPRET), q, k, v, d_out)
 
     @jax.jit
     def reference(q, k, v, d_out, vis):
@@ -239,7 +239,7 @@ def _call(dtype=jnp.float32, **overrides):
     kinds = np.ones((1, -(-T // 8), -(-S // 8)), np.int32)
     kv_blocks, counts = layout_from_kinds(kinds)
     kw = {"kinds": kinds, "kv_blocks": kv_blocks, "counts": counts, "scale": 0.1, "block_q": 8,
-          "block_k": 8, "interpret": True}
+          "block_k": 8, "interpret": INTERPRET}
     kw.update(overrides)
     return block_sparse_attention_tpu(q, k, v, **kw)
 

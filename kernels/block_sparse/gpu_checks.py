@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from .common import check_alibi_slopes, check_mask_tables, check_sinks
+from .common import check_alibi_slopes, check_mask_tables, check_sinks, as_static
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -60,6 +60,8 @@ def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segmen
     """(static parameters, segment ids or None, layout arrays, mask tables: a tuple of 1-D int32
     arrays, empty unless mask_fn is head-aware, sinks: None or float32 [H]), validated before
     tracing."""
+    block_q, block_k, num_warps, num_stages, scale, softcap = as_static(
+        block_q, block_k, num_warps, num_stages, scale, softcap)
     p = _check(q, k, v, kinds, visit_kinds, kv_blocks, counts, mask_fn, q_segment_ids,
                kv_segment_ids, scale, softcap, block_q, block_k, num_warps, num_stages, interpret)
     tables = check_mask_tables(mask_tables, mask_fn)

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .common import check_alibi_slopes, check_mask_tables, check_sinks, num_blocks, pad_axis
+from .common import (check_alibi_slopes, check_mask_tables, check_sinks, num_blocks, pad_axis,
+                     as_static)
 from .layout import max_q_visits_of
 
 _LANES = 128  # TPU vreg lanes: the minor-dim tile
@@ -57,6 +58,8 @@ def prepare(q, k, v, kinds, kv_blocks, counts, mask_fn, q_segment_ids, kv_segmen
     """Validates everything static; returns (static config, layout arrays, segment ids, mask
     tables: a tuple of 1-D int32 arrays, empty unless mask_fn is head-aware, sinks: None or
     float32 [H])."""
+    block_q, block_k, max_q_visits, scale, softcap = as_static(block_q, block_k, max_q_visits,
+                                                               scale, softcap)
     B, T, H, _, S, K = check_inputs(q, k, v)
     segmented = mask_fn is not None and q_segment_ids is not None
     _check_blocks(block_q, block_k, interpret, segmented)

@@ -226,6 +226,22 @@ def test_bad_layout_shapes_raise():
                                    **good, scale=1.0, block_q=16, block_k=16, interpret=INTERPRET)
 
 
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    q, k, v = random_qkv(jax.random.key(1), 1, 40, 40, 4, 2, 16, jnp.float32)
+    kinds = np.ones((1, 3, 3), np.int32)
+    kv_blocks, counts = layout_from_kinds(kinds)
+    common = dict(kinds=kinds, kv_blocks=kv_blocks, counts=counts, interpret=INTERPRET)
+    want = block_sparse_attention_gpu(q, k, v, **common, scale=0.25, softcap=5.0, block_q=16,
+                                      block_k=16, num_warps=4)
+    got = block_sparse_attention_gpu(q, k, v, **common, scale=np.float32(0.25),
+                                     softcap=np.float64(5.0), block_q=np.int64(16),
+                                     block_k=np.int32(16), num_warps=np.int64(4))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="block_q=24"):
+        block_sparse_attention_gpu(q, k, v, **common, scale=1.0, block_q=np.int64(24),
+                                   block_k=16)
+
+
 def test_forward_lse_and_backward_merge_two_passes():
     """The exposed forward (out, lse) and backward (given a merged out and lse) of two disjoint
     passes, near (distance < 11) and far, merged by logsumexp, equal one causal pass."""

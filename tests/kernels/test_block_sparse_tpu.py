@@ -269,6 +269,17 @@ def test_bad_arguments_raise(overrides, match):
         _call(**overrides)
 
 
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    """np.int64 block sizes / max_q_visits and np.float32 scale / softcap (as a config read from
+    NumPy gives them) run and equal the Python-number call."""
+    want = _call(softcap=5.0, max_q_visits=3)
+    got = _call(block_q=np.int64(8), block_k=np.int32(8), scale=np.float32(0.1),
+                softcap=np.float64(5.0), max_q_visits=np.int64(3))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="block_q=12"):
+        _call(block_q=np.int64(12))
+
+
 def test_traced_alibi_slopes_raise():
     with pytest.raises(ValueError, match="traced"):
         jax.jit(lambda s: _call(alibi_slopes=s))(jnp.ones(2, jnp.float32))

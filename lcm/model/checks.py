@@ -62,8 +62,9 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", lengths=None)
 
 
 def checked(fn, *, errors=checkify.float_checks | checkify.user_checks):
-    """`fn(params, tokens, cfg, ...)` (forward, run_segments, a train loss, ...) with the checks
-    that also see traced values, for debugging: token ids in [0, cfg.vocab_size) and, by
+    """`fn(params, tokens, cfg, ...)` (forward, run_segments, a train loss, lcm.cache.prefill,
+    ...) with the checks that also see traced values, for debugging: token ids in
+    [0, cfg.vocab_size), a `lengths=` keyword's row lengths in [1, T] and, by
     default, no NaN produced (`checkify.float_checks`: a diverging model fails at the first op
     that makes a NaN, rather than at the loss). Returns a function giving `(error, out)`; jit it
     and raise outside:
@@ -78,6 +79,13 @@ def checked(fn, *, errors=checkify.float_checks | checkify.user_checks):
         checkify.check(jnp.all((tokens >= 0) & (tokens < cfg.vocab_size)),
                        f"tokens holds an id outside [0, {cfg.vocab_size}) "
                        f"(cfg.vocab_size={cfg.vocab_size})")
+        lengths = kwargs.get("lengths")
+        if lengths is not None:
+            T = jnp.shape(tokens)[-1]
+            lengths = jnp.asarray(lengths)
+            checkify.check(jnp.all((lengths >= 1) & (lengths <= T)),
+                           f"lengths holds a row length outside [1, {T}] (tokens are "
+                           f"right-padded to {T}): {{}}", lengths)
         return fn(params, tokens, cfg, *args, **kwargs)
 
     return checkify.checkify(with_token_check, errors=errors)

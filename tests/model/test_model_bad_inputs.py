@@ -126,6 +126,20 @@ def test_numpy_scalars_are_accepted(call, want):
         assert hash(got) == hash(expected)
 
 
+def test_checked_sees_traced_row_lengths_of_prefill():
+    """jit(prefill) cannot check traced lengths (a length past T gives NaN logits): under
+    `checked` a length outside [1, T] is reported with its value."""
+    from lcm.cache import prefill
+    run = jax.jit(checked(prefill), static_argnums=2)
+    err, (logits, _) = run(PARAMS, TOKENS, CFG, lengths=jnp.array([6, 4]))
+    err.throw()
+    assert np.isfinite(np.asarray(logits)).all()
+    for bad in ([6, 9], [0, 4]):
+        err, _ = run(PARAMS, TOKENS, CFG, lengths=jnp.array(bad))
+        with pytest.raises(checkify.JaxRuntimeError, match=r"row length outside \[1, 6\]"):
+            err.throw()
+
+
 def test_checked_sees_traced_token_ids_and_nan():
     """Inside jit the ids are traced (check_token_ids cannot see them): `checked` reports an id
     outside the vocabulary and a NaN made by the model; one compile for the three calls."""

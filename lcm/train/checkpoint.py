@@ -11,7 +11,9 @@ temporary directory before the rename (the manifest is part of the atomic checkp
 `restore_latest` verifies it and restores the newest checkpoint that both verifies and loads;
 a newer one that does not (flipped bytes, a truncated or missing file, unreadable metadata, an
 empty directory) is named in a warning and renamed `<step>.corrupt`, and the restore falls back
-to the one before. When none is intact it raises, naming each checkpoint and its fault.
+to the one before. When none is intact it raises, naming each checkpoint and its fault. With
+several processes (a shared checkpoint directory), every process verifies, a checkpoint is used
+only when all found it intact, process 0 alone renames, and all resume from the same step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import threading
 import warnings
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lcm.checks import check_int
 
@@ -114,13 +118,14 @@ class Checkpointer:
         steps = sorted(self._manager.all_steps(), reverse=True)
         bad = []
         for step in steps:
-            problem = self.verify(step)
+            problem = _agreed(self.verify(step))
             what = "is corrupt or incomplete"
             if problem is None:
                 try:
                     state, data = self.restore(step, like, with_data=with_data)
                 except Exception as e:  # noqa: BLE001 - any failure to load: try an older one
                     problem, what = _first_line(e), "cannot be restored"
+                problem = _agreed(problem)
             if problem is not None:
                 bad.append((step, problem))
                 warnings.warn(f"checkpoint {self.step_path(step)} {what} ({problem}); trying "
@@ -183,7 +188,20 @@ class Checkpointer:
                     n += 1
                     target = f"{path}.corrupt{n}"
                 os.rename(path, target)
+        if jax.process_count() > 1:  # every process lists the steps after the renames
+            multihost_utils.sync_global_devices("lcm_checkpoint_quarantine")
         self._manager.reload()
+
+
+def _agreed(problem: str | None) -> str | None:
+    """With several processes, a checkpoint is used only if every process found it intact (so
+    all restore the same step): a problem seen by some processes becomes every process's."""
+    if jax.process_count() == 1:
+        return problem
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None)))
+    if problem is None and flags.any():
+        problem = f"process(es) {np.flatnonzero(flags).tolist()} could not use it"
+    return problem
 
 
 def _files(path: str) -> dict[str, str]:

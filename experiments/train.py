@@ -24,7 +24,7 @@ from experiments.workdir import write_summary
 from lcm.checks import check_int
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.data.packing import packed_batches, synthetic_documents, text_documents
-from lcm.model import init_params, param_axes
+from lcm.model import check_token_ids, init_params, param_axes
 from lcm.sharding import make_mesh
 from lcm.train import (
     Checkpointer,
@@ -145,6 +145,8 @@ def run(config, workdir: str, *, on_step=None) -> dict:
     sharding = batch_sharding(mesh, (data.batch_size, data.seq_len))
 
     def put_batch(batch):
+        # On the host, before the step: an id outside the vocabulary would be clamped in jit.
+        check_token_ids(batch["tokens"], cfg.vocab_size, name="the data's tokens")
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     writer = MetricsWriter(workdir, tensorboard=config.tensorboard)

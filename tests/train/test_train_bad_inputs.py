@@ -224,6 +224,19 @@ def test_config_errors_come_before_any_work(tmp_path, field, value, match):
     assert not (tmp_path / "w").exists()  # nothing built, nothing written
 
 
+def test_token_ids_past_the_model_vocabulary_stop_training_before_the_first_step(tmp_path):
+    """A byte tokenizer (ids up to 258) with a 64-token model: inside jit the ids would be
+    clamped silently; the runner checks each batch on the host and stops at the first."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "long context " * 20}) + "\n"
+                            for _ in range(8)))
+    config = _tiny_config(**{"data.source": str(docs), "model.vocab_size": 64})
+    with pytest.raises(ValueError, match=r"the data's tokens holds id \d+; expected ids in "
+                                         r"\[0, 64\) \(cfg.vocab_size=64\)"):
+        train_experiment.run(config, str(tmp_path / "w"))
+    assert not glob.glob(str(tmp_path / "w" / "checkpoints" / "[0-9]*"))
+
+
 def _optimizer(**changes):
     return OptimizerConfig(**{"learning_rate": 0.1, "warmup_steps": 1, "total_steps": 8,
                               **changes})

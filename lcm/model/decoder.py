@@ -10,6 +10,7 @@ from lcm.attention.ring import context_axis_size, ring_order_for
 from lcm.config import ModelConfig
 from lcm.model.checks import check_params, check_token_ids
 from lcm.model.layers import identity, rms_norm, rope_tables, run_layers, self_attention
+from lcm.sharding.rules import explicit_axes
 
 def segment_positions(segment_ids):
     """Positions that restart at 0 at each new segment. segment_ids [B, T] -> [B, T] int32.
@@ -24,6 +25,26 @@ def segment_positions(segment_ids):
     return idx - first
 
 
+def _check_auto_axes(params, tokens, positions, segment_ids):
+    """The model shards by logical axes, on Auto mesh axes: a mesh with Explicit ones
+    (jax.make_mesh's default) set by jax.set_mesh, or inputs placed on one, are refused with
+    the way out (lcm.sharding.auto_mesh) rather than failing deep inside."""
+    if axes := explicit_axes(jax.sharding.get_abstract_mesh()):
+        raise ValueError(f"the mesh set by jax.set_mesh has Explicit axes {axes} (jax.make_mesh's "
+                         f"default); the model shards by logical axes on Auto axes: set "
+                         f"jax.set_mesh(lcm.sharding.auto_mesh(mesh)) (shard_params and "
+                         f"LogicalSharding convert a mesh themselves)")
+    named = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "params": params}
+    for name, tree in named.items():
+        for leaf in jax.tree.leaves(tree):
+            sharding = getattr(jax.typeof(leaf), "sharding", None)
+            if sharding is not None and (axes := explicit_axes(sharding.mesh)):
+                raise ValueError(f"{name} is placed on a mesh with Explicit axes {axes} "
+                                 f"(jax.make_mesh's default); place it on "
+                                 f"lcm.sharding.auto_mesh(mesh) (shard_params does) so the "
+                                 f"model's logical-axis sharding applies")
+
+
 def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
             shard=None):
     """Next-token logits. tokens [B, T] int -> logits [B, T, vocab] float32.
@@ -34,6 +55,7 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     activations to a mesh (see `lcm.sharding.LogicalSharding`); None leaves placement to XLA.
     """
     _check_forward_inputs(tokens, cfg, positions, segment_ids)
+    _check_auto_axes(params, tokens, positions, segment_ids)
     check_params(params, cfg)
     check_token_ids(tokens, cfg.vocab_size)
     shard = identity if shard is None else shard

@@ -53,8 +53,29 @@ def _is_axes(x):
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
+def auto_mesh(mesh):
+    """`mesh` with every axis Auto: the same devices and axis names. jax.make_mesh gives
+    Explicit axes by default, on which `with_sharding_constraint` and lcm's sharding by logical
+    axes do not apply; lcm places and constrains on this twin instead (XLA propagates)."""
+    if not isinstance(mesh, jax.sharding.Mesh) or all(
+            t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
+def explicit_axes(mesh) -> tuple[str, ...]:
+    """The names of `mesh`'s Explicit axes (a Mesh or AbstractMesh; () for None)."""
+    if mesh is None:
+        return ()
+    return tuple(name for name, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+                 if t == jax.sharding.AxisType.Explicit)
+
+
 def param_shardings(params, axes, mesh, rules=DEFAULT_RULES):
-    """NamedShardings for a params tree from its parallel logical-axes tree."""
+    """NamedShardings for a params tree from its parallel logical-axes tree (on
+    `auto_mesh(mesh)`)."""
+    mesh = auto_mesh(mesh)
     return jax.tree.map(
         lambda ax, p: NamedSharding(mesh, logical_to_spec(ax, p.shape, mesh, rules)),
         axes, params, is_leaf=_is_axes)
@@ -74,6 +95,9 @@ class LogicalSharding:
 
     mesh: jax.sharding.Mesh
     rules: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def __post_init__(self):
+        object.__setattr__(self, "mesh", auto_mesh(self.mesh))  # jax.make_mesh's Explicit axes
 
     def spec(self, x, axes) -> PartitionSpec:
         return logical_to_spec(axes, x.shape, self.mesh, self.rules)

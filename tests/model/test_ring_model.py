@@ -150,3 +150,25 @@ def test_ring_pallas_model_matches_unsharded(devices, model):
         got = jax.jit(forward, static_argnames=("cfg", "shard"))(
             shard_params(params, axes, mesh), tokens, cfg, shard=LogicalSharding(mesh))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+
+
+def test_model_on_a_jax_make_mesh_mesh(devices, model):
+    """A mesh from jax.make_mesh (Explicit axes): shard_params and LogicalSharding convert it,
+    under jax.set_mesh(auto_mesh(mesh)) the ring model equals the unsharded one, and setting
+    the Explicit mesh itself is refused with the way out."""
+    from lcm.sharding import auto_mesh
+    params, axes, tokens, segs = model
+    mesh = jax.make_mesh((2, 1, 1, 4), ("data", "fsdp", "tensor", "context"))
+    want = jax.jit(forward, static_argnames="cfg")(params, tokens, CFG, segment_ids=segs)
+    run = jax.jit(forward, static_argnames=("cfg", "shard"))
+    p, t, s = _sharded_inputs(params, axes, tokens, segs, mesh)
+    with jax.set_mesh(auto_mesh(mesh)), pytest.raises(ValueError, match=r"tokens is placed on "
+                                                      r"a mesh with Explicit axes .*auto_mesh"):
+        run(p, t, RING, segment_ids=s, shard=LogicalSharding(mesh))
+    p, t, s = _sharded_inputs(params, axes, tokens, segs, auto_mesh(mesh))
+    with jax.set_mesh(auto_mesh(mesh)):
+        got = run(p, t, RING, segment_ids=s, shard=LogicalSharding(mesh))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=3e-5, rtol=3e-5)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"set by jax.set_mesh has "
+                                                             r"Explicit axes .*auto_mesh"):
+        run(p, t, RING, segment_ids=s, shard=LogicalSharding(mesh))

@@ -43,7 +43,7 @@ from lcm.attention.ring.layout import (RingPlan, gathered_layout, global_kinds, 
 from lcm.attention.ring.order import LOAD_BALANCE, RingOrder, make_ring_order
 from lcm.attention.ring.specs import check_and_prepare, check_rules, shard_specs
 from lcm.kernels.block_sparse.common import sink_grad
-from lcm.sharding.rules import DEFAULT_RULES
+from lcm.sharding.rules import DEFAULT_RULES, auto_mesh, explicit_axes
 
 f32 = jnp.float32
 STRATEGIES = ("ring", "allgather", "pallas")
@@ -81,7 +81,26 @@ def ring_attention(q, k, v, mask: Mask | None = None, *, mesh=None, axis_name: s
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; expected one of {list(STRATEGIES)}")
     check_rules(rules)
+    # Explicit mesh axes (jax.make_mesh's default): under jax.set_mesh, or with inputs sharded
+    # over them, the ring runs with those axes as Auto; the output's type keeps q's sharding.
+    typed = [jax.typeof(x).sharding.mesh for x in (q, k, v)]
+    if mesh is None and explicit_axes(jax.sharding.get_abstract_mesh()):
+        axes = explicit_axes(jax.sharding.get_abstract_mesh())
+        out_sharding = jax.typeof(q).sharding.spec
+    elif isinstance(mesh, jax.sharding.Mesh) and any(explicit_axes(m) for m in typed):
+        axes = explicit_axes(mesh)
+        out_sharding = jax.sharding.NamedSharding(mesh, jax.typeof(q).sharding.spec)
+    else:
+        axes = ()
+    if axes:
+        run = functools.partial(ring_attention, mask=mask, mesh=mesh, axis_name=axis_name,
+                                load_balance=load_balance, scale=scale, softcap=softcap,
+                                block_q=block_q, block_k=block_k, strategy=strategy,
+                                rules=rules)
+        return jax.sharding.auto_axes(lambda q, k, v, sinks: run(q, k, v, sinks=sinks),
+                                      axes=axes, out_sharding=out_sharding)(q, k, v, sinks)
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    mesh = auto_mesh(mesh)  # a jax.make_mesh mesh: shard_map and constraints on its Auto twin
     P = context_axis_size(mesh, axis_name)
     B, L, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale

@@ -1,7 +1,8 @@
 """`lcm.eval.loglikelihood` / `perplexity`: chunked over the KV cache they equal the one-shot
 forward's log_softmax + gather (tiny models with odd lengths, ragged rows, sliding windows and
 soft-caps; SmolLM2 on real text); the memory path equals `run_segments`' own log-probs; a
-decode-time StreamingLLM equals attention under a sink + window mask; temporaries do not grow
+decode-time StreamingLLM equals attention under a sink + window mask and decode-time presses
+equal decode_step token by token; temporaries do not grow
 with T x vocab; bad arguments raise ValueErrors naming them."""
 
 import dataclasses
@@ -13,7 +14,7 @@ import pytest
 
 from lcm.attention import attend
 from lcm.attention.masks import SinkWindow
-from lcm.cache import SnapKV, StreamingLLM
+from lcm.cache import H2O, SnapKV, StreamingLLM, decode_step, prefill
 from lcm.config import AttentionConfig, ModelConfig
 from lcm.eval import loglikelihood, perplexity
 from lcm.eval.likelihood import cache_loglik_jit
@@ -120,8 +121,7 @@ def sink_window_reference(params, tokens, cfg, sinks, window):
 
 def test_streaming_llm_policy():
     """StreamingLLM(budget=n, n_sink=s) decoding token by token: each token sees the s sinks
-    and the n + 1 - s newest tokens (itself included), i.e. a SinkWindow mask; with a budget
-    holding the whole document it is the full forward, at cache ranks too."""
+    and the n + 1 - s newest tokens (itself included), i.e. a SinkWindow mask."""
     params, tokens = setup(seq=21)
     got = loglikelihood(params, CFG, tokens, policy=StreamingLLM(budget=8, n_sink=2),
                         lengths=jnp.array([21, 13]))
@@ -130,9 +130,25 @@ def test_streaming_llm_policy():
     np.testing.assert_allclose(got[1, :12], want[1, :12], atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(got[1, 12:], 0.0)
     assert float(jnp.abs(want - reference(params, tokens, CFG)).max()) > 1e-3  # eviction shows
-    whole = loglikelihood(params, CFG, tokens, policy=StreamingLLM(budget=24, n_sink=2,
-                                                                  positions="cache"))
-    np.testing.assert_allclose(whole, reference(params, tokens, CFG), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("policy", [H2O(hh_size=3, recent_size=5),
+                                    StreamingLLM(budget=8, n_sink=2, positions="cache")],
+                         ids=["H2O", "StreamingLLM-cache-ranks"])
+def test_decode_press_equals_decode_step(policy):
+    """A decode-time press from the first token on: equal to prefill of the first token then
+    decode_step(..., policy=) token by token."""
+    params, tokens = setup(seq=21)
+    got = loglikelihood(params, CFG, tokens, policy=policy)
+    logits, cache = prefill(params, tokens[:, :1], CFG, policy=policy, max_new_tokens=9,
+                            layout="uniform")
+    want = []
+    for t in range(1, 21):
+        want.append(jax.nn.log_softmax(logits)[jnp.arange(2), tokens[:, t]])
+        if t < 20:
+            logits, cache = decode_step(params, cache, tokens[:, t], CFG, policy=policy)
+    np.testing.assert_allclose(got, jnp.stack(want, 1), atol=2e-5, rtol=2e-5)
+    assert float(jnp.abs(got - reference(params, tokens, CFG)).max()) > 1e-3  # it evicted
 
 
 @pytest.mark.slow

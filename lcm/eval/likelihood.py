@@ -130,6 +130,8 @@ def _check(params, cfg, tokens, lengths):
                                  f"right-padded to {T})")
         lengths = lengths.astype(jnp.int32)
     check_token_ids(tokens, cfg.vocab_size, lengths=lengths)
+    # The padding's ids are never read: set to 0, any id (even outside the vocabulary) is fine.
+    tokens = jnp.where(jnp.arange(T)[None] < lengths[:, None], tokens, 0)
     return tokens.astype(jnp.int32), lengths
 
 
@@ -207,10 +209,9 @@ def policy_loglik_jit(params, tokens, lengths, *, cfg, policy):
 def memory_loglik_jit(params, tokens, lengths, memory_params, *, cfg, chunk, memory):
     """`loglikelihood` through `run_segments(..., targets=)`: the whole document (its last
     token too, which kinds reading the next token need) in segments of `chunk` tokens. The
-    kinds are causal, so a row's padding (set to id 0) only reaches positions after it."""
+    kinds are causal, so a row's padding (id 0 by now) only reaches positions after it."""
     T = tokens.shape[1]
     real = jnp.arange(T)[None] < lengths[:, None]
-    tokens = jnp.where(real, tokens, 0)
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     logp, _ = run_segments(params, tokens, cfg, memory=memory, segment_len=chunk,
                            memory_params=memory_params, targets=targets)

@@ -42,9 +42,9 @@ def reference(params, tokens, cfg):
 
 
 VARIANTS = {
-    "plain": ({}, (1, 5, 22)),
+    "plain": ({}, (5, 1)),
     "sliding": ({"sliding_window": 6, "layer_types": ("sliding_attention", "full_attention",
-                                                      "sliding_attention")}, (8,)),
+                                                      "sliding_attention")}, (22,)),
     "softcap": ({"attn_softcap": 5.0, "final_softcap": 3.0, "num_kv_heads": 1}, (5,)),
 }
 
@@ -53,14 +53,17 @@ VARIANTS = {
 def test_equals_forward(name):
     variant, chunks = VARIANTS[name]
     cfg = dataclasses.replace(CFG, **variant)
-    params, tokens = setup(cfg)  # T = 23: 22 predictions, chunks 5 and 8 do not divide them
+    # T = 23: 22 predictions; chunk 5 does not divide them, 22 runs them at once (the window
+    # of 6 then overflows inside one chunk), 1 token by token.
+    params, tokens = setup(cfg)
     want = reference(params, tokens, cfg)
     for chunk in chunks:
         got = loglikelihood(params, cfg, tokens, chunk=chunk)
         assert got.shape == (2, 22) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk}")
     # ragged rows: row 1 has 11 real tokens, its predictions equal the row run alone
-    got = loglikelihood(params, cfg, tokens, lengths=jnp.array([23, 11]), chunk=chunks[0])
+    padded = tokens.at[1, 11:].set(10 ** 6)  # padding ids are never read
+    got = loglikelihood(params, cfg, padded, lengths=jnp.array([23, 11]), chunk=chunks[0])
     np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
     alone = reference(params, tokens[1:, :11], cfg)[0]
     np.testing.assert_allclose(got[1, :10], alone, atol=2e-5, rtol=2e-5)

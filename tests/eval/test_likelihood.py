@@ -45,7 +45,7 @@ VARIANTS = {
     "plain": ({}, (5, 1)),
     "sliding": ({"sliding_window": 6, "layer_types": ("sliding_attention", "full_attention",
                                                       "sliding_attention")}, (22,)),
-    "softcap": ({"attn_softcap": 5.0, "final_softcap": 3.0, "num_kv_heads": 1}, (5,)),
+    "softcap": ({"attn_softcap": 5.0, "final_softcap": 3.0}, (5,)),
 }
 
 
@@ -61,11 +61,12 @@ def test_equals_forward(name):
         got = loglikelihood(params, cfg, tokens, chunk=chunk)
         assert got.shape == (2, 22) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f"chunk={chunk}")
-    # ragged rows: row 1 has 11 real tokens, its predictions equal the row run alone
+    # ragged rows: row 1 has 11 real tokens; its 10 predictions are the causal forward's
+    # (which reads tokens[1, :11] only) whatever the padding holds
     padded = tokens.at[1, 11:].set(10 ** 6)  # padding ids are never read
     got = loglikelihood(params, cfg, padded, lengths=jnp.array([23, 11]), chunk=chunks[0])
     np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
-    alone = reference(params, tokens[1:, :11], cfg)[0]
+    alone = want[1, :10]
     np.testing.assert_allclose(got[1, :10], alone, atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(got[1, 10:], 0.0)
     ppl = perplexity(params, cfg, tokens, lengths=jnp.array([23, 11]), chunk=chunks[0])
@@ -94,11 +95,11 @@ def test_memory_kind_equals_run_segments():
     np.testing.assert_allclose(got, own[:, :-1], atol=1e-6, rtol=1e-6)
     # with segments, XL differs from the full forward (it sees only mem_len past tokens) ...
     assert float(jnp.abs(got - reference(params, tokens, CFG)).max()) > 1e-3
-    # ... and a ragged row equals the row run alone
-    ragged = loglikelihood(params, CFG, tokens, chunk=8, memory=memory,
-                           lengths=jnp.array([37, 19]))
-    alone = loglikelihood(params, CFG, tokens[1:, :19], chunk=8, memory=memory)
-    np.testing.assert_allclose(ragged[1, :18], alone[0], atol=1e-6, rtol=1e-6)
+    # ... and a ragged row's padding (other ids than the full row's) reaches no prediction
+    ragged = loglikelihood(params, CFG, tokens.at[1, 19:].set(10 ** 6), chunk=8,
+                           memory=memory, lengths=jnp.array([37, 19]))
+    np.testing.assert_allclose(ragged[0], got[0], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(ragged[1, :18], got[1, :18], atol=1e-6, rtol=1e-6)
     np.testing.assert_array_equal(ragged[1, 18:], 0.0)
     np.testing.assert_allclose(perplexity(params, CFG, tokens, chunk=8, memory=memory),
                                jnp.exp(-got.mean(-1)), rtol=1e-6)

@@ -10,6 +10,7 @@ from lcm.eval.generation import (
                                  greedy_generate,
                                  shared_prefill_generate,
 )
+from lcm.eval.likelihood import loglikelihood, perplexity
 from lcm.eval.loop import EvalOptions, evaluate, load_records, max_context_length
 from lcm.eval.results import read_results, summarize, write_reports
 from lcm.eval.scoring import SAMPLE_METRICS, aggregate, score_sample
@@ -17,4 +18,4 @@ from lcm.eval.scoring import SAMPLE_METRICS, aggregate, score_sample
 __all__ = ["metrics", "evaluate", "EvalOptions", "load_records", "max_context_length",
            "greedy_generate", "default_generate_fn", "shared_prefill_generate",
            "generate_from_cache", "write_reports", "summarize", "read_results",
-           "score_sample", "aggregate", "SAMPLE_METRICS"]
+           "score_sample", "aggregate", "SAMPLE_METRICS", "loglikelihood", "perplexity"]

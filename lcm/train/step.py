@@ -54,7 +54,26 @@ def target_weights(batch) -> jax.Array:
 
 
 def lm_loss(params, batch, cfg: ModelConfig, *, shard=None):
-    """Summed next-token cross-entropy and the number of predicted tokens: `(sum, count)`."""
+    """Summed next-token cross-entropy and the number of predicted tokens: `(sum, count)`.
+
+    batch: a dict of arrays that all have the shape of `tokens`, [B, T] with T >= 2
+    (`BATCH_KEYS`; `train_step` refuses other keys):
+
+    - `tokens` (required), int [B, T]: token ids in [0, cfg.vocab_size). Token t + 1 is
+      predicted from tokens 0..t, so there are T - 1 predictions per row.
+    - `segment_ids` (optional), int [B, T]: packed documents. A token attends only within its
+      segment, RoPE positions restart at 0 at each segment (unless `positions` is given), and
+      a prediction across a document boundary or onto padding (segment id 0) is not counted.
+    - `positions` (optional), int [B, T]: the RoPE position of each token (default 0..T-1, or
+      restarting per segment), e.g. PoSE-skipped positions.
+    - `loss_mask` (optional), numeric or bool [B, T]: `loss_mask[:, t + 1]` weights the
+      prediction of token t + 1 (0 excludes it, e.g. for prompt tokens); cast to float32.
+
+    The weight of each prediction is the product of the two rules above
+    (`target_weights(batch)`, float32 [B, T - 1]). shard: as in `lcm.model.forward`.
+    Returns float32 scalars: sum = the weighted sum of -log p(token t + 1 | tokens 0..t) over
+    the batch, count = the sum of the weights; the mean loss is sum / count.
+    """
     tokens = batch["tokens"]
     logits = forward(params, tokens, cfg, positions=batch.get("positions"),
                      segment_ids=batch.get("segment_ids"), shard=shard)

@@ -187,15 +187,17 @@ def test_answer_on_smollm2_equals_the_steps_by_hand():
     context_ids, question_ids = encode_context_question(tok, context, questions)
     rendered = tok.apply_chat_template([{"role": "user", "content": context + questions[0]}])
     assert tok.encode(rendered) == context_ids + question_ids[0]  # the split is exact here
-    for q, ids in zip(question_ids, got):
-        logits, cache = prefill(params, jnp.asarray([context_ids]), cfg, policy=press,
-                                max_new_tokens=len(q) + 7)
-        logits, cache = extend(params, cache, jnp.asarray([q]), cfg, all_logits=False)
-        tokens, count = generate_from_cache(params, cfg, logits, cache, max_new_tokens=8,
-                                            stop_tokens=(tok.eos_id,))
-        want = [int(t) for t in np.asarray(tokens)[0, :int(count[0])]]
-        assert ids == [t for t in want if t != tok.eos_id]
-    # Text, batching and broadcasting: the same answers however they are asked.
+    # By hand, unpadded: prefill + compress the context, extend by the question, decode.
+    q = question_ids[0]
+    logits, cache = prefill(params, jnp.asarray([context_ids]), cfg, policy=press,
+                            max_new_tokens=len(q) + 7)
+    logits, cache = extend(params, cache, jnp.asarray([q]), cfg, all_logits=False)
+    tokens, count = generate_from_cache(params, cfg, logits, cache, max_new_tokens=8,
+                                        stop_tokens=(tok.eos_id,))
+    want = [int(t) for t in np.asarray(tokens)[0, :int(count[0])]]
+    assert got[0] == [t for t in want if t != tok.eos_id]
+    # Text, one cache for two questions, batching and broadcasting: the same answers however
+    # they are asked.
     texts = answer(params, cfg, tok, context, questions, press=press, max_new_tokens=8)
     assert texts == [tok.decode(i, skip_special_tokens=True) for i in got]
     assert answer(params, cfg, tok, context, questions[1], press=press,
@@ -222,15 +224,16 @@ def test_answer_matches_kvpress_pipeline_on_smollm2():
         name = case["name"]
         press = presses[case["press"]]
         press = None if press is None else press(**case["press_settings"])
+        context = data["contexts"][case["context"]]
         context_ids, question_ids = encode_context_question(
-            tok, case["context"], case["questions"], answer_prefix=case["answer_prefix"],
+            tok, context, case["questions"], answer_prefix=case["answer_prefix"],
             chat_template=case["chat_template"])
         assert context_ids == case["context_ids"], name
         assert question_ids == case["question_ids"], name
-        got = answer_ids(params, cfg, tok, case["context"], case["questions"], press=press,
+        got = answer_ids(params, cfg, tok, context, case["questions"], press=press,
                          max_new_tokens=case["max_new_tokens"],
                          answer_prefix=case["answer_prefix"],
-                         chat_template=case["chat_template"])
+                         chat_template=case["chat_template"], pad_multiple=640)
         want = [[t for t in ids if t != data["eos_token_id"]] for ids in case["answer_ids"]]
         assert got == want, name
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in got]

@@ -176,8 +176,10 @@ def shared_prefill_generate(params, cfg: ModelConfig, prompts, *, lengths, max_n
 
 def check_questions(questions, question_lengths, batch: int, cfg: ModelConfig | None = None):
     """questions int [batch, Q >= 1] and question_lengths [batch] in [0, Q] (None: every row
-    Q) -> (int32 [batch, Q], int32 [batch]); ValueError naming the argument otherwise."""
-    questions = np.asarray(questions) if not isinstance(questions, jax.Array) else questions
+    Q) -> (int32 [batch, Q], int32 [batch]); ValueError naming the argument otherwise. Values
+    are checked where they are on this host (not for arrays spread over several processes)."""
+    if not isinstance(questions, jax.Array):
+        questions = np.asarray(questions)
     if (questions.ndim != 2 or questions.shape[0] != batch or questions.shape[1] < 1
             or not jnp.issubdtype(questions.dtype, jnp.integer)):
         raise ValueError(f"questions: shape {questions.shape}, dtype {questions.dtype}; expected "
@@ -185,21 +187,30 @@ def check_questions(questions, question_lengths, batch: int, cfg: ModelConfig | 
     Q = questions.shape[1]
     if question_lengths is None:
         question_lengths = np.full((batch,), Q, np.int32)
-    lengths = np.asarray(question_lengths)
-    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
-        raise ValueError(f"question_lengths: shape {lengths.shape}, dtype {lengths.dtype}; "
-                         f"expected int [batch={batch}]")
-    if lengths.min() < 0 or lengths.max() > Q:
-        raise ValueError(f"question_lengths={lengths.tolist()}; expected every length in "
-                         f"[0, {Q}] (questions are right-padded to {Q})")
-    if cfg is not None:
-        host = np.asarray(questions)
-        real = np.arange(Q)[None] < lengths[:, None]
-        bad = host[real & ((host < 0) | (host >= cfg.vocab_size))]
-        if bad.size:
-            raise ValueError(f"questions hold token ids {sorted(set(bad.tolist()))[:8]} outside "
-                             f"the vocabulary [0, {cfg.vocab_size})")
-    return jnp.asarray(questions, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    if not isinstance(question_lengths, jax.Array):
+        question_lengths = np.asarray(question_lengths)
+    if question_lengths.shape != (batch,) or not jnp.issubdtype(question_lengths.dtype,
+                                                                 jnp.integer):
+        raise ValueError(f"question_lengths: shape {question_lengths.shape}, dtype "
+                         f"{question_lengths.dtype}; expected int [batch={batch}]")
+    if _on_host(question_lengths):
+        lengths = np.asarray(question_lengths)
+        if lengths.min() < 0 or lengths.max() > Q:
+            raise ValueError(f"question_lengths={lengths.tolist()}; expected every length in "
+                             f"[0, {Q}] (questions are right-padded to {Q})")
+        if cfg is not None and _on_host(questions):
+            host = np.asarray(questions)
+            real = np.arange(Q)[None] < lengths[:, None]
+            bad = host[real & ((host < 0) | (host >= cfg.vocab_size))]
+            if bad.size:
+                raise ValueError(f"questions hold token ids {sorted(set(bad.tolist()))[:8]} "
+                                 f"outside the vocabulary [0, {cfg.vocab_size})")
+    return jnp.asarray(questions, jnp.int32), jnp.asarray(question_lengths, jnp.int32)
+
+
+def _on_host(x) -> bool:
+    return not isinstance(x, jax.Array) or (not isinstance(x, jax.core.Tracer)
+                                            and x.is_fully_addressable)
 
 
 def question_generate(params, cfg: ModelConfig, contexts, questions, *, context_lengths=None,
@@ -231,8 +242,7 @@ def question_generate(params, cfg: ModelConfig, contexts, questions, *, context_
     questions, question_lengths = check_questions(questions, question_lengths, B, cfg)
     stop = tuple(sorted({int(t) for t in stop_tokens}))
     room = questions.shape[1] + max_new_tokens - 1
-    q_host = np.asarray(question_lengths)
-    if _owns_cache(policy) and B > 1 and (q_host != q_host[0]).any():
+    if _owns_cache(policy) and B > 1 and len(set(np.asarray(question_lengths).tolist())) > 1:
         # decode_step feeds every row at once: rows of different question lengths go alone.
         lengths = (jnp.full((B,), contexts.shape[1], jnp.int32) if context_lengths is None
                    else jnp.asarray(context_lengths))

@@ -59,6 +59,7 @@ def _ragged(seed=0, context_lengths=(40, 23, 31), question_lengths=(5, 9, 0)):
     return ctx, cl, qs, ql, full
 
 
+@pytest.mark.slow
 def test_full_cache_equals_the_one_shot_prompt_and_policies_share_a_prefill():
     ctx, cl, qs, ql, full = _ragged()
     want = generate(PARAMS, CFG, full, lengths=cl + ql, max_new_tokens=7)

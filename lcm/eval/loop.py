@@ -15,6 +15,16 @@ policy; predictions are decoded, scored (`lcm.eval.scoring`) and appended to
 `workdir/results.jsonl` in one write per batch. With `resume=True` finished (run, id) pairs are
 skipped, so an interrupted run continues where it stopped and ends with the same results file.
 Several runs (cache policies, settings) share a workdir under different run names.
+
+What a cache policy compresses (`EvalOptions.compress_question`): by default kvpress's protocol,
+the prompt up to the end of the record's context is prefilled and compressed and the rest (the
+question, the template's closing part, the answer prefix) is appended after compression at the
+positions that follow (`lcm.eval.generation.question_generate`); with compress_question=True
+the whole prompt, question included, is compressed (question-aware compression). The split is
+made in tokens: the prompt's tokens that `tokenizer.encode(prompt[:end of context])` also gives
+are the context, the rest the question, so both protocols see the same tokens (where BPE joins
+a token across the boundary, that token goes to the question). The full cache (policy None)
+gives the same predictions under both.
 """
 
 from __future__ import annotations
@@ -42,8 +52,10 @@ from lcm.data import (
     plan_batches,
 )
 from lcm.data.pipeline import TRUNCATION_POLICIES
+from lcm.data.tokenizers import pad_id
 from lcm.eval.generation import (
     default_generate_fn,
+    question_generate,
     shared_prefill_generate,
     shares_prefill,
     trim_generation,
@@ -68,6 +80,12 @@ class EvalOptions:
     max_length: the usable length (prompt + generation); None derives it from cfg
       (`max_context_length`). Setting it above that is explicit consent to extrapolate.
     stop_at_eos: stop a row at the tokenizer's EOS; stop_tokens: more stop ids.
+    compress_question: False (default) follows kvpress's protocol: a cache policy compresses the
+      prompt up to the end of the record's context, and the question after it is appended
+      after compression; True compresses the whole prompt with the question inside it
+      (question-aware). The record's context must appear in its prompt (else its question,
+      whose start is then the split) when False and a run has a policy. It enters each run's
+      fingerprint, so runs of the two protocols never mix in one run's results.
     """
 
     run: str = "eval"
@@ -80,6 +98,7 @@ class EvalOptions:
     stop_tokens: tuple[int, ...] = ()
     progress: bool = True
     heatmaps: bool = True
+    compress_question: bool = False
 
     def __post_init__(self):
         if not isinstance(self.run, str) or not self.run or "/" in self.run:
@@ -98,6 +117,11 @@ class EvalOptions:
             raise ValueError(f"EvalOptions.truncation={self.truncation!r}; expected one of "
                              f"{list(TRUNCATIONS)}")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        if not isinstance(self.compress_question, bool):
+            raise ValueError(f"EvalOptions.compress_question={self.compress_question!r}; "
+                             f"expected a bool (False: kvpress's protocol, the question appended "
+                             f"after compression; True: the question compressed with the "
+                             f"context)")
 
 
 def max_context_length(cfg: ModelConfig) -> int | None:
@@ -213,12 +237,21 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
     # one layer's full K/V at a time instead of every layer's.
     shared = (generate_fn is None and cfg.positions.type == "rope"
               and sum(shares_prefill(p) for p in runs.values()) > 1)
+    appended = not options.compress_question and any(p is not None for p in runs.values())
+    if appended:
+        _check_protocol(cfg, runs, generate_fn)
     generate_fn = default_generate_fn(cfg) if generate_fn is None else generate_fn
+
+    def used_fn(policy):
+        if shared and shares_prefill(policy):
+            return shared_prefill_generate
+        if appended and policy is not None:
+            return question_generate
+        return generate_fn
+
     path = os.path.join(workdir, RESULTS_FILE)
-    fingerprints = {
-        run: _fingerprint(cfg, run_policy, options, shared_prefill_generate
-                          if shared and shares_prefill(run_policy) else generate_fn)
-        for run, run_policy in runs.items()}
+    fingerprints = {run: _fingerprint(cfg, run_policy, options, used_fn(run_policy))
+                    for run, run_policy in runs.items()}
     # Process 0 alone reads and writes the workdir (other hosts may not share its disk); every
     # process gets its answer, or raises its error.
     done = {run: set(ids) for run, ids in _from_process_0(
@@ -243,15 +276,22 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
     timing = {"model_s": 0.0, "prefill_s": 0.0, "prefill_cpu_s": 0.0,
               "generate_s": dict.fromkeys(runs, 0.0), "generate_cpu_s": dict.fromkeys(runs, 0.0)}
     written = 0
+    question_counts: dict[str, int] = {}
     for items, batch in batches:
         prompts, lengths = _local_rows(batch, items, tokenizer, options)
+        split = None
+        if appended:
+            split = _split_rows(batch, items, prompts, lengths, tokenizer, options,
+                                question_counts)
         if mesh is not None:
             prompts, lengths = (_to_mesh(x, mesh, data_axis) for x in (prompts, lengths))
+            if split is not None:
+                split = tuple(_to_mesh(x, mesh, data_axis) for x in split)
         wanted = {run: p for run, p in runs.items()
                   if any(r.id not in done[run] for r, _, _ in items if r is not None)}
         t0 = time.perf_counter()
         outputs = _generate_runs(params, cfg, prompts, lengths, batch["max_new_tokens"], wanted,
-                                 stop, generate_fn if not shared else None, timing)
+                                 stop, generate_fn if not shared else None, timing, split)
         timing["model_s"] += time.perf_counter() - t0
         rows = []
         for run, (out, count) in outputs.items():
@@ -337,37 +377,138 @@ def _runs(options, policy, policies) -> dict:
     return dict(policies)
 
 
-def _generate_runs(params, cfg, prompts, lengths, budget, runs, stop, generate_fn, timing):
+def _generate_runs(params, cfg, prompts, lengths, budget, runs, stop, generate_fn, timing,
+                   split=None):
     """{run: (tokens [B, budget], counts [B])} for one batch; generate_fn None: one shared
-    prefill for every policy that can share it."""
+    prefill for every policy that can share it. split: None (every policy compresses the whole
+    prompt), or (contexts, context lengths, questions, question lengths) of kvpress's protocol:
+    a policy then compresses the context and the question is appended after it."""
     out = {}
     if generate_fn is None:
         together = {run: p for run, p in runs.items() if shares_prefill(p)}
         if together:
-            split = {}
-            results = shared_prefill_generate(params, cfg, prompts, lengths=lengths,
-                                              max_new_tokens=budget,
+            times = {}
+            if split is None:
+                inputs = dict(prompts=prompts, lengths=lengths)
+            else:
+                inputs = dict(prompts=split[0], lengths=split[1], questions=split[2],
+                              question_lengths=split[3])
+            results = shared_prefill_generate(params, cfg, **inputs, max_new_tokens=budget,
                                               policies=tuple(together.values()),
-                                              stop_tokens=stop, timings=split)
-            timing["prefill_s"] += split["prefill_s"]
-            timing["prefill_cpu_s"] += split["prefill_cpu_s"]
+                                              stop_tokens=stop, timings=times)
+            timing["prefill_s"] += times["prefill_s"]
+            timing["prefill_cpu_s"] += times["prefill_cpu_s"]
             for i, (run, result) in enumerate(zip(together, results)):
                 out[run] = result
-                timing["generate_s"][run] += split["decode_s"][i]
-                timing["generate_cpu_s"][run] += split["decode_cpu_s"][i]
+                timing["generate_s"][run] += times["decode_s"][i]
+                timing["generate_cpu_s"][run] += times["decode_cpu_s"][i]
         generate_fn = default_generate_fn(cfg)
     for run, policy in runs.items():
         if run in out:
             continue
         t0, c0 = time.perf_counter(), time.process_time()
-        tokens, count = generate_fn(params, cfg, prompts, lengths=lengths, max_new_tokens=budget,
-                                    policy=policy, stop_tokens=stop, temperature=0.0)
+        if split is not None and policy is not None:
+            tokens, count = question_generate(params, cfg, split[0], split[2],
+                                              context_lengths=split[1],
+                                              question_lengths=split[3], max_new_tokens=budget,
+                                              policy=policy, stop_tokens=stop)
+        else:
+            tokens, count = generate_fn(params, cfg, prompts, lengths=lengths,
+                                        max_new_tokens=budget, policy=policy, stop_tokens=stop,
+                                        temperature=0.0)
         # Dispatch is asynchronous: wait, so the model's time is not billed to the decoding
         # and scoring after it.
         out[run] = jax.block_until_ready((tokens, count))
         timing["generate_s"][run] += time.perf_counter() - t0
         timing["generate_cpu_s"][run] += time.process_time() - c0
     return {run: out[run] for run in runs}
+
+
+def _check_protocol(cfg, runs, generate_fn):
+    """Raises ValueError where kvpress's protocol (compress_question=False) cannot run a
+    policy: a custom generate_fn, a model that is not plain RoPE, a decode-time policy."""
+    from lcm.cache import is_prefill_press
+    for run, policy in runs.items():
+        if policy is None:
+            continue  # nothing compressed: the one-shot prompt gives the same tokens
+        fix = ("or set EvalOptions(compress_question=True) to compress the whole prompt, "
+               "question included")
+        if generate_fn is not None:
+            name = getattr(generate_fn, "__name__", generate_fn)
+            raise ValueError(f"run {run!r}: generate_fn={name} with policy={policy!r} "
+                             f"compresses the whole prompt; kvpress's protocol (the default) "
+                             f"appends the question after compression with "
+                             f"lcm.eval.generation.question_generate: leave generate_fn None, "
+                             f"{fix}")
+        if cfg.positions.type != "rope":
+            raise ValueError(f"run {run!r}: policy={policy!r} with cfg.positions.type="
+                             f"{cfg.positions.type!r}: appending the question after "
+                             f"compression needs lcm.cache's RoPE cache; {fix}")
+        if not is_prefill_press(policy):
+            raise ValueError(f"run {run!r}: policy={policy!r}; expected None or a prefill "
+                             f"press from lcm.cache")
+
+
+def split_point(record: Record) -> int:
+    """Where kvpress's protocol splits `record.prompt` (a character index): after the first
+    occurrence of `record.context` in it, else before the last occurrence of `record.question`;
+    ValueError when neither appears."""
+    if record.context and (at := record.prompt.find(record.context)) >= 0:
+        return at + len(record.context)
+    if record.question and (at := record.prompt.rfind(record.question)) >= 0:
+        return at
+    raise ValueError(f"record {record.id!r}: neither its context nor its question appears in "
+                     f"its prompt, so the prompt cannot be split into a context to compress and "
+                     f"a question appended after it (kvpress's protocol); set EvalOptions("
+                     f"compress_question=True) to compress the whole prompt")
+
+
+def question_tokens(record: Record, tokenizer) -> int:
+    """How many of the prompt's last tokens are the question under kvpress's protocol: the
+    prompt's tokens after the longest prefix they share with `tokenizer.encode(prompt[:split])`
+    (`split_point`)."""
+    ids = tokenizer.encode(record.prompt)
+    head = tokenizer.encode(record.prompt[:split_point(record)])
+    shared = 0
+    for a, b in zip(ids, head):
+        if a != b:
+            break
+        shared += 1
+    return len(ids) - shared
+
+
+def _split_rows(batch, items, prompts, lengths, tokenizer, options, counts):
+    """(contexts [b, bucket], context lengths [b], questions [b, Q], question lengths [b]) of
+    this process's rows (as `_local_rows` filled them) under kvpress's protocol; Q is a
+    multiple of 16. counts caches the question tokens per record id."""
+    records = list(batch["records"])
+    valid = batch["valid"]
+    fill = records[int(np.flatnonzero(valid)[0])] if valid.any() else items[0][0]
+    b = prompts.shape[0]
+    q = np.zeros(b, np.int32)
+    for r in range(b):
+        record = records[r] if valid[r] else fill
+        if record.id not in counts:
+            counts[record.id] = question_tokens(record, tokenizer)
+        q[r] = counts[record.id]
+        kept = int(lengths[r])
+        dropped = int(batch["truncated"][r]) if valid[r] else 0
+        # "middle" keeps the first and last kept // 2 tokens: the question must be in the
+        # last half; otherwise at least one context token must stay before it.
+        most = kept // 2 if dropped and options.truncation == "middle" else kept - 1
+        if q[r] > most:
+            raise ValueError(f"record {record.id!r}: its question ({q[r]} tokens) does not fit "
+                             f"after a context of at least one token in the {kept} prompt "
+                             f"tokens kept; set EvalOptions(compress_question=True), a larger "
+                             f"max_length, or a shorter question")
+    width = max(16, -(-int(q.max()) // 16) * 16)
+    questions = np.zeros((b, width), np.int32)
+    contexts = np.array(prompts, copy=True)
+    for r in range(b):
+        n, k = int(lengths[r]), int(q[r])
+        questions[r, :k] = prompts[r, n - k:n]
+        contexts[r, n - k:n] = pad_id(tokenizer)
+    return contexts, (np.asarray(lengths) - q).astype(np.int32), questions, q
 
 
 def _batches(records, tokenizer, limit, options, shards):

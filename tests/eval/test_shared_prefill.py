@@ -73,10 +73,20 @@ def test_policies_share_a_prefill_and_equal_separate_runs(tmp_path, monkeypatch)
     assert set(summary["timing"]["generate_s"]) == set(POLICIES)
     assert summary["timing"]["samples_this_session"] == len(records) * len(POLICIES)
     for run, policy in POLICIES.items():
+        # One policy alone: lcm.eval.generation.question_generate (kvpress's protocol).
         evaluate(PARAMS, CFG, records, TOK, str(tmp_path / "alone"),
-                 options=dataclasses.replace(OPTIONS, run=run), policy=policy,
-                 generate_fn=generate)
+                 options=dataclasses.replace(OPTIONS, run=run), policy=policy)
         assert _rows(tmp_path / "shared", run) == _rows(tmp_path / "alone", run)
+    # Question-aware compression: the whole prompt compressed, as lcm.cache.generate does.
+    aware = dataclasses.replace(OPTIONS, compress_question=True)
+    pressed = {run: POLICIES[run] for run in ("snapkv", "streaming_llm")}
+    evaluate(PARAMS, CFG, records, TOK, str(tmp_path / "aware"), options=aware,
+             policies=pressed)
+    for run, policy in pressed.items():
+        evaluate(PARAMS, CFG, records, TOK, str(tmp_path / "aware_alone"),
+                 options=dataclasses.replace(aware, run=run), policy=policy,
+                 generate_fn=generate)
+        assert _rows(tmp_path / "aware", run) == _rows(tmp_path / "aware_alone", run)
     # (That the policies' tokens differ is checked by the test above: this tiny model's
     # predictions here all end at EOS at once.)
 

@@ -149,7 +149,7 @@ def shared_prefill_generate(params, cfg: ModelConfig, prompts, *, lengths, max_n
     observed = tuple({repr(p): p for p in policies if p is not None}.values())
     logits, full, observations = prefill_observed(params, prompts, cfg, observed,
                                                   lengths=lengths)
-    logits.block_until_ready()
+    check_finite_logits(logits, "the prefill")
     if timings is not None:
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
         timings["prefill_cpu_s"] = timings.get("prefill_cpu_s", 0.0) + time.process_time() - c0
@@ -308,6 +308,20 @@ def append_question(params, cfg: ModelConfig, logits, cache, questions, question
 def _owns_cache(policy) -> bool:
     from lcm.cache.formats import owns_cache
     return owns_cache(policy)
+
+
+def check_finite_logits(logits, what: str) -> None:
+    """Raises FloatingPointError naming the rows when `logits` [B, vocab] hold NaN or inf (a
+    diverged model or NaN weights: greedy decoding would turn them into token 0 silently).
+    Waits for `logits`; one reduction per batch."""
+    finite = jnp.isfinite(logits).all(axis=-1)
+    if bool(jax.device_get(finite.all())):  # a replicated scalar, also over several processes
+        return
+    rows = (np.flatnonzero(~np.asarray(finite)).tolist() if finite.is_fully_addressable
+            else "(some)")
+    raise FloatingPointError(f"{what} gave NaN or infinite logits for rows {rows} of the batch: "
+                             f"the params or the inputs hold NaN / inf, or the model diverged "
+                             f"(lcm.model.checked finds the first op that makes a NaN)")
 
 
 def generate_from_cache(params, cfg: ModelConfig, logits, cache, *, max_new_tokens: int,

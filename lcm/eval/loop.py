@@ -62,6 +62,7 @@ from lcm.eval.generation import (
 )
 from lcm.eval.results import RESULTS_FILE, append_lines, read_results, write_reports
 from lcm.eval.scoring import check_metric, score_sample
+from lcm.model import check_finite_params
 from lcm.sharding.mesh import host_array
 
 TRUNCATIONS = TRUNCATION_POLICIES
@@ -221,6 +222,10 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
     the reports), broadcasting its answers, so the workdir need only exist on process 0's disk.
     Every process returns process 0's summary. The results file is the one an unsharded run
     with the same rows per batch writes.
+
+    Checked before any work: params hold no NaN / inf (`lcm.model.check_finite_params`) and,
+    per batch, the prompt ids lie in the vocabulary; a shared prefill that still gives NaN
+    logits stops the run (FloatingPointError naming the rows) before its results are written.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     runs = _runs(options, policy, policies)
@@ -233,6 +238,7 @@ def evaluate(params, cfg: ModelConfig, records, tokenizer, workdir: str, *,
             raise ValueError(f"record id {r.id!r} appears twice; ids must be unique")
         ids.add(r.id)
         check_metric(r.metric)
+    check_finite_params(params)  # NaN weights would decode as token 0, silently
     # One prefill for several policies; a single policy compresses inside prefill, which keeps
     # one layer's full K/V at a time instead of every layer's.
     shared = (generate_fn is None and cfg.positions.type == "rope"

@@ -61,6 +61,20 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", lengths=None)
                          f"(cfg.vocab_size={vocab_size})")
 
 
+def check_finite_params(params) -> None:
+    """Raises ValueError naming the first weight that holds NaN or inf (e.g. a checkpoint saved
+    after the model diverged). One reduction per weight; skipped for traced params."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if any(isinstance(x, jax.core.Tracer) for _, x in leaves):
+        return
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
+    for (path, x), ok in zip(leaves, finite):
+        if not ok:
+            name = jax.tree_util.keystr(path)
+            raise ValueError(f"params{name} (shape {tuple(x.shape)}) holds NaN or inf; the "
+                             f"weights are unusable (restore an earlier checkpoint)")
+
+
 def checked(fn, *, errors=checkify.float_checks | checkify.user_checks):
     """`fn(params, tokens, cfg, ...)` (forward, run_segments, a train loss, lcm.cache.prefill,
     ...) with the checks that also see traced values, for debugging: token ids in

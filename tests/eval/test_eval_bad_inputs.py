@@ -297,3 +297,25 @@ def test_numpy_scalars_are_accepted(call):
         assert value.batch_size == 4 and type(value.batch_size) is int
     else:
         assert value.length == 40 and type(value.length) is int and value.depth == 0.5
+
+
+def test_nan_params_stop_the_evaluation_before_any_work(tmp_path):
+    """Greedy decoding would turn NaN logits into token 0: NaN weights are refused by name
+    before anything runs, and a shared prefill that still gives NaN logits (finite weights
+    that overflow) stops the run with the rows named, before results are written."""
+    import jax
+
+    from lcm.eval.generation import check_finite_logits
+    from lcm.model import init_params
+    params = init_params(CFG, jax.random.key(0))[0]
+    bad = {**params, "final_norm": params["final_norm"].at[3].set(np.float32("nan"))}
+    records = [r for r in _records() if r.length == 40][:4]
+    with pytest.raises(ValueError, match=r"params\['final_norm'\] \(shape \(16,\)\) holds NaN"):
+        evaluate(bad, CFG, records, TOK, str(tmp_path / "w"), options=OPTIONS)
+    assert not (tmp_path / "w").exists()
+    logits = np.zeros((3, 48), np.float32)
+    check_finite_logits(logits, "the prefill")
+    logits[1, 5] = np.inf
+    with pytest.raises(FloatingPointError, match=r"the prefill gave NaN or infinite logits for "
+                                                  r"rows \[1\]"):
+        check_finite_logits(logits, "the prefill")

@@ -1,0 +1,216 @@
+"""Every code block of README.md and docs/*.md runs in CI, so none can rot.
+
+- ```python blocks run in order, per page, in one fresh subprocess (blocks of a page share
+  state), with 8 simulated CPU devices and jax_numpy_rank_promotion="raise", in a temporary
+  working directory.
+- ```bash blocks are validated command by command, without running anything long:
+  `python -m experiments.run ...` (also inside `gcloud ... --command="..."`) runs with
+  `--dry_run` (the config and its overrides resolved and checked as a run checks them before any
+  work, into a fresh workdir); `python -m pytest PATHS` must name existing tests (CI runs the
+  suite); pip, venv and clone lines are what `.ci/run` itself exercises on a clean clone, and the
+  README's two set-up commands must match it byte for byte; a script run by another Python (a
+  side environment's peer script) must exist. Any other command fails this test: decide how to
+  check it here.
+- ```text blocks (output, file trees) are not run; every other fence needs one of these
+  languages (MyST directives such as ```{toctree} aside).
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LANGUAGES = {"python", "bash", "text"}
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+CLONE = "git clone https://github.com/lcm-dev/lcm.git && cd lcm"
+
+
+def blocks(page: Path):
+    """(language, first line number, code) of every fenced block of `page`."""
+    text = page.read_text(encoding="utf-8")
+    for m in FENCE.finditer(text):
+        line = text.count("\n", 0, m.start()) + 2
+        yield m.group(1).strip(), line, m.group(2)
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def _pages_with(language):
+    return [pytest.param(p, id=_name(p)) for p in PAGES
+            if any(lang == language for lang, _, _ in blocks(p))]
+
+
+def test_every_block_has_a_known_language():
+    bad = [f"{_name(p)}:{line} ```{lang}" for p in PAGES for lang, line, _ in blocks(p)
+           if lang not in LANGUAGES and not lang.startswith("{")]
+    assert not bad, f"fences need one of {sorted(LANGUAGES)} (text for output): {bad}"
+
+
+# ------------------------------------------------------------------------------- python
+
+_RUNNER = textwrap.dedent("""
+    import sys
+    namespace = {"__name__": "__main__"}
+    for path, label in zip(sys.argv[1::2], sys.argv[2::2]):
+        print(f"--- {label}", flush=True)
+        with open(path, encoding="utf-8") as f:
+            exec(compile(f.read(), label, "exec"), namespace)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _pages_with("python"))
+def test_python_blocks_run(page, tmp_path):
+    args = []
+    for i, (lang, line, code) in enumerate(blocks(page)):
+        if lang == "python":
+            # Blank lines keep the traceback's line numbers those of the page.
+            path = tmp_path / f"block{i}.py"
+            path.write_text("\n" * (line - 1) + code, encoding="utf-8")
+            args += [str(path), _name(page)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_NUMPY_RANK_PROMOTION="raise", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _RUNNER, *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (f"{_name(page)}: a python block failed\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# ------------------------------------------------------------------------------- bash
+
+
+def commands(code: str):
+    """The simple commands of a shell block: continuations joined, comments dropped, split at
+    `&&` and `;`; each as (env assignments, argv)."""
+    for line in code.replace("\\\n", " ").splitlines():
+        # A command substitution, $(...), stands for one word (its output).
+        tokens = shlex.split(re.sub(r"\$\([^()]*\)", "SUBSTITUTED", line), comments=True)
+        command = []
+        for token in tokens + ["&&"]:
+            if token in ("&&", ";"):
+                env = {}
+                while command and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command[0]):
+                    key, value = command.pop(0).split("=", 1)
+                    env[key] = value
+                if command or env:
+                    yield env, command
+                command = []
+            else:
+                command.append(token)
+
+
+def _extras():
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^(\w+)\s*=", section, flags=re.M))
+
+
+def _dry_run(argv, env, tmp_path):
+    """`python -m experiments.run ...` with --dry_run, its workdir replaced by a fresh one."""
+    workdir = tmp_path / f"workdir{len(list(tmp_path.iterdir()))}"
+    args = [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in argv[3:]]
+    assert any(a.startswith("--workdir=") for a in args), f"no --workdir in {argv}"
+    full_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
+    full_env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", *args, "--dry_run"],
+                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    missing = re.search(r"No module named '(\w+)'", proc.stderr)
+    if proc.returncode and missing and missing.group(1) in _optional_packages():
+        # An experiment needing an extra that CI does not install (tokamax: `.[bench]`): its
+        # config file and the override names are still checked, as the runner checks them.
+        from experiments import run as runner
+
+        runner.check_overrides(args)
+        return
+    assert proc.returncode == 0, f"{shlex.join(argv)} --dry_run failed:\n{proc.stderr[-3000:]}"
+    assert "dry run:" in proc.stdout and not workdir.exists()
+
+
+def _optional_packages():
+    """Import names of the packages that only optional extras besides `test` install."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    names = set()
+    for extra, body in re.findall(r"^(\w+)\s*=\s*\[(.*?)\]", section, flags=re.M | re.S):
+        if extra != "test":
+            names |= {re.split(r"[<>=\[]", p)[0].replace("-", "_")
+                      for p in re.findall(r'"([^"]+)"', body)}
+    return names - {"jax"}
+
+
+def check_command(env, argv, tmp_path):
+    """Validates one command of a shell block (see the module docstring); returns how."""
+    prog = argv[0] if argv else ""
+    if argv[:2] == ["cd", "lcm"] or prog in (".", "source") and argv[1:] == [".venv/bin/activate"]:
+        return "shell"
+    if argv[:2] == ["git", "clone"]:
+        assert argv[2:] == ["https://github.com/lcm-dev/lcm.git"], argv
+        return "clone (.ci/run runs on a clean clone)"
+    if prog.startswith("python3") and argv[1:] == ["-m", "venv", ".venv"]:
+        assert set(env) <= {"PYENV_VERSION"}, env
+        return "venv (.ci/run)"
+    if prog == "pip" and argv[1:2] == ["install"]:
+        for spec in argv[2:]:
+            m = re.fullmatch(r"-e|\.(?:\[([\w,]+)\])?|--no-deps|-q|'?[\w.-]+==[\w.]+'?", spec)
+            assert m, f"pip install {spec!r}: not a form this test knows"
+            if m.group(1):
+                missing = set(m.group(1).split(",")) - _extras()
+                assert not missing, f"pip install {spec}: no extra {missing} in pyproject.toml"
+        return "pip (.ci/run installs the same way)"
+    if prog in ("python", "python3") and argv[1:3] == ["-m", "experiments.run"]:
+        _dry_run(argv, env, tmp_path)
+        return "dry run"
+    if prog in ("python", "python3") and argv[1:3] == ["-m", "pytest"]:
+        paths = [a.split("::")[0] for a in argv[3:] if not a.startswith("-") and a != "2"]
+        assert paths, argv
+        for path in paths:
+            assert (ROOT / path).exists(), f"{shlex.join(argv)}: {path} does not exist"
+        return "pytest (the suite runs in CI)"
+    if prog == "gcloud":
+        inner = [a.split("=", 1)[1] for a in argv if a.startswith("--command=")]
+        assert len(inner) == 1, argv
+        for sub_env, sub in commands(inner[0]):
+            check_command(sub_env, sub, tmp_path)
+        return "gcloud (its command checked)"
+    if prog.endswith("/bin/python") and len(argv) > 1 and argv[1].startswith("experiments/"):
+        assert (ROOT / argv[1]).is_file(), f"{shlex.join(argv)}: no {argv[1]}"
+        return "peer script in a side environment (exists)"
+    raise AssertionError(f"no check for the command {shlex.join(argv)!r}: add one to "
+                         f"tests/docs/test_doc_blocks.py, or mark the block ```text")
+
+
+@pytest.mark.parametrize("page", _pages_with("bash"))
+def test_shell_blocks_are_valid(page, tmp_path):
+    for lang, line, code in blocks(page):
+        if lang != "bash":
+            continue
+        for env, argv in commands(code):
+            try:
+                check_command(env, argv, tmp_path)
+            except AssertionError as e:
+                raise AssertionError(f"{_name(page)}:{line}: {e}") from None
+
+
+def test_readme_set_up_commands_are_ci_s():
+    """The clone line, then the main job's command and the suite's, the latter byte-identical
+    to the line .ci/run runs, both choosing Python the same way."""
+    readme = next(code for lang, _, code in blocks(ROOT / "README.md") if lang == "bash")
+    clone, main_job, suite = readme.strip().splitlines()
+    assert clone == CLONE
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert suite in ci, "README's second set-up command differs from .ci/run's"
+    assert main_job.split(" && ")[0] == suite.split(" && ")[0]
+    assert "pyenv latest 3.12" in suite and "python -m pytest" in suite
+    assert "-m experiments.run --config=configs/longctx_sweep.py" in main_job

@@ -9,7 +9,9 @@
   work, into a fresh workdir); `python -m pytest PATHS` must name existing tests (CI runs the
   suite); pip, venv and clone lines are what `.ci/run` itself exercises on a clean clone, and the
   README's two set-up commands must match it byte for byte; a script run by another Python (a
-  side environment's peer script) must exist. Any other command fails this test: decide how to
+  side environment's peer script) must exist; `sphinx-build` is what tests/docs/test_docs.py
+  runs; another `python -m experiments.<module>` (a tour, a device check: minutes, not rerun
+  here) must be run by some test in tests/. Any other command fails this test: decide how to
   check it here.
 - ```text blocks (output, file trees) are not run; every other fence needs one of these
   languages (MyST directives such as ```{toctree} aside).
@@ -173,11 +175,30 @@ def check_command(env, argv, tmp_path):
         _dry_run(argv, env, tmp_path)
         return "dry run"
     if prog in ("python", "python3") and argv[1:3] == ["-m", "pytest"]:
-        paths = [a.split("::")[0] for a in argv[3:] if not a.startswith("-") and a != "2"]
+        rest, paths = argv[3:], []
+        while rest:
+            arg = rest.pop(0)
+            if arg in ("-n", "-k", "-m", "-p"):
+                rest.pop(0)  # the option's value
+            elif not arg.startswith("-"):
+                paths.append(arg.split("::")[0])
         assert paths, argv
         for path in paths:
             assert (ROOT / path).exists(), f"{shlex.join(argv)}: {path} does not exist"
         return "pytest (the suite runs in CI)"
+    if prog in ("python", "python3") and len(argv) > 2 and argv[1] == "-m" and (
+            argv[2].startswith("experiments.")):
+        # Another module of experiments/ (a tour, a device check) is not rerun here: a test
+        # must run it.
+        module = argv[2]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"no module {module}"
+        runs = [t for t in (ROOT / "tests").rglob("test_*.py")
+                if module in t.read_text(encoding="utf-8")]
+        assert runs, f"{shlex.join(argv)}: no test in tests/ runs {module}"
+        return "experiments module (run by a test)"
+    if prog == "sphinx-build":
+        assert "-W" in argv and "docs" in argv, argv
+        return "docs build (tests/docs/test_docs.py)"
     if prog == "gcloud":
         inner = [a.split("=", 1)[1] for a in argv if a.startswith("--command=")]
         assert len(inner) == 1, argv

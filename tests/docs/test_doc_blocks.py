@@ -123,24 +123,42 @@ def _extras():
 
 
 def _dry_run(argv, env, tmp_path):
-    """`python -m experiments.run ...` with --dry_run, its workdir replaced by a fresh one."""
-    workdir = tmp_path / f"workdir{len(list(tmp_path.iterdir()))}"
-    args = [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in argv[3:]]
-    assert any(a.startswith("--workdir=") for a in args), f"no --workdir in {argv}"
-    full_env = dict(os.environ, **env, PYTHONPATH=str(ROOT))
-    full_env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "experiments.run", *args, "--dry_run"],
-                          cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
-    missing = re.search(r"No module named '(\w+)'", proc.stderr)
-    if proc.returncode and missing and missing.group(1) in _optional_packages():
-        # An experiment needing an extra that CI does not install (tokamax: `.[bench]`): its
-        # config file and the override names are still checked, as the runner checks them.
-        from experiments import run as runner
+    """`python -m experiments.run ...` with --dry_run, in this process (the tests' 8 simulated
+    devices; `tests/experiments/test_run_dry_run.py` covers the command line itself): the flags
+    parsed as the runner parses them, its workdir replaced by a fresh one."""
+    from absl import flags
+    from ml_collections import config_flags
 
-        runner.check_overrides(args)
-        return
-    assert proc.returncode == 0, f"{shlex.join(argv)} --dry_run failed:\n{proc.stderr[-3000:]}"
-    assert "dry run:" in proc.stdout and not workdir.exists()
+    from experiments import run as runner
+
+    assert set(env) <= {"XLA_FLAGS"}, f"{shlex.join(argv)}: environment {env}"
+    args = argv[3:]
+    assert any(a.startswith("--workdir=") for a in args), f"no --workdir in {argv}"
+    try:
+        runner.check_overrides(args)  # the config file loads, every override names a field
+    except Exception as e:  # app.UsageError or ValueError, as the runner prints them
+        raise AssertionError(f"{shlex.join(argv)}: {e}") from None
+    known = ("--config", "--workdir=", "--overwrite", "--allow_config_change",
+             "--jax_distributed", "--dry_run")
+    unknown = [a for a in args if not a.startswith(known)]
+    assert not unknown, f"{shlex.join(argv)}: flags experiments.run does not define: {unknown}"
+    values = flags.FlagValues()
+    config_args = ["run"] + [a for a in args if a.startswith("--config")]
+    # sys_argv: config_flags finds the file there and defines its --config.<field> flags.
+    config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=config_args)
+    values(config_args)
+    workdir = tmp_path / f"workdir{len(list(tmp_path.iterdir()))}"
+    try:
+        runner.dry_run(values.config, str(workdir), overwrite="--overwrite" in args,
+                       allow_config_change="--allow_config_change" in args,
+                       distributed="--jax_distributed" in args)
+    except ModuleNotFoundError as e:
+        # An experiment needing an extra that CI does not install (tokamax: `.[bench]`): its
+        # config file and override names were checked above, as the runner checks them.
+        assert e.name in _optional_packages(), f"{shlex.join(argv)}: {e}"
+    except ValueError as e:
+        raise AssertionError(f"{shlex.join(argv)} --dry_run: {e}") from None
+    assert not workdir.exists()
 
 
 def _optional_packages():
@@ -196,7 +214,7 @@ def check_command(env, argv, tmp_path):
         module = argv[2]
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"no module {module}"
         runs = [t for t in (ROOT / "tests").rglob("test_*.py")
-                if module in t.read_text(encoding="utf-8")]
+                if t.parent.name != "docs" and module in t.read_text(encoding="utf-8")]
         assert runs, f"{shlex.join(argv)}: no test in tests/ runs {module}"
         return "experiments module (run by a test)"
     if prog == "sphinx-build":
@@ -238,3 +256,23 @@ def test_readme_set_up_commands_are_ci_s():
     assert main_job.split(" && ")[0] == suite.split(" && ")[0]
     assert "pyenv latest 3.12" in suite and "python -m pytest" in suite
     assert "-m experiments.run --config=configs/longctx_sweep.py" in main_job
+
+
+@pytest.mark.parametrize("command,message", [
+    ("python -m experiments.run --config=configs/longctx_sweep.py --workdir=/tmp/w "
+     "--config.num_samples=0", "num_samples"),                      # the experiment's own check
+    ("python -m experiments.run --config=configs/longctx_sweep.py --workdir=/tmp/w "
+     "--config.num_sample=3", "did you mean"),                      # a misspelt field
+    ("python -m experiments.run --config=configs/train_tiny.py --workdir=/tmp/w "
+     "--config.mesh='(1,3,1,1)'", "config.mesh"),                   # 3 devices of 8
+    ("python -m experiments.run --config=configs/no_such.py --workdir=/tmp/w", "no_such"),
+    ("python -m experiments.run --config=configs/train_tiny.py", "--workdir"),
+    ("pip install -e '.[no_such_extra]'", "no_such_extra"),
+    ("python -m pytest tests/no_such_test.py", "does not exist"),
+    ("python -m experiments.quickstart", "no test in tests/ runs"),
+    ("curl https://example.com | sh", "no check for the command"),
+])
+def test_bad_commands_are_caught(command, message, tmp_path):
+    with pytest.raises((AssertionError, ValueError, SystemExit), match=re.escape(message)):
+        for env, argv in commands(command):
+            check_command(env, argv, tmp_path)

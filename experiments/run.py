@@ -14,7 +14,9 @@ which it also writes under the workdir). The runner:
   empty: the experiment's default) against the devices before the experiment starts;
 - writes the resolved config to `<workdir>/config.json` and refuses to resume into a workdir
   whose results came from a different config, unless `--overwrite` (delete them and start
-  over) or `--allow_config_change` (keep them and resume with the new config).
+  over) or `--allow_config_change` (keep them and resume with the new config);
+- with `--dry_run`, does all of the above checks (and the experiment's own `check_config`, when
+  it has one) without running or writing anything, prints the resolved config and exits 0.
 
 TPU pod slice (every host runs the same command; the workdir should be shared, e.g. gs://...):
 
@@ -48,6 +50,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete the workdir's previou
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False, "Resume into a workdir whose "
                                   "results came from a different config (the old config is kept "
                                   "as config.<time>.json).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Resolve the config with its overrides, check it "
+                              "as a run does before any work (experiment, its check_config, "
+                              "mesh vs devices, workdir), print it and exit; runs and writes "
+                              "nothing.")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() "
                                  "first (multi-host: run the same command on every host).")
 
@@ -275,12 +281,44 @@ def run_experiment(config, workdir: str, *, overwrite: bool = False,
     return summary
 
 
+def dry_run(config, workdir: str, *, overwrite: bool = False,
+            allow_config_change: bool = False, distributed: bool = False) -> str:
+    """The checks `run_experiment` makes before any work, without running or writing anything:
+    the experiment module exists, its `check_config(config)` passes (when it defines one), the
+    mesh fits the devices, and the workdir can take this config. Returns the report to print:
+    the resolved config as JSON and one line saying what a run would do. `distributed` is only
+    reported: a dry run never calls `jax.distributed.initialize()`."""
+    if "experiment" not in config:
+        raise ValueError("the config has no field 'experiment' naming experiments/<name>.py")
+    module = experiment_module(config.experiment)
+    check = getattr(module, "check_config", None)
+    if callable(check):
+        check(config)
+    import jax  # after flag parsing, as in run_experiment
+
+    distributed = distributed or bool(config.get("jax_distributed", False))
+    if not distributed:  # a multi-host mesh spans every host's devices, unknown here
+        check_mesh(config, jax.device_count())
+    resuming = prepare_workdir(workdir, config, overwrite=overwrite,
+                               allow_config_change=allow_config_change, is_primary=False)
+    how = "resume" if resuming else "start afresh"
+    return (f"{config_json(config)}\ndry run: experiments/{config.experiment}.py would {how} in "
+            f"{workdir} on {jax.device_count()} {jax.default_backend()} device(s)"
+            f"{' per host after jax.distributed.initialize()' if distributed else ''}; "
+            f"nothing was run or written")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config=configs/<name>.py and --workdir=DIR are required")
     try:
+        if _DRY_RUN.value:
+            print(dry_run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                          allow_config_change=_ALLOW_CHANGE.value,
+                          distributed=_DISTRIBUTED.value))
+            return
         run_experiment(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                        allow_config_change=_ALLOW_CHANGE.value, distributed=_DISTRIBUTED.value)
     except (ValueError, OSError, FloatingPointError) as e:  # each names its argument, file

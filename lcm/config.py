@@ -14,6 +14,11 @@ import jax.numpy as jnp
 
 from lcm.checks import check_choice, check_int
 
+__all__ = ["ModelConfig", "AttentionConfig", "RopeConfig", "PositionConfig", "LayerKind",
+           "dtype_name", "DTYPES", "ARCHITECTURES", "LAYER_TYPES", "QK_NORMS", "MLP_ACTIVATIONS",
+           "ATTENTION_IMPLS", "CONTEXT_PARALLEL_IMPLS", "MODEL_LOAD_BALANCE", "REMAT_POLICIES",
+           "ROPE_TYPES", "POSITION_TYPES"]
+
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3", "ministral")
 # ModelConfig.layer_types entries, spelled as transformers' `layer_types`.

@@ -46,6 +46,7 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
     Returns [B, T, H, D] in q's dtype; rows that see no key are zeros.
 
     impl, one of IMPLS (one backend each, from one table):
+
     - "reference": dense float32, the ground truth;
     - "xla": blockwise online softmax over the mask's block layout, O(seq * block) memory;
     - "pallas": the block-sparse Pallas kernels: TPU Mosaic on a TPU, Triton on a GPU, the TPU
@@ -60,6 +61,7 @@ def attend(q, k, v, mask: Mask | None = None, *, impl: str = "auto", scale: floa
       TPU kernels moving K/V and dK/dV by remote DMA: index masks only, load_balance "none" or
       "zigzag" with a length that splits evenly into whole blocks, no softcap; interpreted, and
       slow, off TPU).
+
     block_q / block_k are the block sizes of the blockwise backends, clipped to the (rounded-up)
     lengths; lengths need not be multiples of them.
     """

@@ -32,6 +32,7 @@ class MaskFn(Mask):
     elementwise: arithmetic, comparisons, `jnp.where`, `&`, `|`, `~`. Python scalars may be
     captured; arrays may not (a Pallas kernel takes none; per-example or per-head data belongs in
     Document or BlockMask). Arguments:
+
       * batch: the example's index in the batch (0..B-1);
       * head: the query head (0..H-1; under GQA query heads h*G..h*G+G-1 share KV head h);
       * q_index: the query's position on the key axis. Queries are aligned to the end of the

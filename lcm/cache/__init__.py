@@ -1,4 +1,4 @@
-"""KV cache, prefill / decode / generate, and cache eviction policies.
+"""KV cache, prefill / decode / generate, and cache eviction policies::
 
     logits, cache = prefill(params, tokens, cfg, lengths=lengths, policy=SnapKV(0.5),
                             max_new_tokens=16)

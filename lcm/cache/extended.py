@@ -38,7 +38,7 @@ from lcm.positions import position_attention, rope_frequencies
                    data_fields=["k", "v", "pos", "next_pos"], meta_fields=["position"])
 @dataclasses.dataclass(frozen=True)
 class ExtendedCache:
-    """Un-rotated keys and values of every token, for Self-Extend / ReRoPE decoding.
+    """Un-rotated keys and values of every token, for Self-Extend / ReRoPE decoding::
 
         k, v      [L, B, K, C, D]  un-rotated keys and values (compute dtype); slot n holds
                                    position n, zeros in empty slots

@@ -72,17 +72,19 @@ TRUNCATIONS = TRUNCATION_POLICIES
 class EvalOptions:
     """How `evaluate` batches, checks and names its work.
 
-    run: this configuration's name in the results (one workdir can hold several).
-    batch_size: most rows per batch; batch_tokens: also cap rows * padded length (None: no cap).
-    pad_multiple: prompts are right-padded to a multiple of this (fewer distinct shapes).
-    truncation: a prompt whose tokens + generation budget exceed the usable length raises
+    - run: this configuration's name in the results (one workdir can hold several).
+    - batch_size: most rows per batch; batch_tokens: also cap rows * padded length (None: no
+      cap).
+    - pad_multiple: prompts are right-padded to a multiple of this (fewer distinct shapes).
+    - truncation: a prompt whose tokens + generation budget exceed the usable length raises
       ("error"), or is cut by `lcm.data.Truncation`: its first and last int(room / 2) tokens
       (LongBench's "middle") or its last room tokens ("left"), room = usable length - budget.
-    max_length: the usable length (prompt + generation); None derives it from cfg
+    - max_length: the usable length (prompt + generation); None derives it from cfg
       (`max_context_length`). Setting it above that is explicit consent to extrapolate.
-    stop_at_eos: stop a row at the tokenizer's EOS; stop_tokens: more stop ids.
-    compress_question: False (default) follows kvpress's protocol: a cache policy compresses the
-      prompt up to the end of the record's context, and the question after it is appended
+    - stop_at_eos: stop a row at the tokenizer's EOS; stop_tokens: more stop ids.
+    - progress: a progress bar; heatmaps: write depth x length heatmaps with the reports.
+    - compress_question: False (default) follows kvpress's protocol: a cache policy compresses
+      the prompt up to the end of the record's context, and the question after it is appended
       after compression; True compresses the whole prompt with the question inside it
       (question-aware). The record's context must appear in its prompt (else its question,
       whose start is then the split) when False and a run has a policy. It enters each run's

@@ -299,7 +299,7 @@ def test_numpy_scalars_are_accepted(call):
         assert value.length == 40 and type(value.length) is int and value.depth == 0.5
 
 
-def test_nan_params_stop_the_evaluation_before_any_work(tmp_path):
+def test_error_nan_params_stop_the_evaluation_before_any_work(tmp_path):
     """Greedy decoding would turn NaN logits into token 0: NaN weights are refused by name
     before anything runs, and a shared prefill that still gives NaN logits (finite weights
     that overflow) stops the run with the rows named, before results are written."""

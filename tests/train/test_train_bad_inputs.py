@@ -224,7 +224,7 @@ def test_config_errors_come_before_any_work(tmp_path, field, value, match):
     assert not (tmp_path / "w").exists()  # nothing built, nothing written
 
 
-def test_token_ids_past_the_model_vocabulary_stop_training_before_the_first_step(tmp_path):
+def test_error_token_ids_past_the_model_vocabulary_stop_training_before_the_first_step(tmp_path):
     """A byte tokenizer (ids up to 258) with a 64-token model: inside jit the ids would be
     clamped silently; the runner checks each batch on the host and stops at the first."""
     docs = tmp_path / "docs.jsonl"

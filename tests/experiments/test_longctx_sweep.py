@@ -176,3 +176,24 @@ def test_compilation_cache_dir_choices(tmp_path, monkeypatch):
         "w", "jax_compilation_cache")
     config.compilation_cache = "off"
     assert longctx_sweep.compilation_cache_dir(config, "w") is None
+
+
+def test_sweep_table_rows_columns_and_intervals():
+    from lcm.eval.results import summarize
+
+    rows = []
+    for run, hits in (("native-full", 15), ("native-snapkv", 6), ("yarn-full", 0)):
+        length = 16384 if run.startswith("yarn") else 2048
+        n = 2 if run.startswith("yarn") else 15
+        for i in range(n):
+            rows.append({"run": run, "id": f"p{i}", "task": "passkey", "length": length,
+                         "metric": "exact_match", "prediction": "x", "answers": ["1"],
+                         "depth": 0.5, "score": 1.0 if i < hits else 0.0})
+    rows.append(dict(rows[0], run="native-snapkv", id="extra"))  # snapkv's n is 16 there
+    table = longctx_sweep.sweep_table(summarize(rows))
+    lines = table.splitlines()
+    assert lines[0] == "| task | length | n | full cache | SnapKV |"
+    low, high = metrics.wilson_interval(7, 16)
+    assert lines[2] == (f"| passkey | 2k | - | 100 [80-100] (n=15) | 44 "
+                        f"[{100 * low:.0f}-{100 * high:.0f}] (n=16) |")
+    assert lines[3] == "| passkey | 16k YaRN | 2 | 0 [0-66] |  |"

@@ -6,8 +6,8 @@ ratio, and past the model's native 8k with YaRN and with Self-Extend (experiment
 
 Two presets, chosen by `--config.preset`:
 
-- `cpu` (the top-level fields; sized to finish within 10 minutes on a 2-core CPU, model load and
-  compilation included): passkey and NIAH at 1k, 2k and 4k with needle depths 0/25/50/75/100%
+- `cpu` (the top-level fields; for a 2-core CPU, timed with model load and compilation in
+  docs/evaluation.md): passkey and NIAH at 1k, 2k and 4k with needle depths 0/25/50/75/100%
   and 3 samples per depth (15 per (task, length, method) cell, depths pooled), and at 8k with
   depths 25/75% and 1 sample each (n = 2); full / StreamingLLM / SnapKV / PyramidKV at
   compression 0.5. No 16k cells: one 16k prompt costs about 150 s of prefill on such a CPU.

@@ -13,6 +13,8 @@
   `longbench_v2_table` (Overall / Easy / Hard / Short / Medium / Long).
 - `exact_match` (passkey, ListOps); InfiniteBench's `first_int_match` (passkey, number_string)
   and `kv_retrieval_match`.
+- `wilson_interval`: the Wilson score interval of a success rate (how far a cell's accuracy
+  over n samples can be trusted).
 
 Parity: tests/fixtures/metrics/ holds the benchmarks' own outputs on tricky pairs (empty,
 Chinese, several answers, punctuation, numbers); the tests require exact equality. Dependencies:
@@ -28,7 +30,9 @@ An empty LongBench-E bucket is None (LongBench writes NaN).
 from __future__ import annotations
 
 import logging
+import math
 import re
+import statistics
 import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -322,3 +326,48 @@ def kv_retrieval_match(prediction: str, ground_truth: str, **kwargs) -> float:
     for c in "\n:\"'.,?!{}":
         prediction = prediction.replace(c, " ")
     return 1.0 if ground_truth in prediction.split() else 0.0
+
+
+# ------------------------------------------------------------------------------------ intervals
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval (Wilson 1927) of a binomial proportion, as fractions in [0, 1].
+
+    With p = successes / n and z the standard normal quantile at (1 + confidence) / 2 (1.96 for
+    0.95), the bounds are the two p' solving (p - p')^2 = z^2 p' (1 - p') / n:
+
+        (p + z^2 / 2n -+ z sqrt(p (1 - p) / n + z^2 / 4n^2)) / (1 + z^2 / n)
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and is not empty at 0 or n
+    successes: 0 of 15 gives (0, 0.204), 15 of 15 gives (0.796, 1).
+
+    Args:
+      successes: int in [0, n], the samples counted as correct.
+      n: int >= 1, the samples. n = 0 has no interval and is a ValueError (not (0, 1)), so a
+        table cannot show an interval for a cell with no sample.
+      confidence: float in (0, 1).
+
+    Returns:
+      (low, high), floats with 0 <= low <= successes / n <= high <= 1.
+    """
+    for name, value in (("successes", successes), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"wilson_interval: {name}={value!r}; expected an int")
+    if n < 1:
+        raise ValueError(f"wilson_interval: n={n}; expected n >= 1 (no samples, no interval)")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes={successes}; expected 0 <= successes <= "
+                         f"n={n}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
+            0 < confidence < 1):
+        raise ValueError(f"wilson_interval: confidence={confidence!r}; expected a float in "
+                         f"(0, 1)")
+    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At 0 and n successes the bound is exactly 0 or 1 (the formula leaves rounding error).
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high

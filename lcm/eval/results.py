@@ -11,6 +11,14 @@ outputs too: per run and length, `avg` is the unweighted mean of the task scores
 (RULER's headline, the mean over its tasks); per run and task, `all` is the unweighted mean over
 that task's lengths. The heatmap is score (0-100) by needle depth x context length, per run and
 task, for every task whose records carry a depth, and all runs of a task side by side in one PNG.
+
+Intervals: a cell whose sample scores are all 0 or 1 (passkey's exact match, single-needle NIAH,
+multiple choice) also gets `successes` and the 95% Wilson score interval of its success rate
+(`ci_low`, `ci_high`, 0-100; `lcm.eval.metrics.wilson_interval`), shown in results.md's
+per-cell table and in results.csv. A cell with fractional sample scores (multi-needle
+string_match_all, F1, ROUGE) has no binomial count behind its mean, so its interval is None
+('-'): an interval there would need another model (e.g. a bootstrap), which lcm does not
+presume.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import os
 import warnings
 from collections import defaultdict
 
-from lcm.eval.metrics import longbench_v2_table
+from lcm.eval.metrics import longbench_v2_table, wilson_interval
 from lcm.eval.scoring import aggregate, length_group
 
 RESULTS_FILE = "results.jsonl"
@@ -129,10 +137,12 @@ def summarize(rows: list[dict]) -> dict:
             raise ValueError(f"run={run!r} task={task!r} length={length}: samples use metrics "
                              f"{sorted(metrics)}; expected one per task")
         metric = metrics.pop()
+        scores = [r["score"] for r in items]
         cells.append({"run": run, "task": task, "length": length, "metric": metric,
-                      "score": aggregate(metric, [r["score"] for r in items], task=task),
+                      "score": aggregate(metric, scores, task=task),
                       "num_samples": len(items),
-                      "num_empty": sum(1 for r in items if not r["prediction"].strip())})
+                      "num_empty": sum(1 for r in items if not r["prediction"].strip()),
+                      **cell_interval(scores)})
     avg: dict[str, dict] = defaultdict(dict)
     for run in sorted({c["run"] for c in cells}):
         for length in sorted({c["length"] for c in cells if c["run"] == run}, key=_length_order):
@@ -154,7 +164,23 @@ def summarize(rows: list[dict]) -> dict:
                 "score": "per (run, task, length): the task metric's own aggregate, 0-100",
                 "avg": "per (run, length): unweighted mean of the task scores at that length",
                 "all": "per (run, task): unweighted mean of the task's scores over lengths",
-                "num_empty": "samples whose prediction is empty (RULER's 'Nulls')"}}
+                "num_empty": "samples whose prediction is empty (RULER's 'Nulls')",
+                "ci": "per cell with 0/1 sample scores: the 95% Wilson score interval of the "
+                      "success rate (successes of num_samples), 0-100; None otherwise"}}
+
+
+def cell_interval(scores, confidence: float = 0.95) -> dict:
+    """{'successes', 'ci_low', 'ci_high'} of one cell's sample scores (each in [0, 1]): the
+    count of scores equal to 1 and its Wilson interval in percent (2 decimals) when every score
+    is 0 or 1; all three None when some score is fractional (see the module doc)."""
+    scores = list(scores)
+    if not scores:
+        raise ValueError("scores is empty; a cell needs at least one sample")
+    if any(s not in (0, 1) for s in scores):
+        return {"successes": None, "ci_low": None, "ci_high": None}
+    k = sum(1 for s in scores if s == 1)
+    low, high = wilson_interval(k, len(scores), confidence)
+    return {"successes": k, "ci_low": round(100 * low, 2), "ci_high": round(100 * high, 2)}
 
 
 def _grid(summary):
@@ -190,17 +216,41 @@ def markdown_table(summary: dict) -> str:
     for run, table in summary.get("longbench_v2", {}).items():
         lines += ["", f"LongBench v2 ({run}): " + ", ".join(
             f"{k} {_fmt(v) if v is not None else '-'}" for k, v in table.items())]
+    lines += ["", interval_table(summary)]
+    return "\n".join(lines)
+
+
+def _ci(cell) -> str:
+    if cell.get("ci_low") is None:
+        return "-"
+    return f"[{cell['ci_low']:.2f}, {cell['ci_high']:.2f}]"
+
+
+def interval_table(summary: dict) -> str:
+    """One row per cell (run, task, length): n, score, successes and the 95% Wilson interval
+    ('-' for a cell with fractional sample scores), as markdown."""
+    lines = ["| run | task | length | n | score | correct | 95% interval |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for c in summary["cells"]:
+        k = "-" if c.get("successes") is None else str(c["successes"])
+        lines.append(f"| {c['run']} | {c['task']} | {_length_name(c['length'])} | "
+                     f"{c['num_samples']} | {_fmt(c['score'])} | {k} | {_ci(c)} |")
+    lines += ["", "n: samples in the cell (depths pooled); correct: samples scoring 1; 95% "
+              "interval: Wilson score interval of the success rate, 0-100 ('-': fractional "
+              "sample scores, no interval)."]
     return "\n".join(lines) + "\n"
 
 
 def csv_table(summary: dict) -> str:
-    """One row per cell: run, task, length, metric, score, num_samples, num_empty."""
+    """One row per cell: run, task, length, metric, score, num_samples, num_empty, successes,
+    ci_low, ci_high (empty where None)."""
     out = io.StringIO()
-    fields = ["run", "task", "length", "metric", "score", "num_samples", "num_empty"]
+    fields = ["run", "task", "length", "metric", "score", "num_samples", "num_empty",
+              "successes", "ci_low", "ci_high"]
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for c in summary["cells"]:
-        writer.writerow({k: c[k] for k in fields})
+        writer.writerow({k: "" if c.get(k) is None else c[k] for k in fields})
     for run, avg in summary["avg_over_tasks"].items():
         for length, score in avg.items():
             writer.writerow({"run": run, "task": "avg", "length": length, "metric": "mean",
@@ -214,8 +264,9 @@ def _length_name(n) -> str:
     return str(n)
 
 
-def depth_grid(rows: list[dict], run: str, task: str):
-    """(depths, lengths, scores [depth, length] in 0-100 or NaN) for one run and task."""
+def depth_grid(rows: list[dict], run: str, task: str, *, counts: bool = False):
+    """(depths, lengths, scores [depth, length] in 0-100 or NaN) for one run and task; with
+    counts=True also the samples behind each entry ([depth, length] int array, 0 where NaN)."""
     import numpy as np
 
     items = [r for r in rows if r.get("run", "eval") == run and r["task"] == task
@@ -223,24 +274,32 @@ def depth_grid(rows: list[dict], run: str, task: str):
     depths = sorted({round(r["depth"], 4) for r in items})
     lengths = sorted({r["length"] for r in items})
     grid = np.full((len(depths), len(lengths)), np.nan)
+    sizes = np.zeros((len(depths), len(lengths)), dtype=int)
     cell: dict[tuple, list[float]] = defaultdict(list)
     for r in items:
         cell[(round(r["depth"], 4), r["length"])].append(r["score"])
     for (d, n), scores in cell.items():
         grid[depths.index(d), lengths.index(n)] = aggregate(
             next(r["metric"] for r in items), scores)
-    return depths, lengths, grid
+        sizes[depths.index(d), lengths.index(n)] = len(scores)
+    return (depths, lengths, grid, sizes) if counts else (depths, lengths, grid)
+
+
+def cell_text(score: float, n: int) -> str:
+    """A heatmap entry: the score, and below it the samples behind it."""
+    return f"{score:.0f}\nn={n}"
 
 
 def _draw_grid(ax, rows, run, task, title):
-    depths, lengths, grid = depth_grid(rows, run, task)
+    depths, lengths, grid, sizes = depth_grid(rows, run, task, counts=True)
     image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [_length_name(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     for i in range(len(depths)):
         for j in range(len(lengths)):
             if grid[i, j] == grid[i, j]:  # not NaN
-                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, cell_text(grid[i, j], sizes[i, j]), ha="center", va="center",
+                        fontsize=7)
     ax.set_xlabel("context length (tokens)")
     ax.set_title(title, fontsize=10)
     return image, len(depths), len(lengths)
@@ -259,7 +318,7 @@ def plot_heatmap(rows: list[dict], runs, task: str, path: str) -> None:
         if not depth_grid(rows, run, task)[0]:
             raise ValueError(f"run={run!r} task={task!r}: no samples with a depth to plot")
     sizes = [depth_grid(rows, run, task)[:2] for run in runs]
-    height = 1.6 + 0.45 * max(len(d) for d, _ in sizes)
+    height = 1.6 + 0.55 * max(len(d) for d, _ in sizes)
     width = 1.6 + sum(0.9 * len(n) + 0.9 for _, n in sizes)
     fig, axes = plt.subplots(1, len(runs), figsize=(width, height), squeeze=False,
                              sharey=True, layout="constrained")

@@ -146,3 +146,64 @@ def test_infinitebench_rules_equal_infinitebench(expected):
 def test_exact_match(prediction, score):
     answer = "7" if "7" in prediction and "1" not in prediction else "12345"
     assert metrics.exact_match(prediction, answer) == score
+
+
+# ------------------------------------------------------------------------------ Wilson interval
+
+Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
+
+
+def test_wilson_interval_equals_newcombes_table():
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (score, no correction).
+    for k, n, low, high in ((81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
+                            (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)):
+        got = metrics.wilson_interval(k, n)
+        assert got == pytest.approx((low, high), abs=5e-5), (k, n)
+
+
+@pytest.mark.parametrize("n", [1, 3, 15, 40])
+def test_wilson_interval_closed_forms_at_the_edges(n):
+    z2 = Z95 ** 2
+    assert metrics.wilson_interval(0, n) == pytest.approx((0.0, z2 / (n + z2)), rel=1e-12)
+    assert metrics.wilson_interval(n, n) == pytest.approx((n / (n + z2), 1.0), rel=1e-12)
+    assert metrics.wilson_interval(0, n)[0] == 0.0 and metrics.wilson_interval(n, n)[1] == 1.0
+    if n % 2 == 0:  # p = 1/2: centred, half-width z / (2 sqrt(n + z^2))
+        half = Z95 / (2 * math.sqrt(n + z2))
+        assert metrics.wilson_interval(n // 2, n) == pytest.approx((0.5 - half, 0.5 + half),
+                                                                  rel=1e-12)
+
+
+@pytest.mark.parametrize("k,n,confidence", [(3, 15, 0.95), (11, 15, 0.95), (7, 9, 0.9),
+                                            (2, 50, 0.99)])
+def test_wilson_bounds_solve_the_score_equation(k, n, confidence):
+    # Each bound p' is where the score statistic |p - p'| / sqrt(p'(1-p')/n) equals z; found
+    # here by bisection on that statistic (no closed form used).
+    z = {0.9: 1.6448536269514722, 0.95: Z95, 0.99: 2.5758293035489004}[confidence]
+    p = k / n
+
+    def excess(q):
+        return abs(p - q) - z * math.sqrt(q * (1 - q) / n)
+
+    def root(lo, hi):  # excess(lo) and excess(hi) of opposite signs
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if (excess(mid) > 0) == (excess(lo) > 0) else (lo, mid)
+        return (lo + hi) / 2
+
+    low, high = metrics.wilson_interval(k, n, confidence)
+    assert low == pytest.approx(root(1e-15, p), abs=1e-12)
+    assert high == pytest.approx(root(p, 1 - 1e-15), abs=1e-12)
+    assert 0 < low < p < high < 1
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 0), "n=0; expected n >= 1"),
+    ((3, 2), "successes=3; expected 0 <= successes <= n=2"),
+    ((-1, 2), "successes=-1"),
+    ((1.0, 2), "successes=1.0; expected an int"),
+    ((1, 2, 1.0), r"confidence=1.0; expected a float in \(0, 1\)"),
+    ((1, 2, 0), "confidence=0"),
+])
+def test_wilson_interval_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.wilson_interval(*args)

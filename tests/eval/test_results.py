@@ -97,6 +97,39 @@ def test_summary_headlines_tables_and_grid():
     assert depths == [] and grid.size == 0
 
 
+def test_cells_carry_wilson_intervals_of_their_0_1_scores():
+    rows = _rows()
+    summary = summarize(rows)
+    cells = {(c["run"], c["task"], c["length"]): c for c in summary["cells"]}
+    cell = cells[("snapkv", "passkey", 2048)]  # 2 of 3 correct
+    low, high = metrics.wilson_interval(2, 3)
+    assert (cell["successes"], cell["num_samples"]) == (2, 3)
+    assert (cell["ci_low"], cell["ci_high"]) == (round(100 * low, 2), round(100 * high, 2))
+    assert cells[("full", "passkey", 1024)]["ci_high"] == 100.0
+    md = markdown_table(summary)
+    assert (f"| snapkv | passkey | 2k | 3 | 66.67 | 2 | [{round(100 * low, 2):.2f}, "
+            f"{round(100 * high, 2):.2f}] |" in md)
+    table = {(r["run"], r["task"], r["length"]): r
+             for r in csv.DictReader(io.StringIO(csv_table(summary)))}
+    assert float(table[("snapkv", "passkey", "2048")]["ci_low"]) == cell["ci_low"]
+    assert table[("snapkv", "avg", "2048")]["ci_low"] == ""
+
+    # A fractional sample score (two needles, one found) has no binomial count: no interval.
+    rows[0] = dict(rows[0], metric="exact_match", score=0.5)
+    rows = [r for r in rows if r["task"] == "passkey"]
+    cell = {(c["run"], c["length"]): c for c in summarize(rows)["cells"]}[("full", 1024)]
+    assert cell["score"] == round(100 * 2.5 / 3, 2)
+    assert cell["successes"] is cell["ci_low"] is cell["ci_high"] is None
+    assert "| full | passkey | 1k | 3 | 83.33 | - | - |" in markdown_table(summarize(rows))
+
+
+def test_depth_grid_counts_the_samples_of_each_entry():
+    rows = _rows() + [dict(_rows()[0], id="extra", score=0.0)]  # a second sample at one entry
+    depths, lengths, grid, sizes = depth_grid(rows, "full", "passkey", counts=True)
+    assert sizes[0, 0] == 2 and grid[0, 0] == 50.0
+    assert sizes.sum() == 7 and sizes.dtype.kind == "i"
+
+
 def test_summary_rejects_mixed_metrics_in_a_cell():
     rows = _rows()
     rows[0] = dict(rows[0], metric="string_match_all")

@@ -7,33 +7,37 @@ ratio, and past the model's native 8k with YaRN and with Self-Extend (experiment
 Two presets, chosen by `--config.preset`:
 
 - `cpu` (the top-level fields; for a 2-core CPU, timed with model load and compilation in
-  docs/evaluation.md): passkey and NIAH at 1k, 2k and 4k with needle depths 0/25/50/75/100%
-  and 3 samples per depth (15 per (task, length, method) cell, depths pooled), and at 8k with
-  depths 25/75% and 1 sample each (n = 2); full / StreamingLLM / SnapKV / PyramidKV at
-  compression 0.5. No 16k cells: one 16k prompt costs about 150 s of prefill on such a CPU.
-  Both tasks decode 16 tokens, so the prompts of one length form one group, run in batches of
-  10 at 1k, 6 at 2k, 3 at 4k and 1 at 8k (batch_size=10, batch_tokens=12288: 30 prompts per
-  length, no padding row).
+  docs/evaluation.md): passkey and NIAH at 1k, 2k and 4k with needle depths 0/33/67/100% and 2
+  samples per depth (8 per (task, length, method), 16 per (length, method) with the tasks
+  pooled: the table's "all tasks" rows, each with its 95% interval), and at 8k with depths
+  25/75% and 1 sample each (n = 2 per task); full / StreamingLLM / SnapKV / PyramidKV at
+  compression 0.5, kvpress's protocol. No 16k cells: one 16k prompt costs about 150 s of
+  prefill on such a CPU. Both tasks decode 16 tokens, so the prompts of one length form one
+  group, run in batches of 8 at 1k, 8 at 2k, 4 at 4k and 2 at 8k (batch_size=8,
+  batch_tokens=16384: no padding row). A prompt's prefill dominates the time (about 15 s of
+  CPU at 4k), so per-task cells of 15 at 1k-4k would take about twice the CPU budget.
 - `accelerator`: the fields of `config.accelerator` replace the top-level ones: the full grid,
-  8k with 5 depths x 3 samples, and 16k with YaRN x2 and with Self-Extend on both tasks.
+  5 depths (0/25/50/75/100%) x 3 samples per task at every length to 8k (15 per (task, length,
+  method)), and 16k with YaRN x2 and with Self-Extend on both tasks.
 - `auto` (the default): `accelerator` when `jax.default_backend()` is not "cpu", else `cpu`.
   The preset in effect and its grid are written to summary.json.
 
 Override a field of the preset in effect: `--config.num_samples=5` (cpu) or
 `--config.accelerator.num_samples=5` (accelerator). The per-cell table (`sweep.md`, also in the
-log) gives for every (task, length, method) the samples n, the accuracy and its 95% Wilson
-interval; heatmaps give score and n by depth x length. Each batch is prefilled once and its
-cache compressed per method. Rerunning the same command resumes (finished samples are skipped);
-JAX's persistent compilation cache (`config.compilation_cache`) makes a rerun, into the same or
-a new workdir, load its compiled programs instead of compiling them. Outputs: results.jsonl,
-results.md, results.csv, sweep.md, summary.json (per-setting wall and CPU seconds of prefill and
-of each method's decoding, compile seconds and cache hits), heatmap_<run>_<task>.png,
+log) gives for every (task, length, method), and for every (length, method) with the tasks
+pooled, the samples n, the accuracy and its 95% Wilson interval; heatmaps give score and n by
+depth x length. Each batch is prefilled once and its cache compressed per method. Rerunning the
+same command resumes (finished samples are skipped); JAX's persistent compilation cache
+(`config.compilation_cache`) makes a rerun, into the same or a new workdir, load its compiled
+programs instead of compiling them. Outputs: results.jsonl, results.md, results.csv, sweep.md,
+summary.json (per-setting wall and CPU seconds of prefill and of each method's decoding, compile
+seconds and cache hits), heatmap_<run>_<task>.png,
 heatmaps_<task>.png and sweep_<task>.png. Fields:
 
     preset="auto"                             "auto", "cpu" or "accelerator" (above)
     lengths=(1024,2048,4096,8192)             native lengths (prompt + generation, tokens)
-    depths=(0.0,0.25,0.5,0.75,1.0)            needle depths in [0, 1] below long_from tokens
-    num_samples=3                             samples per (task, length, depth) below long_from
+    depths=(0.0,0.33,0.67,1.0)                needle depths in [0, 1] below long_from tokens
+    num_samples=2                             samples per (task, length, depth) below long_from
     long_from=8192                            from this length on: long_depths, long_samples
     long_depths=(0.25,0.75)  long_samples=1
     extended_lengths=()                       lengths past 8k, run with each extension
@@ -50,7 +54,7 @@ heatmaps_<task>.png and sweep_<task>.png. Fields:
     passkey_max_new_tokens=16                 passkey is scored on its first word (<= 5 digits)
     niah_max_new_tokens=16                    RULER's budget is 128; the answer needs ~10
     self_extend_window=2048 self_extend_group_size=4
-    batch_size=10 batch_tokens=12288          rows per batch: at most batch_size and
+    batch_size=8 batch_tokens=16384           rows per batch: at most batch_size and
                                               batch_tokens // padded prompt length (at least 1)
     compilation_cache="user"                  JAX's persistent compilation cache: "user"
                                               ($XDG_CACHE_HOME or ~/.cache, then
@@ -78,8 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.tasks = ("passkey", "niah")
     config.lengths = (1024, 2048, 4096, 8192)
-    config.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
-    config.num_samples = 3
+    config.depths = (0.0, 0.33, 0.67, 1.0)
+    config.num_samples = 2
     config.long_from = 8192
     config.long_depths = (0.25, 0.75)
     config.long_samples = 1
@@ -94,8 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.self_extend_group_size = 4
     config.passkey_max_new_tokens = 16
     config.niah_max_new_tokens = 16
-    config.batch_size = 10
-    config.batch_tokens = 12288
+    config.batch_size = 8
+    config.batch_tokens = 16384
     config.compilation_cache = "user"
     config.progress = True
 
@@ -103,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     # "accelerator" (or "auto" on a non-CPU backend).
     config.accelerator = ml_collections.ConfigDict()
     acc = config.accelerator
+    acc.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     acc.num_samples = 3
     acc.long_depths = (0.0, 0.25, 0.5, 0.75, 1.0)
     acc.long_samples = 3

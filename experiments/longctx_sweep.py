@@ -51,6 +51,7 @@ from lcm.checks import check_int, check_number
 from lcm.config import ModelConfig, PositionConfig, RopeConfig
 from lcm.data import ByteTokenizer, make_niah, make_passkey
 from lcm.eval import EvalOptions, evaluate, max_context_length, write_reports
+from lcm.eval.metrics import wilson_interval
 from lcm.eval.results import read_results
 
 TASKS = ("passkey", "niah")
@@ -341,7 +342,8 @@ def _run(config, workdir: str, preset: str) -> dict:
         logging.info("setting %s: %d records x %s", setting, len(records), list(policies))
         options = EvalOptions(run=setting, batch_size=config.batch_size,
                               batch_tokens=config.batch_tokens, pad_multiple=256,
-                              progress=config.progress, heatmaps=False)
+                              progress=config.progress, heatmaps=False,
+                              compress_question=bool(config.compress_question))
         summary = evaluate(params, run_cfg, records, tokenizer, workdir, options=options,
                            policies=policies)
         timings[setting] = summary["timing"]
@@ -356,6 +358,7 @@ def _run(config, workdir: str, preset: str) -> dict:
     summary = write_reports(workdir, rows, extra={
         "sweep": {"model": config.model, "preset": preset, "grid": grid,
                   "compression_ratio": config.compression_ratio,
+                  "compress_question": bool(config.compress_question),
                   "model_load_s": round(load_s, 2), "total_s": round(total_s, 2),
                   "total_cpu_s": round(time.process_time() - cpu_start, 2),
                   "settings": timings, "devices": str(jax.devices()[0].device_kind),
@@ -396,9 +399,17 @@ def sweep_table(summary: dict) -> str:
         cells[(c["task"], setting, c["length"], method)] = c
     methods = [m for m in METHODS if any(k[3] == m for k in cells)]
     methods += sorted({k[3] for k in cells} - set(methods))
+    tasks = sorted({k[0] for k in cells})
+    if len(tasks) > 1:  # a row per (setting, length) with the tasks pooled, where all have it
+        for setting, length in sorted({k[1:3] for k in cells}):
+            for m in methods:
+                parts = [cells.get((t, setting, length, m)) for t in tasks]
+                if all(c is not None and c.get("successes") is not None for c in parts):
+                    cells[("all tasks", setting, length, m)] = _pooled(parts)
     order = {s: i for i, s in enumerate(("native", *EXTENSIONS))}
     keys = sorted({k[:3] for k in cells},
-                  key=lambda k: (k[0] != "passkey", k[0], order.get(k[1], 9), k[2]))
+                  key=lambda k: (k[0] == "all tasks", k[0] != "passkey", k[0],
+                                 order.get(k[1], 9), k[2]))
     head = ["task", "length", "n", *[LABELS.get(m, m) for m in methods]]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * len(methods)]
     for task, setting, length in keys:
@@ -411,9 +422,19 @@ def sweep_table(summary: dict) -> str:
         lines.append("| " + " | ".join([task, _length_label(setting, length),
                                         str(sizes.pop()) if same else "-", *entries]) + " |")
     lines += ["", "Accuracy in percent with its 95% Wilson score interval [low-high] over the "
-              "row's n samples (needle depths pooled); a cell with fractional sample scores "
-              "has no interval."]
+              "row's n samples (needle depths pooled; 'all tasks' rows pool the tasks too); a "
+              "cell with fractional sample scores has no interval."]
     return "\n".join(lines) + "\n"
+
+
+def _pooled(cells) -> dict:
+    """One cell from several tasks' cells of one (setting, length, method): successes and
+    samples summed, the accuracy and Wilson interval of the sum."""
+    k = sum(int(c["successes"]) for c in cells)
+    n = sum(int(c["num_samples"]) for c in cells)
+    low, high = wilson_interval(k, n)
+    return {"num_samples": n, "successes": k, "score": 100.0 * k / n,
+            "ci_low": 100.0 * low, "ci_high": 100.0 * high}
 
 
 LABELS = {"full": "full cache", "streaming_llm": "StreamingLLM", "snapkv": "SnapKV",

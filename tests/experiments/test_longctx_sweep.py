@@ -154,13 +154,13 @@ def test_presets_and_the_default_grid(monkeypatch):
     with pytest.raises(ValueError, match="config.accelerator.lenghts is not a field"):
         longctx_sweep.resolve_preset(config)
 
-    # The CPU default: >= 15 samples per (task, length, method) up to 4k, depths pooled, and
-    # batches that divide each length's prompts (no padding row is prefilled).
+    # The CPU default: >= 15 samples per (length, method) up to 4k with tasks and depths
+    # pooled, and batches that divide each length's prompts (no padding row is prefilled).
     config = get_config()
     for length in config.lengths:
         n = len(longctx_sweep.depths_at(config, length)) * longctx_sweep.samples_at(
             config, length)
-        assert n >= (15 if length <= 4096 else 2), length
+        assert len(config.tasks) * n >= (15 if length <= 4096 else 2), length
         rows = min(config.batch_size, config.batch_tokens // length)
         assert (len(config.tasks) * n) % rows == 0, length
     assert config.passkey_max_new_tokens == config.niah_max_new_tokens  # one group per length
@@ -197,3 +197,12 @@ def test_sweep_table_rows_columns_and_intervals():
     assert lines[2] == (f"| passkey | 2k | - | 100 [80-100] (n=15) | 44 "
                         f"[{100 * low:.0f}-{100 * high:.0f}] (n=16) |")
     assert lines[3] == "| passkey | 16k YaRN | 2 | 0 [0-66] |  |"
+    # With two tasks, a row per (setting, length) pools them: successes and n summed.
+    niah = [dict(r, task="niah", id="n" + r["id"], score=1.0 - r["score"]) for r in rows]
+    lines = longctx_sweep.sweep_table(summarize(rows + niah)).splitlines()
+    low, high = metrics.wilson_interval(15, 30)
+    low2, high2 = metrics.wilson_interval(16, 32)
+    assert lines[-4] == (f"| all tasks | 2k | - | 50 [{100 * low:.0f}-{100 * high:.0f}] (n=30) | "
+                         f"50 [{100 * low2:.0f}-{100 * high2:.0f}] (n=32) |"), lines
+    low, high = metrics.wilson_interval(2, 4)
+    assert lines[-3] == f"| all tasks | 16k YaRN | 4 | 50 [{100 * low:.0f}-{100 * high:.0f}] |  |"

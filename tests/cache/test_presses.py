@@ -158,7 +158,7 @@ def test_the_readme_press_runs_and_keeps_the_largest_values():
     text = (Path(__file__).parents[2] / "docs" / "kv-cache.md").read_text()
     block = text.split("A new press:\n\n```python\n", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) < 30
-    scope = {"params": PARAMS, "tokens": TOKENS, "cfg": CFG}
+    scope = {"params": PARAMS, "prompts": TOKENS, "cfg": CFG}
     try:
         exec(compile(block, "docs/kv-cache.md", "exec"), scope)
         cache = scope["cache"]

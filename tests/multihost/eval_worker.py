@@ -14,24 +14,14 @@ by a process that must not write. Three evaluations in order:
    there (FileExistsError); every process must raise rather than wait for process 0.
 """
 
-import argparse
 import os
 import sys
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--coordinator", required=True)
-parser.add_argument("--num_processes", type=int, default=2)
-parser.add_argument("--process_id", type=int, required=True)
-parser.add_argument("--root", required=True)
-args = parser.parse_args()
+from multihost_launch import start_worker  # noqa: E402
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+args = start_worker(2)
+
 import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 2)
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                           initialization_timeout=60)
 
 import dataclasses  # noqa: E402
 

@@ -7,25 +7,13 @@ the same global q/k/v from a seed, runs ring attention (values and gradients) on
 8-device mesh, and checks its own shards against the dense reference computed locally.
 """
 
-import argparse
-import os
 import sys
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--coordinator", required=True)
-parser.add_argument("--num_processes", type=int, default=2)
-parser.add_argument("--process_id", type=int, required=True)
-parser.add_argument("--local_devices", type=int, default=4)
-args = parser.parse_args()
+from multihost_launch import start_worker  # noqa: E402
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+args = start_worker(None, root=False)
+
 import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", args.local_devices)
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                           initialization_timeout=60)
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402

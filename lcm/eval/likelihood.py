@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lcm.cache.chunked import empty_cache
-from lcm.cache.checks import check_model
+from lcm.cache.checks import check_model, check_row_lengths
 from lcm.cache.compress import window_plan
 from lcm.cache.decoding import check_decode_press, with_query_buffer
 from lcm.cache.extend import extend_layers
@@ -39,7 +39,6 @@ from lcm.checks import check_int
 from lcm.config import ModelConfig
 from lcm.memory import Memory, run_segments
 from lcm.model import check_params, check_token_ids
-from lcm.sharding.mesh import host_array
 
 DEFAULT_CHUNK = 512
 
@@ -115,20 +114,7 @@ def _check(params, cfg, tokens, lengths):
     if B == 0 or T < 2:
         raise ValueError(f"tokens has shape {tokens.shape}; expected [batch >= 1, seq >= 2] "
                          f"(a token is predicted from the ones before it)")
-    if lengths is None:
-        lengths = jnp.full((B,), T, jnp.int32)
-    else:
-        lengths = jnp.asarray(lengths)
-        if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise ValueError(f"lengths: shape {lengths.shape}, dtype {lengths.dtype}; expected "
-                             f"int [batch={B}]")
-        if not isinstance(lengths, jax.core.Tracer):
-            got = host_array(lengths)
-            if got.min() < 2 or got.max() > T:
-                raise ValueError(f"lengths={got.tolist()}; expected every length in [2, {T}] "
-                                 f"(a row needs two tokens to predict one; tokens are "
-                                 f"right-padded to {T})")
-        lengths = lengths.astype(jnp.int32)
+    lengths = check_row_lengths(lengths, B, T, minimum=2)  # two tokens predict one
     check_token_ids(tokens, cfg.vocab_size, lengths=lengths)
     # The padding's ids are never read: set to 0, any id (even outside the vocabulary) is fine.
     tokens = jnp.where(jnp.arange(T)[None] < lengths[:, None], tokens, 0)
